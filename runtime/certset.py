@@ -1,0 +1,151 @@
+"""An environment's complete certificate set: trust bundle, issuing CA, and every identity.
+
+This is the unit that is issued (`certs issue`), checked (`certs verify --dir`), and
+uploaded (`certs upload`): it must verify as a whole before any of it leaves the machine.
+
+Directory layout (what `certs issue --out DIR` writes and `certs upload --dir DIR` reads)::
+
+    ca.crt              trust bundle (one or more CA certificates)
+    ca.key              the issuing CA's key (0600; optional: may be kept elsewhere)
+    <identity>.crt      leaf certificate, for identity in server, api, worker
+    <identity>.key      its key (0600)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from runtime import names, pem
+from runtime.errors import CertificateSetError, KeyMismatchError, OutputExistsError
+from runtime.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, ensure_private_dir, write_file_atomic
+from runtime.identity import TLSIdentity
+from runtime.issuance import DEFAULT_CA_LIFETIME_DAYS, CertificateAuthority, KeyType
+from runtime.verification import check_trust_bundle, verify_identity
+
+BUNDLE_FILE = "ca.crt"
+CA_KEY_FILE = "ca.key"
+
+
+def verify_for(
+    identity: names.Identity,
+    tls: TLSIdentity,
+    bundle: Sequence[x509.Certificate],
+    environment: str,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
+    """Verify `tls` as `identity` of `environment`: server name for MLflow, SPIFFE ID for clients."""
+    if identity.kind is names.Kind.SERVER:
+        return verify_identity(
+            tls, bundle, kind=identity.kind, hostname=names.mlflow_hostname(environment), now=now
+        )
+    return verify_identity(
+        tls, bundle, kind=identity.kind, spiffe_id=names.spiffe_id(environment, identity.name), now=now
+    )
+
+
+@dataclass
+class CertificateSet:
+    environment: str
+    trust_bundle: list[x509.Certificate]
+    identities: dict[str, TLSIdentity] = field(default_factory=dict)
+    """Keyed by `names.Identity.name`."""
+    ca: CertificateAuthority | None = None
+    """The issuer; None when its key is kept elsewhere (only the bundle travels then)."""
+
+    @classmethod
+    def issue(
+        cls,
+        environment: str,
+        *,
+        key_type: KeyType = KeyType.ECDSA_P256,
+        leaf_lifetime_days: int | None = None,
+        ca_lifetime_days: int = DEFAULT_CA_LIFETIME_DAYS,
+        server_sans: tuple[str, ...] = (),
+        ca: CertificateAuthority | None = None,
+        identities: Iterable[names.Identity] = names.IDENTITIES,
+        now: dt.datetime | None = None,
+    ) -> CertificateSet:
+        """A CA (new unless given) and a fresh leaf for each identity."""
+        ca = ca or CertificateAuthority.create(
+            environment, key_type=key_type, lifetime_days=ca_lifetime_days, now=now
+        )
+        issued = {}
+        for identity in identities:
+            options = {"key_type": key_type, "lifetime_days": leaf_lifetime_days, "now": now}
+            if identity.kind is names.Kind.SERVER:
+                options["extra_sans"] = server_sans
+            issued[identity.name] = ca.issue(environment, identity, **options)
+        return cls(environment, [ca.certificate], issued, ca)
+
+    def verify(self, now: dt.datetime | None = None) -> None:
+        """Raise the first problem: missing identity, bad bundle, foreign CA key, any leaf failing."""
+        names.check_environment(self.environment)
+        check_trust_bundle(self.trust_bundle, BUNDLE_FILE)
+        missing = [i.name for i in names.IDENTITIES if i.name not in self.identities]
+        if missing:
+            raise CertificateSetError(f"the {self.environment} set lacks identities: {', '.join(missing)}")
+        if self.ca is not None and self.ca.certificate not in self.trust_bundle:
+            raise CertificateSetError(
+                f"the issuing CA {self.ca.certificate.subject.rfc4514_string()} is not in the trust bundle"
+            )
+        for identity in names.IDENTITIES:
+            verify_for(identity, self.identities[identity.name], self.trust_bundle, self.environment, now)
+
+    # --- directories ---------------------------------------------------------------
+    def write_to_dir(self, directory: Path, *, overwrite: bool = False) -> list[Path]:
+        """Write the set (keys 0600, directory 0700); refuse to clobber unless `overwrite`."""
+        directory = ensure_private_dir(Path(directory))
+        files: dict[str, tuple[bytes, int]] = {BUNDLE_FILE: (pem.bundle_pem(self.trust_bundle), PUBLIC_FILE_MODE)}
+        if self.ca is not None:
+            files[CA_KEY_FILE] = (self.ca.identity.private_key_pem(), PRIVATE_FILE_MODE)
+        for name, tls in self.identities.items():
+            files[f"{name}.crt"] = (tls.certificate_pem(), PUBLIC_FILE_MODE)
+            files[f"{name}.key"] = (tls.private_key_pem(), PRIVATE_FILE_MODE)
+        existing = [name for name in files if (directory / name).exists()]
+        if existing and not overwrite:
+            raise OutputExistsError(f"{directory} already holds {', '.join(existing)}; pass --force to overwrite")
+        return [write_file_atomic(directory / name, data, mode) for name, (data, mode) in files.items()]
+
+    @classmethod
+    def read_from_dir(cls, directory: Path, environment: str) -> CertificateSet:
+        """Read what `write_to_dir` wrote; every error names the file."""
+        directory = Path(directory)
+        bundle = pem.load_certificates(_read(directory / BUNDLE_FILE), str(directory / BUNDLE_FILE))
+        identities = {}
+        for identity in names.IDENTITIES:
+            certificate, key = directory / f"{identity.name}.crt", directory / f"{identity.name}.key"
+            if certificate.exists() or key.exists():
+                identities[identity.name] = TLSIdentity(
+                    pem.load_certificate(_read(certificate), str(certificate)),
+                    pem.load_private_key(_read(key), str(key)),
+                    f"{directory / identity.name}.{{crt,key}}",
+                )
+        ca = None
+        if (directory / CA_KEY_FILE).exists():
+            ca = _ca_for_key(bundle, directory / CA_KEY_FILE)
+        return cls(environment, bundle, identities, ca)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertificateSetError(f"{path}: file missing") from None
+    except OSError as exc:
+        raise CertificateSetError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def _ca_for_key(bundle: list[x509.Certificate], key_path: Path) -> CertificateAuthority:
+    """The issuing CA is the bundle certificate that `ca.key` belongs to."""
+    key = pem.load_private_key(_read(key_path), str(key_path))
+    for certificate in bundle:
+        try:
+            return CertificateAuthority(TLSIdentity(certificate, key, str(key_path)))
+        except KeyMismatchError:
+            continue
+    raise KeyMismatchError(f"{key_path}: the key belongs to no certificate in {key_path.parent / BUNDLE_FILE}")

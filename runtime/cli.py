@@ -1,0 +1,185 @@
+"""`hokusai-mtls`: issue, inspect, verify, upload and load certificates.
+
+Replaces the seed's `generate_mtls_certs.sh` and `load_mlflow_certs.sh`. Results go to
+stdout (for `load-certs`: shell lines to `eval`); logs and errors go to stderr. Exit
+status: 0 success, 1 a named failure (`error [code]: ...`), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from runtime import __version__, names, pem
+from runtime.certset import CertificateSet
+from runtime.errors import MtlsError
+from runtime.identity import TLSIdentity
+from runtime.inspection import describe, format_text
+from runtime.issuance import DEFAULT_CA_LIFETIME_DAYS, CertificateAuthority, KeyType
+from runtime.loader import LoaderSettings, load_certificates
+from runtime.secret_store import SecretStore
+from runtime.verification import verify_identity
+
+log = logging.getLogger("hokusai_mtls")
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise MtlsError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+# --- certs issue ---------------------------------------------------------------------
+def cmd_issue(args: argparse.Namespace) -> int:
+    ca = None
+    if args.ca_dir:
+        ca_dir = Path(args.ca_dir)
+        ca = CertificateAuthority.from_pem(_read(str(ca_dir / "ca.crt")), _read(str(ca_dir / "ca.key")), str(ca_dir))
+    certificates = CertificateSet.issue(
+        args.env,
+        key_type=KeyType(args.key_type),
+        leaf_lifetime_days=args.leaf_days,
+        ca_lifetime_days=args.ca_days,
+        server_sans=tuple(args.server_san),
+        ca=ca,
+    )
+    certificates.verify()
+    written = certificates.write_to_dir(Path(args.out), overwrite=args.force)
+    print(f"issued the {args.env} set ({args.key_type}) into {args.out}:")
+    for path in written:
+        print(f"  {path.name:<12} {'(private key, 0600)' if path.suffix == '.key' else ''}")
+    for name, tls in certificates.identities.items():
+        facts = describe(tls.certificate)
+        print(f"  {name:<8} {facts['subject']:<40} expires {facts['not_after'][:10]} ({facts['days_left']} days)")
+    return 0
+
+
+# --- certs inspect -------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    documents = []
+    for path in args.files:
+        for index, certificate in enumerate(pem.load_certificates(_read(path), path), start=1):
+            documents.append({"file": path, "index": index, **describe(certificate)})
+    if args.json:
+        print(json.dumps(documents, indent=2))
+    else:
+        print("\n\n".join(format_text(d) for d in documents))
+    return 0
+
+
+# --- certs verify --------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.dir:
+        if not args.env:
+            raise MtlsError("--dir needs --env (the environment the set was issued for)")
+        CertificateSet.read_from_dir(Path(args.dir), args.env).verify()
+        print(f"OK: the {args.env} set in {args.dir} verifies (bundle, every identity, keys, usage, names)")
+        return 0
+    if not (args.cert and args.key and args.ca):
+        raise MtlsError("give --dir DIR --env ENV, or CERT with --key KEY --ca BUNDLE")
+    tls = TLSIdentity.from_pem(_read(args.cert), _read(args.key), args.cert)
+    bundle = pem.load_certificates(_read(args.ca), args.ca)
+    issuer = verify_identity(
+        tls, bundle, kind=names.Kind(args.kind), hostname=args.hostname, spiffe_id=args.spiffe_id
+    )
+    print(f"OK: {args.cert} is a valid {args.kind} certificate issued by {issuer.subject.rfc4514_string()}")
+    return 0
+
+
+# --- certs upload --------------------------------------------------------------------
+def cmd_upload(args: argparse.Namespace) -> int:
+    certificates = CertificateSet.read_from_dir(Path(args.dir), args.env)
+    if args.no_ca_key:
+        certificates.ca = None
+    results = SecretStore(args.env, region=args.region).upload(certificates, kms_key_id=args.kms_key_id)
+    for result in results:
+        print(f"{result.action:<9} {result.secret_id}")
+    return 0
+
+
+# --- load-certs ----------------------------------------------------------------------
+def cmd_load(args: argparse.Namespace) -> int:
+    settings = LoaderSettings.from_environ(
+        role=args.role, environment=args.env, cert_dir=Path(args.cert_dir) if args.cert_dir else None,
+        region=args.region,
+    )
+    print(load_certificates(settings).shell())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hokusai-mtls", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    load = commands.add_parser("load-certs", help="fetch, verify and write one role's certificates")
+    load.add_argument("--role", required=True, choices=sorted(names.ROLES))
+    load.add_argument("--env", choices=names.ENVIRONMENTS, help=f"default: ${names.ENV_ENVIRONMENT}")
+    load.add_argument("--cert-dir", help=f"default: ${names.ENV_CERT_DIR}, else the role's directory")
+    load.add_argument("--region", help="default: $AWS_REGION")
+    load.set_defaults(func=cmd_load)
+
+    certs = commands.add_parser("certs", help="issue, inspect, verify and upload certificate sets")
+    sub = certs.add_subparsers(dest="certs_command", required=True)
+
+    issue = sub.add_parser("issue", help="issue a CA, the MLflow server and every client identity")
+    issue.add_argument("--env", required=True, choices=names.ENVIRONMENTS)
+    issue.add_argument("--out", required=True, help="directory to write (created 0700)")
+    issue.add_argument("--key-type", default=KeyType.ECDSA_P256.value, choices=[k.value for k in KeyType])
+    issue.add_argument("--leaf-days", type=int, help="default: 365 in development, 90 in staging/production")
+    issue.add_argument("--ca-days", type=int, default=DEFAULT_CA_LIFETIME_DAYS)
+    issue.add_argument("--server-san", action="append", default=[], metavar="NAME_OR_IP",
+                       help="extra DNS name or IP for the MLflow certificate (repeatable)")
+    issue.add_argument("--ca-dir", help="issue from the CA in DIR/ca.crt + DIR/ca.key instead of a new one")
+    issue.add_argument("--force", action="store_true", help="overwrite files already in --out")
+    issue.set_defaults(func=cmd_issue)
+
+    inspect = sub.add_parser("inspect", help="show subject, SANs, validity, key type and usage")
+    inspect.add_argument("files", nargs="+", metavar="PEM")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+
+    verify = sub.add_parser("verify", help="verify a whole set (--dir) or one certificate")
+    verify.add_argument("cert", nargs="?", metavar="CERT")
+    verify.add_argument("--key")
+    verify.add_argument("--ca", help="trust bundle (PEM, may hold several CAs)")
+    verify.add_argument("--kind", choices=[k.value for k in names.Kind], default=names.Kind.CLIENT.value)
+    verify.add_argument("--hostname", help="server certificates: the name clients dial")
+    verify.add_argument("--spiffe-id", help="client certificates: the URI SAN expected")
+    verify.add_argument("--dir", help="a directory written by `certs issue`")
+    verify.add_argument("--env", choices=names.ENVIRONMENTS)
+    verify.set_defaults(func=cmd_verify)
+
+    upload = sub.add_parser("upload", help="verify a set and store it in Secrets Manager")
+    upload.add_argument("--env", required=True, choices=names.ENVIRONMENTS)
+    upload.add_argument("--dir", required=True)
+    upload.add_argument("--kms-key-id", help="KMS key for secrets this command creates")
+    upload.add_argument("--region", help="default: $AWS_REGION")
+    upload.add_argument("--no-ca-key", action="store_true", help="do not upload the CA key even if DIR has it")
+    upload.set_defaults(func=cmd_upload)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s hokusai-mtls %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except MtlsError as exc:
+        print(f"hokusai-mtls: error [{exc.code}]: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"hokusai-mtls: error: {exc}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Load one role's certificates into its container: fetch, verify everything, then write.
+
+The order is the guarantee: nothing touches the disk until the trust bundle and the
+identity have been fetched and verified together, and then they replace the previous
+files in one atomic swap (`runtime.files.publish_files`). A failed load leaves the
+last good set in place.
+
+Security level (seed 003), logged once:
+- `ENABLE_MTLS_AUTH=false` -> INSECURE, the explicit rollback; nothing is fetched.
+- everything fetched and valid -> MTLS.
+- otherwise staging/production stop with `LoadError`: never a silent downgrade;
+  development degrades loudly: to TLS when only the trust bundle is usable by a client,
+  else to a locally generated development CA (MTLS), else to INSECURE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from runtime import names, pem
+from runtime.certset import verify_for
+from runtime.dev_ca import default_dev_ca_dir, load_or_create_dev_ca
+from runtime.errors import LoadError, MtlsError
+from runtime.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, publish_files
+from runtime.identity import TLSIdentity
+from runtime.inspection import days_left
+from runtime.secret_store import SecretStore
+from runtime.security_level import SecurityLevel, parse_flag
+
+log = logging.getLogger("hokusai_mtls")
+T = TypeVar("T")
+
+SOURCE_SECRETS = "secrets-manager"
+SOURCE_DEV_CA = "development-ca"
+SOURCE_NONE = "none"
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What to load and where; `from_environ` reads the container's variables."""
+
+    environment: str
+    role: str
+    enable_mtls: bool = True
+    cert_dir: Path | None = None
+    """Defaults to the role's directory (`/etc/mlflow/certs` or `/tmp/mlflow-certs`)."""
+    dev_ca_dir: Path = field(default_factory=default_dev_ca_dir)
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        names.check_environment(self.environment)
+        names.identity_for_role(self.role)
+
+    @property
+    def identity(self) -> names.Identity:
+        return names.identity_for_role(self.role)
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.cert_dir or self.identity.default_cert_dir)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> LoaderSettings:
+        """Settings from ENVIRONMENT, ENABLE_MTLS_AUTH, HOKUSAI_MTLS_* (overrides win when not None)."""
+        values = {
+            "environment": environ.get(names.ENV_ENVIRONMENT),
+            "role": environ.get(names.ENV_ROLE),
+            "enable_mtls": parse_flag(names.ENV_ENABLE_MTLS, environ.get(names.ENV_ENABLE_MTLS), default=True),
+            "cert_dir": environ.get(names.ENV_CERT_DIR) or None,
+            "dev_ca_dir": environ.get(names.ENV_DEV_CA_DIR) or default_dev_ca_dir(),
+            "region": environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for required, variable in (("environment", names.ENV_ENVIRONMENT), ("role", names.ENV_ROLE)):
+            if not values[required]:
+                raise ValueError(f"{variable} is not set (or pass --{'env' if required == 'environment' else 'role'})")
+        return cls(**{k: (Path(v) if k in ("cert_dir", "dev_ca_dir") and v else v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    settings: LoaderSettings
+    level: SecurityLevel
+    source: str
+    files: dict[str, Path]
+    identity: TLSIdentity | None = None
+    problems: tuple[str, ...] = ()
+
+    def exports(self) -> dict[str, str | None]:
+        """Environment for the service: a value to set, or None to unset (so stale paths cannot linger)."""
+        f = self.files
+        is_server = self.settings.identity.kind is names.Kind.SERVER
+        level_is_mtls = self.level is SecurityLevel.MTLS
+        ca_bundle = str(f[names.CA_BUNDLE_FILE]) if names.CA_BUNDLE_FILE in f else None
+        result: dict[str, str | None] = {names.ENV_SECURITY_LEVEL: self.level.value, names.ENV_CA_BUNDLE_FILE: ca_bundle}
+        if is_server:
+            result[names.ENV_SERVER_CERT_FILE] = str(f[names.CERT_FILE]) if level_is_mtls else None
+            result[names.ENV_SERVER_KEY_FILE] = str(f[names.KEY_FILE]) if level_is_mtls else None
+        else:
+            result[names.ENV_MLFLOW_CLIENT_CERT] = str(f[names.COMBINED_PEM_FILE]) if level_is_mtls else None
+            result[names.ENV_MLFLOW_SERVER_CERT] = ca_bundle
+            # MLflow raises if this is set alongside SERVER_CERT, and it would disable verification.
+            result[names.ENV_MLFLOW_INSECURE_TLS] = None
+        return result
+
+    def shell(self) -> str:
+        """`export`/`unset` lines for `eval "$(hokusai-mtls load-certs ...)"`."""
+        return "\n".join(
+            f"export {name}={shlex.quote(value)}" if value is not None else f"unset {name}"
+            for name, value in self.exports().items()
+        )
+
+    def summary(self) -> str:
+        s = self.settings
+        text = f"security level {self.level.value} for role {s.role} in {s.environment} (source: {self.source})"
+        if self.identity is not None:
+            certificate = self.identity.certificate
+            text += (
+                f"; identity {certificate.subject.rfc4514_string()} serial {certificate.serial_number:x}, "
+                f"expires {certificate.not_valid_after_utc:%Y-%m-%d} ({days_left(certificate)} days)"
+            )
+        if self.files:
+            text += f"; files in {s.directory}"
+        return text
+
+
+def _attempt(action: Callable[[], T], problems: list[str]) -> T | None:
+    try:
+        return action()
+    except MtlsError as exc:
+        problems.append(f"[{exc.code}] {exc}")
+        return None
+
+
+def _files_for(identity: names.Identity, bundle, tls: TLSIdentity | None) -> dict[str, tuple[bytes, int]]:
+    files = {names.CA_BUNDLE_FILE: (pem.bundle_pem(bundle), PUBLIC_FILE_MODE)}
+    if tls is not None:
+        files[names.CERT_FILE] = (tls.certificate_pem(), PUBLIC_FILE_MODE)
+        files[names.KEY_FILE] = (tls.private_key_pem(), PRIVATE_FILE_MODE)
+        if identity.kind is names.Kind.CLIENT:
+            files[names.COMBINED_PEM_FILE] = (tls.combined_pem(), PRIVATE_FILE_MODE)
+    return files
+
+
+def load_certificates(settings: LoaderSettings, *, store: SecretStore | None = None) -> LoadResult:
+    """Fetch, verify and write the role's certificates; log the resulting security level once."""
+    result = _load(settings, store)
+    if result.level is SecurityLevel.MTLS and result.source == SOURCE_SECRETS:
+        log.info(result.summary())
+    else:
+        log.warning(result.summary())
+    return result
+
+
+def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
+    identity, environment = settings.identity, settings.environment
+    if not settings.enable_mtls:
+        log.warning("%s=false: mTLS is switched off (rollback); plain HTTP, API-key path only", names.ENV_ENABLE_MTLS)
+        return LoadResult(settings, SecurityLevel.INSECURE, SOURCE_NONE, {})
+
+    problems: list[str] = []
+    store = store or _attempt(lambda: SecretStore(environment, region=settings.region), problems)
+    bundle = tls = None
+    if store is not None:
+        bundle = _attempt(store.fetch_trust_bundle, problems)
+        tls = _attempt(lambda: store.fetch_identity(identity), problems)
+    if bundle and tls and _attempt(lambda: verify_for(identity, tls, bundle, environment), problems):
+        written = publish_files(settings.directory, _files_for(identity, bundle, tls))
+        return LoadResult(settings, SecurityLevel.MTLS, SOURCE_SECRETS, written, tls)
+
+    if environment not in names.DEGRADABLE_ENVIRONMENTS:
+        raise LoadError(
+            f"{environment} requires mTLS and the certificates for role {settings.role} did not load; "
+            f"the previous files in {settings.directory} are untouched. Problems: " + "; ".join(problems)
+        )
+    log.warning(
+        "DEVELOPMENT FALLBACK for role %s: the certificates in Secrets Manager are unusable (%s)",
+        settings.role,
+        "; ".join(problems),
+    )
+    if bundle and identity.kind is names.Kind.CLIENT:
+        written = publish_files(settings.directory, _files_for(identity, bundle, None))
+        return LoadResult(settings, SecurityLevel.TLS, SOURCE_SECRETS, written, None, tuple(problems))
+    try:
+        ca = load_or_create_dev_ca(settings.dev_ca_dir, environment)
+        tls = ca.issue(environment, identity, **({"extra_sans": ("localhost", "127.0.0.1")}
+                                                 if identity.kind is names.Kind.SERVER else {}))
+        written = publish_files(settings.directory, _files_for(identity, [ca.certificate], tls))
+    except (OSError, MtlsError) as exc:
+        problems.append(f"development CA in {settings.dev_ca_dir}: {exc}")
+        log.warning("DEVELOPMENT FALLBACK: no certificates at all, running INSECURE (plain HTTP)")
+        return LoadResult(settings, SecurityLevel.INSECURE, SOURCE_NONE, {}, None, tuple(problems))
+    log.warning("DEVELOPMENT FALLBACK: issued a local certificate from the development-only CA in %s",
+                settings.dev_ca_dir)
+    return LoadResult(settings, SecurityLevel.MTLS, SOURCE_DEV_CA, written, tls, tuple(problems))

@@ -1,0 +1,60 @@
+"""`configure_internal_mtls()`: the API service's in-process loader (the seed's name and place).
+
+It does what `hokusai-mtls load-certs` does and then points this process's MLflow client
+at the files through the only two variables MLflow reads (DESIGN.md: there is no
+`MLFLOW_TRACKING_CLIENT_KEY_PATH`; the key travels inside the client-cert PEM).
+Call it before the MLflow client makes its first request; the client keeps a pooled
+session per process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import MutableMapping
+
+from runtime import names
+from runtime.loader import LoaderSettings, LoadResult, load_certificates
+from runtime.secret_store import SecretStore
+
+_lock = threading.Lock()
+_result: LoadResult | None = None
+
+
+def configure_internal_mtls(
+    *,
+    role: str | None = None,
+    environ: MutableMapping[str, str] = os.environ,
+    store: SecretStore | None = None,
+    reload: bool = False,
+) -> LoadResult:
+    """Load this service's client identity and set MLflow's TLS variables in `environ`.
+
+    Safe to call twice: later calls return the first result without fetching again
+    (pass `reload=True` to fetch again). The role defaults to HOKUSAI_MTLS_ROLE, else `api`.
+    Raises `LoadError` in staging/production when the certificates are unusable.
+    """
+    global _result
+    with _lock:
+        if _result is not None and not reload:
+            return _result
+        settings = LoaderSettings.from_environ(environ, role=role or environ.get(names.ENV_ROLE) or names.API.role)
+        result = load_certificates(settings, store=store)
+        apply_exports(result, environ)
+        _result = result
+        return result
+
+
+def apply_exports(result: LoadResult, environ: MutableMapping[str, str]) -> None:
+    for name, value in result.exports().items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+
+
+def reset_for_tests() -> None:
+    """Forget the cached result (tests configure several times in one process)."""
+    global _result
+    with _lock:
+        _result = None

@@ -1,0 +1,147 @@
+"""The contract shared by the CDK stacks and the containers: names defined once.
+
+Secret names, environment variables, file names and identities are read by both
+sides (the stacks grant and inject them, the runtime fetches and writes them).
+They live here, and the stacks import them, so the two cannot drift apart.
+This module imports nothing outside the standard library on purpose: the CDK
+app imports it without the runtime's dependencies.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+ENVIRONMENTS: tuple[str, ...] = ("development", "staging", "production")
+"""The environments we deploy; `development` is the only one allowed to degrade."""
+
+DEGRADABLE_ENVIRONMENTS: frozenset[str] = frozenset({"development"})
+
+# --- environment variables -------------------------------------------------------
+ENV_ENVIRONMENT = "ENVIRONMENT"
+ENV_ENABLE_MTLS = "ENABLE_MTLS_AUTH"
+"""`false` is the rollback switch: no certificates, plain HTTP, API-key path only."""
+ENV_ROLE = "HOKUSAI_MTLS_ROLE"
+ENV_CERT_DIR = "HOKUSAI_MTLS_CERT_DIR"
+ENV_DEV_CA_DIR = "HOKUSAI_MTLS_DEV_CA_DIR"
+ENV_CA_BUNDLE_SECRET = "HOKUSAI_MTLS_CA_BUNDLE_SECRET"
+ENV_IDENTITY_SECRET = "HOKUSAI_MTLS_IDENTITY_SECRET"
+ENV_SECURITY_LEVEL = "HOKUSAI_MTLS_SECURITY_LEVEL"
+"""Exported by the loader so the serving process can report what it runs with."""
+
+# The only two TLS variables the MLflow client knows (DESIGN.md: there is no KEY_PATH).
+ENV_MLFLOW_CLIENT_CERT = "MLFLOW_TRACKING_CLIENT_CERT_PATH"
+"""requests' `cert=`: ONE PEM file holding the certificate AND its unencrypted key."""
+ENV_MLFLOW_SERVER_CERT = "MLFLOW_TRACKING_SERVER_CERT_PATH"
+"""requests' `verify=`: the CA bundle that signs the MLflow server's certificate."""
+ENV_MLFLOW_INSECURE_TLS = "MLFLOW_TRACKING_INSECURE_TLS"
+"""Disables verification in MLflow's client: the loader always unsets it."""
+
+# The server side (our launcher passes these to uvicorn's --ssl-* options).
+ENV_SERVER_CERT_FILE = "HOKUSAI_MTLS_SERVER_CERT_FILE"
+ENV_SERVER_KEY_FILE = "HOKUSAI_MTLS_SERVER_KEY_FILE"
+ENV_CA_BUNDLE_FILE = "HOKUSAI_MTLS_CA_BUNDLE_FILE"
+
+# --- Secrets Manager -------------------------------------------------------------
+SECRET_PREFIX_TEMPLATE = "hokusai/{environment}/mlflow/"
+CA_BUNDLE_SECRET = "ca-cert"
+"""PEM trust bundle; may hold several CAs during a rollover."""
+CA_KEY_SECRET = "ca-key"
+"""The issuing CA's certificate and private key; readable only by the issuer."""
+IDENTITY_SECRET_SUFFIX = "-identity"
+"""Each identity's certificate and key live together in `<identity>-identity`."""
+
+SECRET_TAG_PREFIX = "hokusai-mtls:"
+SECRET_SCHEMA_VERSION = 1
+
+# --- files written by the loader -------------------------------------------------
+CA_BUNDLE_FILE = "ca.crt"
+CERT_FILE = "tls.crt"
+KEY_FILE = "tls.key"
+COMBINED_PEM_FILE = "tls.pem"
+"""Certificate followed by key, for MLflow's single `MLFLOW_TRACKING_CLIENT_CERT_PATH`."""
+
+SERVER_CERT_DIR = "/etc/mlflow/certs"
+CLIENT_CERT_DIR = "/tmp/mlflow-certs"  # noqa: S108 - the seed's path; the loader makes it 0700
+
+# --- identities -------------------------------------------------------------------
+TRUST_DOMAIN = "hokusai"
+MLFLOW_PORT = 5000
+
+
+class Kind(enum.Enum):
+    """What a certificate is for: it decides the extended key usage."""
+
+    SERVER = "server"
+    CLIENT = "client"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A service that holds a certificate of its own."""
+
+    name: str
+    kind: Kind
+    role: str
+    """The `hokusai-mtls load-certs --role` value that loads this identity."""
+    default_cert_dir: str
+
+    @property
+    def secret_suffix(self) -> str:
+        return f"{self.name}{IDENTITY_SECRET_SUFFIX}"
+
+
+SERVER = Identity("server", Kind.SERVER, "mlflow-server", SERVER_CERT_DIR)
+API = Identity("api", Kind.CLIENT, "api", CLIENT_CERT_DIR)
+WORKER = Identity("worker", Kind.CLIENT, "worker", CLIENT_CERT_DIR)
+IDENTITIES: tuple[Identity, ...] = (SERVER, API, WORKER)
+CLIENT_IDENTITIES: tuple[Identity, ...] = tuple(i for i in IDENTITIES if i.kind is Kind.CLIENT)
+ROLES: dict[str, Identity] = {i.role: i for i in IDENTITIES}
+
+
+def check_environment(environment: str) -> str:
+    """Return `environment` if we know it, else raise ValueError naming the choices."""
+    if environment not in ENVIRONMENTS:
+        raise ValueError(f"unknown environment {environment!r}; expected one of {', '.join(ENVIRONMENTS)}")
+    return environment
+
+
+def secret_prefix(environment: str) -> str:
+    return SECRET_PREFIX_TEMPLATE.format(environment=check_environment(environment))
+
+
+def secret_name(environment: str, suffix: str) -> str:
+    """`hokusai/<env>/mlflow/<suffix>`, e.g. `secret_name("staging", CA_BUNDLE_SECRET)`."""
+    return secret_prefix(environment) + suffix
+
+
+def identity_secret_name(environment: str, identity: Identity) -> str:
+    return secret_name(environment, identity.secret_suffix)
+
+
+def identity_by_name(name: str) -> Identity:
+    for identity in IDENTITIES:
+        if identity.name == name:
+            return identity
+    raise ValueError(f"unknown identity {name!r}; expected one of {', '.join(i.name for i in IDENTITIES)}")
+
+
+def identity_for_role(role: str) -> Identity:
+    try:
+        return ROLES[role]
+    except KeyError:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}") from None
+
+
+def spiffe_id(environment: str, service: str) -> str:
+    """The URI SAN that names a service: `spiffe://hokusai/<env>/<service>`."""
+    return f"spiffe://{TRUST_DOMAIN}/{check_environment(environment)}/{service}"
+
+
+def mlflow_hostname(environment: str) -> str:
+    """The Cloud Map name clients dial: `mlflow.hokusai-<env>.local`."""
+    return f"mlflow.{cloud_map_namespace(environment)}"
+
+
+def cloud_map_namespace(environment: str) -> str:
+    return f"hokusai-{check_environment(environment)}.local"

@@ -1,0 +1,189 @@
+"""The certificate secrets in AWS Secrets Manager: fetch with named errors, upload idempotently.
+
+The caller may pass its own boto3 client (tests pass moto's); otherwise one is made
+with botocore's *standard* retry mode, which backs off on throttling and transient
+errors for us. Every failure names the secret and the cause.
+
+Secret values (see README "Secrets"):
+  ca-cert            PEM trust bundle (one or more CAs)
+  ca-key             JSON {schema, certificate, private_key}: the issuing CA
+  <id>-identity      JSON {schema, certificate, private_key}: one service's identity
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+from cryptography import x509
+
+from runtime import names, pem
+from runtime.certset import CertificateSet
+from runtime.errors import (
+    CertificateError,
+    SecretAccessDeniedError,
+    SecretContentError,
+    SecretDecryptionError,
+    SecretNotFoundError,
+    SecretStoreError,
+    SecretThrottledError,
+    SecretUnavailableError,
+)
+from runtime.identity import TLSIdentity
+from runtime.issuance import CertificateAuthority
+from runtime.verification import check_trust_bundle
+
+RETRY_ATTEMPTS = 5
+"""Total attempts per call under botocore's standard retry mode (exponential backoff, jitter)."""
+
+_CLIENT_ERRORS: dict[str, tuple[type[SecretStoreError], str]] = {
+    "ResourceNotFoundException": (SecretNotFoundError, "not found"),
+    "AccessDeniedException": (SecretAccessDeniedError, "access denied"),
+    "DecryptionFailure": (SecretDecryptionError, "KMS could not decrypt the value"),
+    "KMSAccessDeniedException": (SecretDecryptionError, "KMS denied decrypting the value"),
+    "ThrottlingException": (SecretThrottledError, f"throttled after {RETRY_ATTEMPTS} attempts"),
+    "TooManyRequestsException": (SecretThrottledError, f"throttled after {RETRY_ATTEMPTS} attempts"),
+    "RequestLimitExceeded": (SecretThrottledError, f"throttled after {RETRY_ATTEMPTS} attempts"),
+}
+
+
+def make_client(region: str | None = None):
+    """A Secrets Manager client with standard retries; honours AWS_ENDPOINT_URL_SECRETS_MANAGER."""
+    config = Config(retries={"mode": "standard", "total_max_attempts": RETRY_ATTEMPTS}, connect_timeout=5, read_timeout=15)
+    return boto3.session.Session().client("secretsmanager", region_name=region, config=config)
+
+
+def translate(secret_id: str, exc: Exception) -> SecretStoreError:
+    """Map a botocore failure to our named error (the AWS message is kept; it holds no secret)."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        kind, what = _CLIENT_ERRORS.get(error.get("Code", ""), (SecretStoreError, error.get("Code", "error")))
+        return kind(secret_id, f"{what}: {error.get('Message', exc)}")
+    if isinstance(exc, NoCredentialsError | NoRegionError):
+        return SecretUnavailableError(secret_id, f"{exc} (set AWS credentials and AWS_REGION)")
+    return SecretUnavailableError(secret_id, f"Secrets Manager unreachable: {exc}")
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    secret_id: str
+    action: str
+    """`created`, `updated` (a new version became AWSCURRENT) or `unchanged`."""
+
+
+class SecretStore:
+    """One environment's certificate secrets under `hokusai/<env>/mlflow/`."""
+
+    def __init__(self, environment: str, *, client=None, region: str | None = None) -> None:
+        self.environment = names.check_environment(environment)
+        self._client = client if client is not None else make_client(region)
+
+    def name(self, suffix: str) -> str:
+        return names.secret_name(self.environment, suffix)
+
+    # --- reading ----------------------------------------------------------------------
+    def _get(self, secret_id: str) -> str:
+        try:
+            response = self._client.get_secret_value(SecretId=secret_id)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(secret_id, exc) from exc
+        if "SecretString" not in response:
+            raise SecretContentError(secret_id, "holds binary data; expected text (PEM or JSON)")
+        return response["SecretString"]
+
+    def fetch_trust_bundle(self) -> list[x509.Certificate]:
+        secret_id = self.name(names.CA_BUNDLE_SECRET)
+        try:
+            bundle = pem.load_certificates(self._get(secret_id), "SecretString")
+            check_trust_bundle(bundle, "SecretString")
+        except CertificateError as exc:
+            raise SecretContentError(secret_id, str(exc)) from exc
+        return bundle
+
+    def _fetch_pair(self, suffix: str) -> TLSIdentity:
+        secret_id = self.name(suffix)
+        try:
+            parsed = TLSIdentity.from_secret_string(self._get(secret_id), "SecretString")
+        except CertificateError as exc:
+            raise SecretContentError(secret_id, str(exc)) from exc
+        return dataclasses.replace(parsed, source=secret_id)  # later errors name the secret
+
+    def fetch_identity(self, identity: names.Identity) -> TLSIdentity:
+        return self._fetch_pair(identity.secret_suffix)
+
+    def fetch_ca(self) -> CertificateAuthority:
+        secret_id = self.name(names.CA_KEY_SECRET)
+        try:
+            return CertificateAuthority(self._fetch_pair(names.CA_KEY_SECRET))
+        except CertificateError as exc:
+            raise SecretContentError(secret_id, str(exc)) from exc
+
+    # --- writing ----------------------------------------------------------------------
+    def upload(self, certificates: CertificateSet, *, kms_key_id: str | None = None) -> list[UploadResult]:
+        """Verify the whole set, then store it: bundle first, so no service sees a leaf it cannot trust.
+
+        Idempotent: a secret whose current value is already this value gets no new version.
+        """
+        if certificates.environment != self.environment:
+            raise ValueError(
+                f"the set is for {certificates.environment}, the store for {self.environment}; refusing to mix"
+            )
+        certificates.verify()
+        values = [(names.CA_BUNDLE_SECRET, pem.bundle_pem(certificates.trust_bundle).decode(), "trust-bundle", None)]
+        if certificates.ca is not None:
+            ca = certificates.ca.identity
+            values.append((names.CA_KEY_SECRET, ca.to_secret_string(), "ca-key", ca.certificate))
+        for identity in names.IDENTITIES:
+            tls = certificates.identities[identity.name]
+            values.append((identity.secret_suffix, tls.to_secret_string(), f"identity:{identity.name}", tls.certificate))
+        return [self._put(self.name(suffix), value, content, cert, kms_key_id) for suffix, value, content, cert in values]
+
+    def _tags(self, content: str, certificate: x509.Certificate | None) -> list[dict[str, str]]:
+        prefix = names.SECRET_TAG_PREFIX
+        tags = {
+            f"{prefix}environment": self.environment,
+            f"{prefix}content": content.replace(":", "/"),
+            f"{prefix}managed-by": "hokusai-mtls",
+        }
+        if certificate is not None:
+            tags[f"{prefix}not-after"] = certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+    def _put(self, secret_id: str, value: str, content: str, certificate, kms_key_id: str | None) -> UploadResult:
+        tags = self._tags(content, certificate)
+        try:
+            try:
+                current = self._get(secret_id)
+            except SecretNotFoundError:
+                current = None  # no secret, or a secret without a current version (a fresh CDK shell)
+            if current == value:
+                action = "unchanged"
+            elif current is None and self._create(secret_id, value, tags, kms_key_id):
+                return UploadResult(secret_id, "created")
+            else:
+                self._client.put_secret_value(SecretId=secret_id, SecretString=value)
+                action = "updated"
+            self._client.tag_resource(SecretId=secret_id, Tags=tags)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(secret_id, exc) from exc
+        return UploadResult(secret_id, action)
+
+    def _create(self, secret_id: str, value: str, tags, kms_key_id: str | None) -> bool:
+        """Create the secret with its first value; False if it already exists (without a value)."""
+        options = {"KmsKeyId": kms_key_id} if kms_key_id else {}
+        try:
+            self._client.create_secret(
+                Name=secret_id,
+                SecretString=value,
+                Tags=tags,
+                Description=f"hokusai-mtls {self.environment}: managed by `hokusai-mtls certs upload`",
+                **options,
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ResourceExistsException":
+                return False
+            raise
+        return True

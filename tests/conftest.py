@@ -1,0 +1,49 @@
+"""Fixtures shared by unit and integration tests: moto-backed AWS and issued certificate sets."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from runtime import mlflow_config, names
+from runtime.certset import CertificateSet
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch, tmp_path):
+    """No test sees the developer's AWS profile or a previous test's variables; no real AWS call."""
+    for variable in (
+        names.ENV_ENVIRONMENT, names.ENV_ENABLE_MTLS, names.ENV_ROLE, names.ENV_CERT_DIR,
+        names.ENV_MLFLOW_CLIENT_CERT, names.ENV_MLFLOW_SERVER_CERT, names.ENV_MLFLOW_INSECURE_TLS,
+        "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SECRETS_MANAGER",
+    ):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv(names.ENV_DEV_CA_DIR, str(tmp_path / "dev-ca"))
+    mlflow_config.reset_for_tests()
+    yield
+    mlflow_config.reset_for_tests()
+
+
+@pytest.fixture
+def secretsmanager():
+    """A Secrets Manager client backed by moto, in-process."""
+    with mock_aws():
+        yield boto3.client("secretsmanager", region_name=REGION)
+
+
+@pytest.fixture(scope="session")
+def development_set() -> CertificateSet:
+    return CertificateSet.issue("development", server_sans=("localhost", "127.0.0.1"))
+
+
+@pytest.fixture(scope="session")
+def staging_set() -> CertificateSet:
+    return CertificateSet.issue("staging", server_sans=("localhost", "127.0.0.1"))

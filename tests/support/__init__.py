@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: certificate checkers and small builders."""

@@ -1,0 +1,79 @@
+"""Checkers that state what a CA and a leaf must look like (as trustme's tests do).
+
+They read the certificate with `cryptography` directly, not through runtime.inspection,
+so a bug there cannot hide a bug in issuance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from runtime.identity import TLSIdentity
+from runtime.issuance import CertificateAuthority, KeyType
+
+
+def ext(certificate: x509.Certificate, kind):
+    return certificate.extensions.get_extension_for_class(kind)
+
+
+def assert_is_ca(certificate: x509.Certificate) -> None:
+    constraints = ext(certificate, x509.BasicConstraints)
+    assert constraints.critical
+    assert constraints.value.ca is True
+    assert constraints.value.path_length == 0
+    usage = ext(certificate, x509.KeyUsage)
+    assert usage.critical
+    assert usage.value.key_cert_sign and usage.value.crl_sign
+    assert certificate.issuer == certificate.subject
+    certificate.verify_directly_issued_by(certificate)  # self-signed, and the signature holds
+    ski = ext(certificate, x509.SubjectKeyIdentifier).value
+    assert ski == x509.SubjectKeyIdentifier.from_public_key(certificate.public_key())
+
+
+def assert_is_leaf(certificate: x509.Certificate, ca: x509.Certificate, usage: x509.ObjectIdentifier) -> None:
+    constraints = ext(certificate, x509.BasicConstraints)
+    assert constraints.critical and constraints.value.ca is False
+    key_usage = ext(certificate, x509.KeyUsage)
+    assert key_usage.critical and key_usage.value.digital_signature and not key_usage.value.key_cert_sign
+    assert list(ext(certificate, x509.ExtendedKeyUsage).value) == [usage]
+    assert certificate.issuer == ca.subject
+    certificate.verify_directly_issued_by(ca)
+    aki = ext(certificate, x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ext(ca, x509.SubjectKeyIdentifier).value.digest
+    assert ext(certificate, x509.SubjectKeyIdentifier).value == x509.SubjectKeyIdentifier.from_public_key(
+        certificate.public_key()
+    )
+
+
+SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
+
+
+def sans(certificate: x509.Certificate, kind) -> list:
+    return ext(certificate, x509.SubjectAlternativeName).value.get_values_for_type(kind)
+
+
+def lifetime_days(certificate: x509.Certificate) -> float:
+    return (certificate.not_valid_after_utc - certificate.not_valid_before_utc) / dt.timedelta(days=1)
+
+
+def days_ago(days: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+
+
+def new_ca(environment: str = "development", **options) -> CertificateAuthority:
+    return CertificateAuthority.create(environment, **options)
+
+
+def client(ca: CertificateAuthority, service: str = "api", environment: str = "development", **kw) -> TLSIdentity:
+    return ca.issue_client(environment, service, **kw)
+
+
+def server(ca: CertificateAuthority, environment: str = "development", **kw) -> TLSIdentity:
+    return ca.issue_server(environment, **kw)
+
+
+FAST_KEY_TYPES = [KeyType.ECDSA_P256, KeyType.RSA_2048]
