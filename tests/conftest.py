@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import boto3
 import pytest
 from moto import mock_aws
@@ -47,3 +49,24 @@ def development_set() -> CertificateSet:
 @pytest.fixture(scope="session")
 def staging_set() -> CertificateSet:
     return CertificateSet.issue("staging", server_sans=("localhost", "127.0.0.1"))
+
+
+@pytest.fixture
+def moto_server(monkeypatch):
+    """moto's real HTTP server on 127.0.0.1 for subprocesses (the CLI); stopped after the test.
+
+    Yields the environment a subprocess needs to reach it through boto3's standard
+    `AWS_ENDPOINT_URL_SECRETS_MANAGER` variable, as a user would point the CLI at it.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))  # noqa: S310
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", endpoint)
+    try:
+        yield endpoint
+    finally:
+        server.stop()

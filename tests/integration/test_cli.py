@@ -1,0 +1,146 @@
+"""The `hokusai-mtls` command as a user runs it: subprocesses against moto's server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.conftest import REGION
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "runtime.cli"]
+
+
+def run(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True, check=False, env=os.environ, **kw)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_console_script_is_installed():
+    script = shutil.which("hokusai-mtls", path=Path(sys.executable).parent)
+    assert script, "pip install -e . (or the wheel) provides the hokusai-mtls command"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("hokusai-mtls ")
+
+
+def test_issue_verify_upload_load_end_to_end(moto_server, tmp_path):
+    out = tmp_path / "set"
+    issued = run("certs", "issue", "--env", "staging", "--out", str(out), "--server-san", "localhost")
+    assert "issued the staging set" in issued.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["ca.crt", "ca.key", "server.crt", "server.key", "api.crt", "api.key", "worker.crt", "worker.key"]
+    )
+    assert run("certs", "verify", "--dir", str(out), "--env", "staging").stdout.startswith("OK:")
+
+    facts = json.loads(run("certs", "inspect", "--json", str(out / "server.crt")).stdout)
+    assert facts[0]["dns_names"] == ["mlflow.hokusai-staging.local", "localhost"]
+    assert facts[0]["extended_key_usage"] == ["serverAuth"]
+    assert 89 <= facts[0]["days_left"] <= 90
+
+    uploaded = run("certs", "upload", "--env", "staging", "--dir", str(out)).stdout.splitlines()
+    assert [line.split()[0] for line in uploaded] == ["created"] * 5
+    again = run("certs", "upload", "--env", "staging", "--dir", str(out)).stdout.splitlines()
+    assert [line.split()[0] for line in again] == ["unchanged"] * 5
+
+    certs = tmp_path / "api-certs"
+    script = f'set -e; eval "$({" ".join(CLI)} load-certs --role api --env staging --cert-dir {certs})"; ' \
+             'echo "$MLFLOW_TRACKING_CLIENT_CERT_PATH|$MLFLOW_TRACKING_SERVER_CERT_PATH|$HOKUSAI_MTLS_SECURITY_LEVEL"'
+    shell = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env=os.environ)
+    assert shell.stdout.strip() == f"{certs}/tls.pem|{certs}/ca.crt|MTLS"
+    assert "security level MTLS for role api in staging" in shell.stderr
+    assert "PRIVATE KEY" not in shell.stderr + shell.stdout
+
+
+def test_load_certs_in_production_without_secrets_fails_and_prints_nothing_to_eval(moto_server, tmp_path):
+    result = run("load-certs", "--role", "mlflow-server", "--env", "production",
+                 "--cert-dir", str(tmp_path / "c"), check=False)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "error [load-failed]" in result.stderr
+    assert "hokusai/production/mlflow/server-identity: not found" in result.stderr
+
+
+def test_load_certs_reads_the_environment_like_a_container(moto_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENVIRONMENT", "development")
+    monkeypatch.setenv("ENABLE_MTLS_AUTH", "false")
+    result = run("load-certs", "--role", "worker", "--cert-dir", str(tmp_path / "c"))
+    assert "export HOKUSAI_MTLS_SECURITY_LEVEL=INSECURE" in result.stdout
+    assert "unset MLFLOW_TRACKING_CLIENT_CERT_PATH" in result.stdout
+
+
+def test_upload_refuses_a_set_with_a_leaf_from_another_ca(moto_server, tmp_path):
+    run("certs", "issue", "--env", "staging", "--out", str(tmp_path / "a"))
+    run("certs", "issue", "--env", "staging", "--out", str(tmp_path / "b"))
+    shutil.copy(tmp_path / "b" / "worker.crt", tmp_path / "a" / "worker.crt")
+    shutil.copy(tmp_path / "b" / "worker.key", tmp_path / "a" / "worker.key")
+    result = run("certs", "upload", "--env", "staging", "--dir", str(tmp_path / "a"), check=False)
+    assert result.returncode == 1
+    assert "error [untrusted-issuer]" in result.stderr and "worker" in result.stderr
+    client = boto3.client("secretsmanager", region_name=REGION, endpoint_url=moto_server)
+    assert client.list_secrets()["SecretList"] == []
+
+
+@pytest.mark.parametrize(
+    ("files", "code"),
+    [
+        (("api.crt", "worker.key", "ca.crt"), "key-mismatch"),
+        (("api.key", "api.key", "ca.crt"), "wrong-pem-type"),
+        (("api.crt", "api.key", "api.crt"), "not-a-ca"),
+    ],
+)
+def test_verify_names_what_is_wrong(tmp_path, files, code):
+    run("certs", "issue", "--env", "development", "--out", str(tmp_path))
+    cert, key, ca = (str(tmp_path / f) for f in files)
+    result = run("certs", "verify", cert, "--key", key, "--ca", ca, check=False)
+    assert result.returncode == 1
+    assert f"error [{code}]" in result.stderr
+
+
+def test_verify_server_certificate_with_hostname(tmp_path):
+    run("certs", "issue", "--env", "development", "--out", str(tmp_path))
+    ok = run("certs", "verify", str(tmp_path / "server.crt"), "--key", str(tmp_path / "server.key"),
+             "--ca", str(tmp_path / "ca.crt"), "--kind", "server", "--hostname", "mlflow.hokusai-development.local")
+    assert ok.stdout.startswith("OK:")
+    wrong = run("certs", "verify", str(tmp_path / "server.crt"), "--key", str(tmp_path / "server.key"),
+                "--ca", str(tmp_path / "ca.crt"), "--kind", "server", "--hostname", "db.internal", check=False)
+    assert "error [hostname-mismatch]" in wrong.stderr
+
+
+def test_issue_never_overwrites_without_force(tmp_path):
+    run("certs", "issue", "--env", "development", "--out", str(tmp_path))
+    key_before = (tmp_path / "ca.key").read_bytes()
+    refused = run("certs", "issue", "--env", "development", "--out", str(tmp_path), check=False)
+    assert refused.returncode == 1 and "error [output-exists]" in refused.stderr
+    assert (tmp_path / "ca.key").read_bytes() == key_before
+    run("certs", "issue", "--env", "development", "--out", str(tmp_path), "--force")
+    assert (tmp_path / "ca.key").read_bytes() != key_before
+
+
+def test_issue_from_an_existing_ca_keeps_the_trust_bundle(tmp_path):
+    run("certs", "issue", "--env", "production", "--out", str(tmp_path / "first"))
+    run("certs", "issue", "--env", "production", "--out", str(tmp_path / "renewed"),
+        "--ca-dir", str(tmp_path / "first"))
+    assert (tmp_path / "renewed" / "ca.crt").read_bytes() == (tmp_path / "first" / "ca.crt").read_bytes()
+    assert (tmp_path / "renewed" / "api.crt").read_bytes() != (tmp_path / "first" / "api.crt").read_bytes()
+    run("certs", "verify", "--dir", str(tmp_path / "renewed"), "--env", "production")
+
+
+def test_inspect_reports_malformed_input_by_file(tmp_path):
+    bad = tmp_path / "cut.crt"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n")
+    result = run("certs", "inspect", str(bad), check=False)
+    assert result.returncode == 1
+    assert f"error [malformed-pem]: {bad}: truncated PEM" in result.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run("certs", "issue", "--env", "qa", "--out", "x", check=False).returncode == 2
