@@ -100,7 +100,9 @@ class CertificateSet:
     def write_to_dir(self, directory: Path, *, overwrite: bool = False) -> list[Path]:
         """Write the set (keys 0600, directory 0700); refuse to clobber unless `overwrite`."""
         directory = ensure_private_dir(Path(directory))
-        files: dict[str, tuple[bytes, int]] = {BUNDLE_FILE: (pem.bundle_pem(self.trust_bundle), PUBLIC_FILE_MODE)}
+        files: dict[str, tuple[bytes, int]] = {
+            BUNDLE_FILE: (pem.bundle_pem(self.trust_bundle), PUBLIC_FILE_MODE)
+        }
         if self.ca is not None:
             files[CA_KEY_FILE] = (self.ca.identity.private_key_pem(), PRIVATE_FILE_MODE)
         for name, tls in self.identities.items():
@@ -108,7 +110,9 @@ class CertificateSet:
             files[f"{name}.key"] = (tls.private_key_pem(), PRIVATE_FILE_MODE)
         existing = [name for name in files if (directory / name).exists()]
         if existing and not overwrite:
-            raise OutputExistsError(f"{directory} already holds {', '.join(existing)}; pass --force to overwrite")
+            raise OutputExistsError(
+                f"{directory} already holds {', '.join(existing)}; pass --force to overwrite"
+            )
         return [write_file_atomic(directory / name, data, mode) for name, (data, mode) in files.items()]
 
     @classmethod
@@ -148,4 +152,6 @@ def _ca_for_key(bundle: list[x509.Certificate], key_path: Path) -> CertificateAu
             return CertificateAuthority(TLSIdentity(certificate, key, str(key_path)))
         except KeyMismatchError:
             continue
-    raise KeyMismatchError(f"{key_path}: the key belongs to no certificate in {key_path.parent / BUNDLE_FILE}")
+    raise KeyMismatchError(
+        f"{key_path}: the key belongs to no certificate in {key_path.parent / BUNDLE_FILE}"
+    )

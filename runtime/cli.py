@@ -38,7 +38,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
     ca = None
     if args.ca_dir:
         ca_dir = Path(args.ca_dir)
-        ca = CertificateAuthority.from_pem(_read(str(ca_dir / "ca.crt")), _read(str(ca_dir / "ca.key")), str(ca_dir))
+        ca = CertificateAuthority.from_pem(
+            _read(str(ca_dir / "ca.crt")), _read(str(ca_dir / "ca.key")), str(ca_dir)
+        )
     certificates = CertificateSet.issue(
         args.env,
         key_type=KeyType(args.key_type),
@@ -54,7 +56,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
         print(f"  {path.name:<12} {'(private key, 0600)' if path.suffix == '.key' else ''}")
     for name, tls in certificates.identities.items():
         facts = describe(tls.certificate)
-        print(f"  {name:<8} {facts['subject']:<40} expires {facts['not_after'][:10]} ({facts['days_left']} days)")
+        print(
+            f"  {name:<8} {facts['subject']:<40} expires {facts['not_after'][:10]} ({facts['days_left']} days)"
+        )
     return 0
 
 
@@ -104,7 +108,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
 # --- load-certs ----------------------------------------------------------------------
 def cmd_load(args: argparse.Namespace) -> int:
     settings = LoaderSettings.from_environ(
-        role=args.role, environment=args.env, cert_dir=Path(args.cert_dir) if args.cert_dir else None,
+        role=args.role,
+        environment=args.env,
+        cert_dir=Path(args.cert_dir) if args.cert_dir else None,
         region=args.region,
     )
     print(load_certificates(settings).shell())
@@ -133,8 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--key-type", default=KeyType.ECDSA_P256.value, choices=[k.value for k in KeyType])
     issue.add_argument("--leaf-days", type=int, help="default: 365 in development, 90 in staging/production")
     issue.add_argument("--ca-days", type=int, default=DEFAULT_CA_LIFETIME_DAYS)
-    issue.add_argument("--server-san", action="append", default=[], metavar="NAME_OR_IP",
-                       help="extra DNS name or IP for the MLflow certificate (repeatable)")
+    issue.add_argument(
+        "--server-san",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="extra DNS name or IP for the MLflow certificate (repeatable)",
+    )
     issue.add_argument("--ca-dir", help="issue from the CA in DIR/ca.crt + DIR/ca.key instead of a new one")
     issue.add_argument("--force", action="store_true", help="overwrite files already in --out")
     issue.set_defaults(func=cmd_issue)
@@ -160,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--dir", required=True)
     upload.add_argument("--kms-key-id", help="KMS key for secrets this command creates")
     upload.add_argument("--region", help="default: $AWS_REGION")
-    upload.add_argument("--no-ca-key", action="store_true", help="do not upload the CA key even if DIR has it")
+    upload.add_argument(
+        "--no-ca-key", action="store_true", help="do not upload the CA key even if DIR has it"
+    )
     upload.set_defaults(func=cmd_upload)
     return parser
 

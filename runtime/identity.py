@@ -82,5 +82,7 @@ class TLSIdentity:
         if missing:
             raise PemError(f"{source}: JSON field(s) {', '.join(missing)} missing or not a string")
         if document.get("schema", SECRET_SCHEMA_VERSION) != SECRET_SCHEMA_VERSION:
-            raise PemError(f"{source}: unsupported schema {document['schema']!r}; expected {SECRET_SCHEMA_VERSION}")
+            raise PemError(
+                f"{source}: unsupported schema {document['schema']!r}; expected {SECRET_SCHEMA_VERSION}"
+            )
         return cls.from_pem(document["certificate"], document["private_key"], source)

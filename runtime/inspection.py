@@ -59,7 +59,9 @@ def ip_addresses(certificate: x509.Certificate) -> list[str]:
 def key_type(certificate: x509.Certificate) -> str:
     key = certificate.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return {"secp256r1": "ECDSA P-256", "secp384r1": "ECDSA P-384"}.get(key.curve.name, f"ECDSA {key.curve.name}")
+        return {"secp256r1": "ECDSA P-256", "secp384r1": "ECDSA P-384"}.get(
+            key.curve.name, f"ECDSA {key.curve.name}"
+        )
     if isinstance(key, rsa.RSAPublicKey):
         return f"RSA {key.key_size}"
     return type(key).__name__

@@ -107,13 +107,17 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
             .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+            )
             .sign(key, hashes.SHA256())
         )
         return cls(TLSIdentity(certificate, key, f"CA {environment}"))
 
     @classmethod
-    def from_pem(cls, certificate: bytes | str, private_key: bytes | str, source: str = "CA") -> CertificateAuthority:
+    def from_pem(
+        cls, certificate: bytes | str, private_key: bytes | str, source: str = "CA"
+    ) -> CertificateAuthority:
         return cls(TLSIdentity.from_pem(certificate, private_key, source))
 
     # --- leaves ------------------------------------------------------------------

@@ -71,7 +71,9 @@ class LoaderSettings:
         values = {
             "environment": environ.get(names.ENV_ENVIRONMENT),
             "role": environ.get(names.ENV_ROLE),
-            "enable_mtls": parse_flag(names.ENV_ENABLE_MTLS, environ.get(names.ENV_ENABLE_MTLS), default=True),
+            "enable_mtls": parse_flag(
+                names.ENV_ENABLE_MTLS, environ.get(names.ENV_ENABLE_MTLS), default=True
+            ),
             "cert_dir": environ.get(names.ENV_CERT_DIR) or None,
             "dev_ca_dir": environ.get(names.ENV_DEV_CA_DIR) or default_dev_ca_dir(),
             "region": environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"),
@@ -79,8 +81,12 @@ class LoaderSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         for required, variable in (("environment", names.ENV_ENVIRONMENT), ("role", names.ENV_ROLE)):
             if not values[required]:
-                raise ValueError(f"{variable} is not set (or pass --{'env' if required == 'environment' else 'role'})")
-        return cls(**{k: (Path(v) if k in ("cert_dir", "dev_ca_dir") and v else v) for k, v in values.items()})
+                raise ValueError(
+                    f"{variable} is not set (or pass --{'env' if required == 'environment' else 'role'})"
+                )
+        return cls(
+            **{k: (Path(v) if k in ("cert_dir", "dev_ca_dir") and v else v) for k, v in values.items()}
+        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,10 @@ class LoadResult:
         is_server = self.settings.identity.kind is names.Kind.SERVER
         level_is_mtls = self.level is SecurityLevel.MTLS
         ca_bundle = str(f[names.CA_BUNDLE_FILE]) if names.CA_BUNDLE_FILE in f else None
-        result: dict[str, str | None] = {names.ENV_SECURITY_LEVEL: self.level.value, names.ENV_CA_BUNDLE_FILE: ca_bundle}
+        result: dict[str, str | None] = {
+            names.ENV_SECURITY_LEVEL: self.level.value,
+            names.ENV_CA_BUNDLE_FILE: ca_bundle,
+        }
         if is_server:
             result[names.ENV_SERVER_CERT_FILE] = str(f[names.CERT_FILE]) if level_is_mtls else None
             result[names.ENV_SERVER_KEY_FILE] = str(f[names.KEY_FILE]) if level_is_mtls else None
@@ -118,7 +127,9 @@ class LoadResult:
 
     def summary(self) -> str:
         s = self.settings
-        text = f"security level {self.level.value} for role {s.role} in {s.environment} (source: {self.source})"
+        text = (
+            f"security level {self.level.value} for role {s.role} in {s.environment} (source: {self.source})"
+        )
         if self.identity is not None:
             certificate = self.identity.certificate
             text += (
@@ -161,7 +172,9 @@ def load_certificates(settings: LoaderSettings, *, store: SecretStore | None = N
 def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
     identity, environment = settings.identity, settings.environment
     if not settings.enable_mtls:
-        log.warning("%s=false: mTLS is switched off (rollback); plain HTTP, API-key path only", names.ENV_ENABLE_MTLS)
+        log.warning(
+            "%s=false: mTLS is switched off (rollback); plain HTTP, API-key path only", names.ENV_ENABLE_MTLS
+        )
         return LoadResult(settings, SecurityLevel.INSECURE, SOURCE_NONE, {})
 
     problems: list[str] = []
@@ -189,13 +202,18 @@ def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
         return LoadResult(settings, SecurityLevel.TLS, SOURCE_SECRETS, written, None, tuple(problems))
     try:
         ca = load_or_create_dev_ca(settings.dev_ca_dir, environment)
-        tls = ca.issue(environment, identity, **({"extra_sans": ("localhost", "127.0.0.1")}
-                                                 if identity.kind is names.Kind.SERVER else {}))
+        tls = ca.issue(
+            environment,
+            identity,
+            **({"extra_sans": ("localhost", "127.0.0.1")} if identity.kind is names.Kind.SERVER else {}),
+        )
         written = publish_files(settings.directory, _files_for(identity, [ca.certificate], tls))
     except (OSError, MtlsError) as exc:
         problems.append(f"development CA in {settings.dev_ca_dir}: {exc}")
         log.warning("DEVELOPMENT FALLBACK: no certificates at all, running INSECURE (plain HTTP)")
         return LoadResult(settings, SecurityLevel.INSECURE, SOURCE_NONE, {}, None, tuple(problems))
-    log.warning("DEVELOPMENT FALLBACK: issued a local certificate from the development-only CA in %s",
-                settings.dev_ca_dir)
+    log.warning(
+        "DEVELOPMENT FALLBACK: issued a local certificate from the development-only CA in %s",
+        settings.dev_ca_dir,
+    )
     return LoadResult(settings, SecurityLevel.MTLS, SOURCE_DEV_CA, written, tls, tuple(problems))

@@ -38,7 +38,9 @@ def configure_internal_mtls(
     with _lock:
         if _result is not None and not reload:
             return _result
-        settings = LoaderSettings.from_environ(environ, role=role or environ.get(names.ENV_ROLE) or names.API.role)
+        settings = LoaderSettings.from_environ(
+            environ, role=role or environ.get(names.ENV_ROLE) or names.API.role
+        )
         result = load_certificates(settings, store=store)
         apply_exports(result, environ)
         _result = result

@@ -69,7 +69,9 @@ def load_private_key(data: bytes | str, source: str) -> PrivateKey:
     labels = [label.decode() for label, _ in blocks]
     keys = [(label, block) for label, block in blocks if label.endswith(b"PRIVATE KEY")]
     if not keys:
-        raise WrongPemTypeError(f"{source}: expected a private key, found {' and '.join(sorted(set(labels)))}")
+        raise WrongPemTypeError(
+            f"{source}: expected a private key, found {' and '.join(sorted(set(labels)))}"
+        )
     if len(blocks) != 1:
         raise PemError(f"{source}: expected one private key block, found {', '.join(labels)}")
     label, block = keys[0]

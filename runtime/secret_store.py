@@ -52,7 +52,9 @@ _CLIENT_ERRORS: dict[str, tuple[type[SecretStoreError], str]] = {
 
 def make_client(region: str | None = None):
     """A Secrets Manager client with standard retries; honours AWS_ENDPOINT_URL_SECRETS_MANAGER."""
-    config = Config(retries={"mode": "standard", "total_max_attempts": RETRY_ATTEMPTS}, connect_timeout=5, read_timeout=15)
+    config = Config(
+        retries={"mode": "standard", "total_max_attempts": RETRY_ATTEMPTS}, connect_timeout=5, read_timeout=15
+    )
     return boto3.session.Session().client("secretsmanager", region_name=region, config=config)
 
 
@@ -132,14 +134,21 @@ class SecretStore:
                 f"the set is for {certificates.environment}, the store for {self.environment}; refusing to mix"
             )
         certificates.verify()
-        values = [(names.CA_BUNDLE_SECRET, pem.bundle_pem(certificates.trust_bundle).decode(), "trust-bundle", None)]
+        values = [
+            (names.CA_BUNDLE_SECRET, pem.bundle_pem(certificates.trust_bundle).decode(), "trust-bundle", None)
+        ]
         if certificates.ca is not None:
             ca = certificates.ca.identity
             values.append((names.CA_KEY_SECRET, ca.to_secret_string(), "ca-key", ca.certificate))
         for identity in names.IDENTITIES:
             tls = certificates.identities[identity.name]
-            values.append((identity.secret_suffix, tls.to_secret_string(), f"identity:{identity.name}", tls.certificate))
-        return [self._put(self.name(suffix), value, content, cert, kms_key_id) for suffix, value, content, cert in values]
+            values.append(
+                (identity.secret_suffix, tls.to_secret_string(), f"identity:{identity.name}", tls.certificate)
+            )
+        return [
+            self._put(self.name(suffix), value, content, cert, kms_key_id)
+            for suffix, value, content, cert in values
+        ]
 
     def _tags(self, content: str, certificate: x509.Certificate | None) -> list[dict[str, str]]:
         prefix = names.SECRET_TAG_PREFIX
@@ -152,7 +161,9 @@ class SecretStore:
             tags[f"{prefix}not-after"] = certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
         return [{"Key": k, "Value": v} for k, v in tags.items()]
 
-    def _put(self, secret_id: str, value: str, content: str, certificate, kms_key_id: str | None) -> UploadResult:
+    def _put(
+        self, secret_id: str, value: str, content: str, certificate, kms_key_id: str | None
+    ) -> UploadResult:
         tags = self._tags(content, certificate)
         try:
             try:

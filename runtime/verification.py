@@ -125,7 +125,9 @@ def verify_identity(
     check_validity(issuer, f"{source} issuing CA", now)
     check_validity(certificate, source, now)
     if is_ca(certificate):
-        raise WrongUsageError(f"{source}: {_subject(certificate)} is a CA certificate, not a {kind.value} leaf")
+        raise WrongUsageError(
+            f"{source}: {_subject(certificate)} is a CA certificate, not a {kind.value} leaf"
+        )
     usages = extended_key_usages(certificate)
     if _REQUIRED_USAGE[kind] not in usages:
         raise WrongUsageError(

@@ -18,9 +18,16 @@ REGION = "us-east-1"
 def _isolated_environment(monkeypatch, tmp_path):
     """No test sees the developer's AWS profile or a previous test's variables; no real AWS call."""
     for variable in (
-        names.ENV_ENVIRONMENT, names.ENV_ENABLE_MTLS, names.ENV_ROLE, names.ENV_CERT_DIR,
-        names.ENV_MLFLOW_CLIENT_CERT, names.ENV_MLFLOW_SERVER_CERT, names.ENV_MLFLOW_INSECURE_TLS,
-        "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SECRETS_MANAGER",
+        names.ENV_ENVIRONMENT,
+        names.ENV_ENABLE_MTLS,
+        names.ENV_ROLE,
+        names.ENV_CERT_DIR,
+        names.ENV_MLFLOW_CLIENT_CERT,
+        names.ENV_MLFLOW_SERVER_CERT,
+        names.ENV_MLFLOW_INSECURE_TLS,
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER",
     ):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

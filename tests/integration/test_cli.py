@@ -52,8 +52,10 @@ def test_issue_verify_upload_load_end_to_end(moto_server, tmp_path):
     assert [line.split()[0] for line in again] == ["unchanged"] * 5
 
     certs = tmp_path / "api-certs"
-    script = f'set -e; eval "$({" ".join(CLI)} load-certs --role api --env staging --cert-dir {certs})"; ' \
-             'echo "$MLFLOW_TRACKING_CLIENT_CERT_PATH|$MLFLOW_TRACKING_SERVER_CERT_PATH|$HOKUSAI_MTLS_SECURITY_LEVEL"'
+    script = (
+        f'set -e; eval "$({" ".join(CLI)} load-certs --role api --env staging --cert-dir {certs})"; '
+        'echo "$MLFLOW_TRACKING_CLIENT_CERT_PATH|$MLFLOW_TRACKING_SERVER_CERT_PATH|$HOKUSAI_MTLS_SECURITY_LEVEL"'
+    )
     shell = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env=os.environ)
     assert shell.stdout.strip() == f"{certs}/tls.pem|{certs}/ca.crt|MTLS"
     assert "security level MTLS for role api in staging" in shell.stderr
@@ -61,8 +63,16 @@ def test_issue_verify_upload_load_end_to_end(moto_server, tmp_path):
 
 
 def test_load_certs_in_production_without_secrets_fails_and_prints_nothing_to_eval(moto_server, tmp_path):
-    result = run("load-certs", "--role", "mlflow-server", "--env", "production",
-                 "--cert-dir", str(tmp_path / "c"), check=False)
+    result = run(
+        "load-certs",
+        "--role",
+        "mlflow-server",
+        "--env",
+        "production",
+        "--cert-dir",
+        str(tmp_path / "c"),
+        check=False,
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     assert "error [load-failed]" in result.stderr
@@ -107,11 +117,34 @@ def test_verify_names_what_is_wrong(tmp_path, files, code):
 
 def test_verify_server_certificate_with_hostname(tmp_path):
     run("certs", "issue", "--env", "development", "--out", str(tmp_path))
-    ok = run("certs", "verify", str(tmp_path / "server.crt"), "--key", str(tmp_path / "server.key"),
-             "--ca", str(tmp_path / "ca.crt"), "--kind", "server", "--hostname", "mlflow.hokusai-development.local")
+    ok = run(
+        "certs",
+        "verify",
+        str(tmp_path / "server.crt"),
+        "--key",
+        str(tmp_path / "server.key"),
+        "--ca",
+        str(tmp_path / "ca.crt"),
+        "--kind",
+        "server",
+        "--hostname",
+        "mlflow.hokusai-development.local",
+    )
     assert ok.stdout.startswith("OK:")
-    wrong = run("certs", "verify", str(tmp_path / "server.crt"), "--key", str(tmp_path / "server.key"),
-                "--ca", str(tmp_path / "ca.crt"), "--kind", "server", "--hostname", "db.internal", check=False)
+    wrong = run(
+        "certs",
+        "verify",
+        str(tmp_path / "server.crt"),
+        "--key",
+        str(tmp_path / "server.key"),
+        "--ca",
+        str(tmp_path / "ca.crt"),
+        "--kind",
+        "server",
+        "--hostname",
+        "db.internal",
+        check=False,
+    )
     assert "error [hostname-mismatch]" in wrong.stderr
 
 
@@ -127,8 +160,16 @@ def test_issue_never_overwrites_without_force(tmp_path):
 
 def test_issue_from_an_existing_ca_keeps_the_trust_bundle(tmp_path):
     run("certs", "issue", "--env", "production", "--out", str(tmp_path / "first"))
-    run("certs", "issue", "--env", "production", "--out", str(tmp_path / "renewed"),
-        "--ca-dir", str(tmp_path / "first"))
+    run(
+        "certs",
+        "issue",
+        "--env",
+        "production",
+        "--out",
+        str(tmp_path / "renewed"),
+        "--ca-dir",
+        str(tmp_path / "first"),
+    )
     assert (tmp_path / "renewed" / "ca.crt").read_bytes() == (tmp_path / "first" / "ca.crt").read_bytes()
     assert (tmp_path / "renewed" / "api.crt").read_bytes() != (tmp_path / "first" / "api.crt").read_bytes()
     run("certs", "verify", "--dir", str(tmp_path / "renewed"), "--env", "production")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime import names
 from runtime.certset import CertificateSet
 from runtime.issuance import KeyType
 from runtime.loader import LoaderSettings, load_certificates
@@ -39,11 +38,17 @@ def loaded(secretsmanager, development_set, tmp_path):
 
 def server_files(loaded):
     s = loaded["mlflow-server"]
-    return s["HOKUSAI_MTLS_SERVER_CERT_FILE"], s["HOKUSAI_MTLS_SERVER_KEY_FILE"], s["HOKUSAI_MTLS_CA_BUNDLE_FILE"]
+    return (
+        s["HOKUSAI_MTLS_SERVER_CERT_FILE"],
+        s["HOKUSAI_MTLS_SERVER_KEY_FILE"],
+        s["HOKUSAI_MTLS_CA_BUNDLE_FILE"],
+    )
 
 
 def mlflow_client_context(exports) -> ssl.SSLContext:
-    return client_context(exports["MLFLOW_TRACKING_SERVER_CERT_PATH"], exports["MLFLOW_TRACKING_CLIENT_CERT_PATH"])
+    return client_context(
+        exports["MLFLOW_TRACKING_SERVER_CERT_PATH"], exports["MLFLOW_TRACKING_CLIENT_CERT_PATH"]
+    )
 
 
 @pytest.mark.parametrize("service", ["api", "worker"])
@@ -64,8 +69,11 @@ def test_a_client_without_a_certificate_is_refused(loaded):
 def test_a_client_with_a_foreign_cas_certificate_is_refused(loaded, tmp_path):
     foreign = CertificateSet.issue("development")
     foreign.write_to_dir(tmp_path / "foreign")
-    context = client_context(loaded["api"]["MLFLOW_TRACKING_SERVER_CERT_PATH"],
-                             str(tmp_path / "foreign" / "api.crt"), str(tmp_path / "foreign" / "api.key"))
+    context = client_context(
+        loaded["api"]["MLFLOW_TRACKING_SERVER_CERT_PATH"],
+        str(tmp_path / "foreign" / "api.crt"),
+        str(tmp_path / "foreign" / "api.key"),
+    )
     with serving(*server_files(loaded)) as server, pytest.raises((ssl.SSLError, ConnectionError)):
         exchange(server.port, context, HOST)
     assert "certificate verify failed" in server.outcomes[-1].error
@@ -83,15 +91,17 @@ def test_the_client_refuses_a_server_from_another_ca(loaded, tmp_path):
     impostor = CertificateSet.issue("development")
     impostor.write_to_dir(tmp_path / "impostor")
     d = tmp_path / "impostor"
-    with serving(str(d / "server.crt"), str(d / "server.key"), str(d / "ca.crt")) as server, pytest.raises(
-        ssl.SSLCertVerificationError, match="certificate verify failed"
+    with (
+        serving(str(d / "server.crt"), str(d / "server.key"), str(d / "ca.crt")) as server,
+        pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"),
     ):
         exchange(server.port, mlflow_client_context(loaded["api"]), HOST)
 
 
 def test_the_client_refuses_a_server_certificate_for_another_name(loaded):
-    with serving(*server_files(loaded)) as server, pytest.raises(
-        ssl.SSLCertVerificationError, match="Hostname mismatch"
+    with (
+        serving(*server_files(loaded)) as server,
+        pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"),
     ):
         exchange(server.port, mlflow_client_context(loaded["api"]), "mlflow.hokusai-production.local")
 
@@ -102,11 +112,20 @@ def test_openssl_verify_accepts_every_chain_for_its_purpose(tmp_path, key_type):
     CertificateSet.issue("staging", key_type=key_type).write_to_dir(tmp_path)
 
     def openssl_verify(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "ca.crt"), *args],
-                              capture_output=True, text=True, check=False)
+        return subprocess.run(
+            ["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "ca.crt"), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
 
-    server = openssl_verify("-purpose", "sslserver", "-verify_hostname", "mlflow.hokusai-staging.local",
-                            str(tmp_path / "server.crt"))
+    server = openssl_verify(
+        "-purpose",
+        "sslserver",
+        "-verify_hostname",
+        "mlflow.hokusai-staging.local",
+        str(tmp_path / "server.crt"),
+    )
     assert server.returncode == 0, server.stderr
     for service in ("api", "worker"):
         result = openssl_verify("-purpose", "sslclient", str(tmp_path / f"{service}.crt"))

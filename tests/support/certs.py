@@ -68,7 +68,9 @@ def new_ca(environment: str = "development", **options) -> CertificateAuthority:
     return CertificateAuthority.create(environment, **options)
 
 
-def client(ca: CertificateAuthority, service: str = "api", environment: str = "development", **kw) -> TLSIdentity:
+def client(
+    ca: CertificateAuthority, service: str = "api", environment: str = "development", **kw
+) -> TLSIdentity:
     return ca.issue_client(environment, service, **kw)
 
 

@@ -49,9 +49,11 @@ class MutualTLSServer:
             try:
                 with self.context.wrap_socket(raw, server_side=True) as tls:
                     der = tls.getpeercert(binary_form=True)
-                    uri = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
-                        x509.SubjectAlternativeName
-                    ).value.get_values_for_type(x509.UniformResourceIdentifier)[0]
+                    uri = (
+                        x509.load_der_x509_certificate(der)
+                        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                        .value.get_values_for_type(x509.UniformResourceIdentifier)[0]
+                    )
                     self.outcomes.append(Outcome(peer_uri=uri))
                     tls.sendall(uri.encode())
             except (ssl.SSLError, OSError) as exc:
@@ -78,9 +80,10 @@ def client_context(ca_file: str, cert_file: str | None = None, key_file: str | N
 
 def exchange(port: int, context: ssl.SSLContext, server_hostname: str) -> bytes:
     """Handshake, then read the server's answer (TLS 1.3 reports a refused client cert here)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, context.wrap_socket(
-        raw, server_hostname=server_hostname
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_hostname) as tls,
+    ):
         return tls.recv(1024)
 
 

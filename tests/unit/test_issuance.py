@@ -46,7 +46,9 @@ def test_client_certificate_carries_exactly_one_spiffe_uri(service):
     ca = new_ca()
     leaf = ca.issue_client("development", service)
     assert_is_leaf(leaf.certificate, ca.certificate, CLIENT_AUTH)
-    assert sans(leaf.certificate, x509.UniformResourceIdentifier) == [f"spiffe://hokusai/development/{service}"]
+    assert sans(leaf.certificate, x509.UniformResourceIdentifier) == [
+        f"spiffe://hokusai/development/{service}"
+    ]
     assert sans(leaf.certificate, x509.DNSName) == []
     assert leaf.certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == service
 

@@ -56,7 +56,10 @@ def test_client_role_gets_mtls_files_with_private_modes(staging_store, staging_s
     api = staging_set.identities["api"]
     assert pem.load_certificates(combined.split(b"-----BEGIN PRIVATE KEY")[0], "pem") == [api.certificate]
     assert api.private_key_pem() in combined
-    assert pem.load_certificates((directory / names.CA_BUNDLE_FILE).read_bytes(), "ca") == staging_set.trust_bundle
+    assert (
+        pem.load_certificates((directory / names.CA_BUNDLE_FILE).read_bytes(), "ca")
+        == staging_set.trust_bundle
+    )
 
 
 def test_client_exports_are_exactly_what_mlflow_reads(staging_store, tmp_path):
@@ -116,17 +119,22 @@ def test_an_invalid_certificate_stops_production_and_keeps_the_previous_set(secr
     before = {p.name: p.read_bytes() for p in (tmp_path / "certs").iterdir() if not p.name.startswith("..")}
 
     foreign = new_ca("production").issue("production", names.API)  # valid PEM, wrong CA
-    secretsmanager.put_secret_value(SecretId="hokusai/production/mlflow/api-identity",
-                                    SecretString=foreign.to_secret_string())
-    with pytest.raises(LoadError, match=r"previous files .* are untouched.*\[untrusted-issuer\] hokusai/production/mlflow/api-identity"):
+    secretsmanager.put_secret_value(
+        SecretId="hokusai/production/mlflow/api-identity", SecretString=foreign.to_secret_string()
+    )
+    with pytest.raises(
+        LoadError,
+        match=r"previous files .* are untouched.*\[untrusted-issuer\] hokusai/production/mlflow/api-identity",
+    ):
         load_certificates(settings("production", tmp_path=tmp_path), store=store)
     after = {p.name: p.read_bytes() for p in (tmp_path / "certs").iterdir() if not p.name.startswith("..")}
     assert after == before
 
 
 def test_rollback_switch_is_insecure_explicitly_and_fetches_nothing(tmp_path):
-    result = load_certificates(settings("production", tmp_path=tmp_path, enable_mtls=False),
-                               store=StoreThatMustNotBeUsed())
+    result = load_certificates(
+        settings("production", tmp_path=tmp_path, enable_mtls=False), store=StoreThatMustNotBeUsed()
+    )
     assert result.level is SecurityLevel.INSECURE
     assert result.exports()["MLFLOW_TRACKING_CLIENT_CERT_PATH"] is None
     assert result.exports()["MLFLOW_TRACKING_SERVER_CERT_PATH"] is None
@@ -135,9 +143,12 @@ def test_rollback_switch_is_insecure_explicitly_and_fetches_nothing(tmp_path):
 # --- development degrades, loudly ---------------------------------------------------------
 def test_development_without_secrets_uses_a_shared_local_ca(secretsmanager, tmp_path, caplog):
     store = SecretStore("development", client=secretsmanager)
-    server = load_certificates(settings("development", "mlflow-server", tmp_path / "s", dev_ca_dir=tmp_path / "ca"),
-                               store=store)
-    api = load_certificates(settings("development", "api", tmp_path / "a", dev_ca_dir=tmp_path / "ca"), store=store)
+    server = load_certificates(
+        settings("development", "mlflow-server", tmp_path / "s", dev_ca_dir=tmp_path / "ca"), store=store
+    )
+    api = load_certificates(
+        settings("development", "api", tmp_path / "a", dev_ca_dir=tmp_path / "ca"), store=store
+    )
     assert (server.level, server.source) == (SecurityLevel.MTLS, SOURCE_DEV_CA)
     assert (api.level, api.source) == (SecurityLevel.MTLS, SOURCE_DEV_CA)
     assert "DEVELOPMENT FALLBACK" in caplog.text
@@ -148,10 +159,13 @@ def test_development_without_secrets_uses_a_shared_local_ca(secretsmanager, tmp_
 
 
 def test_development_with_only_the_bundle_gives_a_client_tls(secretsmanager, development_set, tmp_path):
-    secretsmanager.create_secret(Name="hokusai/development/mlflow/ca-cert",
-                                 SecretString=pem.bundle_pem(development_set.trust_bundle).decode())
-    result = load_certificates(settings("development", tmp_path=tmp_path),
-                               store=SecretStore("development", client=secretsmanager))
+    secretsmanager.create_secret(
+        Name="hokusai/development/mlflow/ca-cert",
+        SecretString=pem.bundle_pem(development_set.trust_bundle).decode(),
+    )
+    result = load_certificates(
+        settings("development", tmp_path=tmp_path), store=SecretStore("development", client=secretsmanager)
+    )
     assert result.level is SecurityLevel.TLS
     assert result.exports()["MLFLOW_TRACKING_CLIENT_CERT_PATH"] is None
     assert result.exports()["MLFLOW_TRACKING_SERVER_CERT_PATH"] == str(tmp_path / "certs" / "ca.crt")
@@ -161,8 +175,10 @@ def test_development_with_only_the_bundle_gives_a_client_tls(secretsmanager, dev
 def test_development_with_no_writable_ca_directory_runs_insecure(secretsmanager, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = load_certificates(settings("development", tmp_path=tmp_path, dev_ca_dir=blocker),
-                               store=SecretStore("development", client=secretsmanager))
+    result = load_certificates(
+        settings("development", tmp_path=tmp_path, dev_ca_dir=blocker),
+        store=SecretStore("development", client=secretsmanager),
+    )
     assert result.level is SecurityLevel.INSECURE
 
 
@@ -186,8 +202,11 @@ def test_unknown_role_and_environment_are_named():
 
 # --- configure_internal_mtls (the API service, in-process) -------------------------------
 def test_configure_internal_mtls_sets_mlflow_variables_once(staging_store, tmp_path, monkeypatch):
-    environ = {"ENVIRONMENT": "staging", names.ENV_CERT_DIR: str(tmp_path / "c"),
-               "MLFLOW_TRACKING_INSECURE_TLS": "true"}
+    environ = {
+        "ENVIRONMENT": "staging",
+        names.ENV_CERT_DIR: str(tmp_path / "c"),
+        "MLFLOW_TRACKING_INSECURE_TLS": "true",
+    }
     calls = []
     original = staging_store.fetch_identity
     monkeypatch.setattr(staging_store, "fetch_identity", lambda i: calls.append(i) or original(i))
@@ -204,8 +223,11 @@ def test_configure_internal_mtls_sets_mlflow_variables_once(staging_store, tmp_p
 
 
 def test_configure_internal_mtls_rollback_clears_stale_variables(tmp_path):
-    environ = {"ENVIRONMENT": "production", "ENABLE_MTLS_AUTH": "false",
-               "MLFLOW_TRACKING_CLIENT_CERT_PATH": "/old/tls.pem"}
+    environ = {
+        "ENVIRONMENT": "production",
+        "ENABLE_MTLS_AUTH": "false",
+        "MLFLOW_TRACKING_CLIENT_CERT_PATH": "/old/tls.pem",
+    }
     result = configure_internal_mtls(environ=environ, store=StoreThatMustNotBeUsed())
     assert result.level is SecurityLevel.INSECURE
     assert "MLFLOW_TRACKING_CLIENT_CERT_PATH" not in environ

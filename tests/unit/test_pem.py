@@ -74,7 +74,9 @@ def test_one_certificate_expected_but_two_given(api):
 
 def test_traditional_ec_key_format_is_accepted(api):
     traditional = api.private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
     )
     assert b"BEGIN EC PRIVATE KEY" in traditional
     assert pem.load_private_key(traditional, "api.key").private_numbers() == api.private_key.private_numbers()

@@ -69,8 +69,10 @@ def test_a_reissued_leaf_becomes_a_new_current_version(secretsmanager, developme
     store = SecretStore("development", client=secretsmanager)
     store.upload(development_set)
     reissued = copy.copy(development_set)
-    reissued.identities = {**development_set.identities, "api": development_set.ca.issue(
-        "development", names.API)}
+    reissued.identities = {
+        **development_set.identities,
+        "api": development_set.ca.issue("development", names.API),
+    }
     actions = {r.secret_id: r.action for r in store.upload(reissued)}
     assert actions["hokusai/development/mlflow/api-identity"] == "updated"
     assert actions["hokusai/development/mlflow/worker-identity"] == "unchanged"
@@ -161,7 +163,9 @@ def test_unreachable_store_is_named():
         endpoint_url="http://127.0.0.1:9",  # the discard port: connection refused
         config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
     )
-    with pytest.raises(SecretUnavailableError, match="hokusai/production/mlflow/ca-cert: Secrets Manager unreachable"):
+    with pytest.raises(
+        SecretUnavailableError, match="hokusai/production/mlflow/ca-cert: Secrets Manager unreachable"
+    ):
         SecretStore("production", client=client).fetch_trust_bundle()
 
 

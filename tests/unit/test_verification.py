@@ -37,7 +37,10 @@ def ca():
 @pytest.mark.parametrize("key_type", FAST_KEY_TYPES, ids=lambda k: k.value)
 def test_fresh_identities_verify_for_their_role(key_type):
     ca = new_ca(key_type=key_type)
-    assert verify_identity(server(ca, key_type=key_type), [ca.certificate], kind=SERVER, hostname=HOST) == ca.certificate
+    assert (
+        verify_identity(server(ca, key_type=key_type), [ca.certificate], kind=SERVER, hostname=HOST)
+        == ca.certificate
+    )
     api = client(ca, key_type=key_type)
     assert verify_identity(api, [ca.certificate], kind=CLIENT, spiffe_id="spiffe://hokusai/development/api")
 
