@@ -51,15 +51,17 @@ def cmd_issue(args: argparse.Namespace) -> int:
     )
     certificates.verify()
     written = certificates.write_to_dir(Path(args.out), overwrite=args.force)
-    print(f"issued the {args.env} set ({args.key_type}) into {args.out}:")
-    for path in written:
-        print(f"  {path.name:<12} {'(private key, 0600)' if path.suffix == '.key' else ''}")
+    print(f"issued the {args.env} set ({args.key_type}) into {args.out}; keys are 0600:")
+    print(f"  {'ca':<8} {_expiry(certificates.trust_bundle[0])}")
     for name, tls in certificates.identities.items():
-        facts = describe(tls.certificate)
-        print(
-            f"  {name:<8} {facts['subject']:<40} expires {facts['not_after'][:10]} ({facts['days_left']} days)"
-        )
+        print(f"  {name:<8} {_expiry(tls.certificate)}")
+    print(f"files: {', '.join(p.name for p in written)}")
     return 0
+
+
+def _expiry(certificate) -> str:
+    facts = describe(certificate)
+    return f"{facts['subject']:<52} expires {facts['not_after'][:10]} ({facts['days_left']} days)"
 
 
 # --- certs inspect -------------------------------------------------------------------

@@ -81,7 +81,12 @@ class SecretStore:
 
     def __init__(self, environment: str, *, client=None, region: str | None = None) -> None:
         self.environment = names.check_environment(environment)
-        self._client = client if client is not None else make_client(region)
+        if client is None:
+            try:
+                client = make_client(region)
+            except BotoCoreError as exc:  # e.g. no region configured
+                raise translate(self.name(""), exc) from exc
+        self._client = client
 
     def name(self, suffix: str) -> str:
         return names.secret_name(self.environment, suffix)
