@@ -1,0 +1,101 @@
+"""The mTLS certificate secrets of one environment and the KMS key that encrypts them.
+
+The secrets are created as empty shells: the template holds no value and Secrets
+Manager generates none. `hokusai-mtls certs upload` puts the real PEM values in with
+PutSecretValue. Until then GetSecretValue fails with ResourceNotFoundException, which
+is a clearer signal than a random placeholder password that does not parse as PEM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from aws_cdk import Acknowledgment, RemovalPolicy, Validations
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_secretsmanager as secretsmanager
+from constructs import Construct
+
+from runtime import names
+
+SMG4_REASON = (
+    "Rotation arrives with the certificate-lifecycle issue; until then certificates are re-issued "
+    "and uploaded with `hokusai-mtls certs upload` before expiry (see docs/MTLS_CERTIFICATE_MANAGEMENT.md)"
+)
+
+
+class CertificateSecrets(Construct):
+    """A customer-managed KMS key (rotation on) and one empty secret per certificate.
+
+    Attributes:
+        key: the KMS key that encrypts every secret below.
+        ca_bundle: `hokusai/<env>/mlflow/ca-cert`, the PEM trust bundle every service reads.
+        ca_key: `hokusai/<env>/mlflow/ca-key`, the issuing CA; only the issuer may read it.
+        identities: identity name (`server`, `api`, `worker`) -> its `<name>-identity` secret.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        environment: str,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        names.check_environment(environment)
+        self._environment = environment
+        self._removal_policy = removal_policy
+
+        self.key = kms.Key(
+            self,
+            "Key",
+            description=f"hokusai-mtls {environment}: encrypts the mTLS certificate secrets",
+            enable_key_rotation=True,
+            removal_policy=removal_policy,
+        )
+        self.ca_bundle = self._secret(
+            "CaBundle",
+            names.secret_name(environment, names.CA_BUNDLE_SECRET),
+            "PEM trust bundle (one or more CA certificates) for mTLS",
+        )
+        self.ca_key = self._secret(
+            "CaKey",
+            names.secret_name(environment, names.CA_KEY_SECRET),
+            "Issuing CA certificate and private key; readable only by the issuer",
+        )
+        self.identities: Mapping[str, secretsmanager.Secret] = MappingProxyType(
+            {
+                identity.name: self._secret(
+                    f"{identity.name.capitalize()}Identity",
+                    names.identity_secret_name(environment, identity),
+                    f"Certificate and private key of the {identity.name} identity ({identity.kind.value})",
+                )
+                for identity in names.IDENTITIES
+            }
+        )
+
+    def identity(self, identity: names.Identity) -> secretsmanager.Secret:
+        return self.identities[identity.name]
+
+    @property
+    def all_secrets(self) -> tuple[secretsmanager.Secret, ...]:
+        return (self.ca_bundle, self.ca_key, *self.identities.values())
+
+    def _secret(self, construct_id: str, secret_name: str, description: str) -> secretsmanager.Secret:
+        secret = secretsmanager.Secret(
+            self,
+            construct_id,
+            secret_name=secret_name,
+            description=f"hokusai-mtls {self._environment}: {description}",
+            encryption_key=self.key,
+            removal_policy=self._removal_policy,
+        )
+        # The L2 Secret always asks Secrets Manager to generate a value when given none;
+        # dropping GenerateSecretString makes CloudFormation create an empty secret.
+        cfn_secret = secret.node.default_child
+        if not isinstance(cfn_secret, secretsmanager.CfnSecret):
+            raise TypeError(f"{secret.node.path}: expected a CfnSecret, got {type(cfn_secret).__name__}")
+        cfn_secret.add_property_deletion_override("GenerateSecretString")
+        Validations.of(secret).acknowledge(Acknowledgment(id="AwsSolutions-SMG4", reason=SMG4_REASON))
+        return secret

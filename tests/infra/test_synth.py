@@ -1,0 +1,113 @@
+"""The synthesized app: stages, secret names (from runtime.names), encryption, retention, cdk-nag."""
+
+from __future__ import annotations
+
+import pytest
+from cdk_nag import AwsSolutionsChecks
+
+from runtime import names
+from stacks.settings import RETAINED_ENVIRONMENTS
+
+pytestmark = pytest.mark.infra
+
+ENVIRONMENTS = pytest.mark.parametrize("env", names.ENVIRONMENTS)
+
+
+def expected_secret_names(env: str) -> set[str]:
+    return {
+        names.secret_name(env, names.CA_BUNDLE_SECRET),
+        names.secret_name(env, names.CA_KEY_SECRET),
+        *(names.identity_secret_name(env, identity) for identity in names.IDENTITIES),
+    }
+
+
+def secrets(template) -> dict:
+    return template.find_resources("AWS::SecretsManager::Secret")
+
+
+def only_key(template) -> tuple[str, dict]:
+    keys = template.find_resources("AWS::KMS::Key")
+    assert len(keys) == 1, f"expected one KMS key, found {sorted(keys)}"
+    return next(iter(keys.items()))
+
+
+def test_one_stage_per_environment(cdk_app, stages):
+    from aws_cdk import Stage
+
+    stage_names = {child.node.id for child in cdk_app.node.children if isinstance(child, Stage)}
+    assert stage_names == {f"Hokusai-{env}" for env in names.ENVIRONMENTS}
+    for env, stage in stages.items():
+        assert stage.secrets.stack_name == f"Hokusai-{env}-Secrets"
+
+
+def test_app_synthesizes_every_stage_and_passes_validation(cdk_app):
+    # Synthesizing the App runs the registered cdk-nag plugin: a finding raises here.
+    assembly = cdk_app.synth()
+    nested = {artifact.display_name for artifact in assembly.nested_assemblies}
+    assert nested == {f"Hokusai-{env}" for env in names.ENVIRONMENTS}
+    for artifact in assembly.nested_assemblies:
+        stacks = artifact.nested_assembly.stacks
+        assert [stack.stack_name for stack in stacks] == [f"{artifact.display_name}-Secrets"]
+
+
+@ENVIRONMENTS
+def test_secret_names_come_from_runtime_names(secrets_templates, env):
+    found = {resource["Properties"]["Name"] for resource in secrets(secrets_templates[env]).values()}
+    assert found == expected_secret_names(env)
+
+
+@ENVIRONMENTS
+def test_construct_exposes_each_secret_under_its_identity(stages, env):
+    certificates = stages[env].secrets.certificates
+
+    def name_of(secret) -> str:
+        return secret.node.default_child.name
+
+    assert name_of(certificates.ca_bundle) == names.secret_name(env, names.CA_BUNDLE_SECRET)
+    assert name_of(certificates.ca_key) == names.secret_name(env, names.CA_KEY_SECRET)
+    assert set(certificates.identities) == {identity.name for identity in names.IDENTITIES}
+    for identity in names.IDENTITIES:
+        assert name_of(certificates.identity(identity)) == names.identity_secret_name(env, identity)
+    assert len(certificates.all_secrets) == len(expected_secret_names(env))
+
+
+@ENVIRONMENTS
+def test_secrets_are_encrypted_with_the_rotating_customer_key(secrets_templates, env):
+    template = secrets_templates[env]
+    key_id, key = only_key(template)
+    assert key["Properties"]["EnableKeyRotation"] is True
+    for logical_id, secret in secrets(template).items():
+        assert secret["Properties"]["KmsKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}, logical_id
+
+
+@ENVIRONMENTS
+def test_secrets_are_empty_shells(secrets_templates, env):
+    """No value in the template and none generated: `hokusai-mtls certs upload` puts the values."""
+    for logical_id, secret in secrets(secrets_templates[env]).items():
+        properties = secret["Properties"]
+        assert "SecretString" not in properties, logical_id
+        assert "GenerateSecretString" not in properties, logical_id
+        assert "SecretStringTemplate" not in str(properties), logical_id
+
+
+@ENVIRONMENTS
+def test_removal_policy_retains_production_only(secrets_templates, env):
+    expected = "Retain" if env in RETAINED_ENVIRONMENTS else "Delete"
+    template = secrets_templates[env]
+    resources = {**secrets(template), **dict([only_key(template)])}
+    assert len(resources) == len(expected_secret_names(env)) + 1
+    for logical_id, resource in resources.items():
+        assert resource.get("DeletionPolicy") == expected, logical_id
+        assert resource.get("UpdateReplacePolicy") == expected, logical_id
+
+
+@ENVIRONMENTS
+def test_cdk_nag_reports_no_unacknowledged_violations(cdk_app, stages, env):
+    report = AwsSolutionsChecks(cdk_app).validate_scope(stages[env].secrets)
+    findings = [
+        f"{violation.rule_name} at "
+        + ", ".join(r.construct_path or r.resource_logical_id or "?" for r in violation.violating_resources)
+        for violation in report.violations
+    ]
+    assert findings == []
+    assert report.success
