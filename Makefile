@@ -2,7 +2,7 @@
 #
 #   make synth   set up a fresh machine (.venv with Node 24, the pinned CDK CLI) and
 #                synthesize every environment's stage into cdk.out/ (offline; no AWS calls)
-#   make test    set up, then ruff check + pytest (tests/unit, tests/infra, tests/integration)
+#   make test    set up, then ruff check + ruff format --check + pytest (tests/unit, tests/infra, tests/integration)
 #   make lint    ruff check + cfn-lint over the synthesized templates
 #   make clean   remove what the targets build
 #
@@ -63,6 +63,7 @@ PYTEST_ARGS ?=
 test: setup
 	@status=0; \
 	echo "ruff check ."; ruff check . || status=1; \
+	ruff format --check --quiet . || { echo "ruff format would change files: run 'ruff format .'"; status=1; }; \
 	pytest $(PYTEST_ARGS) || status=$$?; \
 	exit $$status
 
