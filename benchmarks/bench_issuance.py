@@ -110,9 +110,16 @@ def make_cases(workdir: Path) -> dict[str, tuple[str, Callable[[Path], None]]]:
     return {
         "ours_cli": (
             "ours: hokusai-mtls certs issue (process)",
-            lambda d: run([*cli, "certs", "issue", "--env", "development", "--out", "set"], d, [f"set/{f}" for f in OUR_FILES]),
+            lambda d: run(
+                [*cli, "certs", "issue", "--env", "development", "--out", "set"],
+                d,
+                [f"set/{f}" for f in OUR_FILES],
+            ),
         ),
-        "ours_in_process": ("ours: CertificateSet.issue() in-process", lambda d: CertificateSet.issue("development")),
+        "ours_in_process": (
+            "ours: CertificateSet.issue() in-process",
+            lambda d: CertificateSet.issue("development"),
+        ),
         "seed": (
             "seed: openssl script (CA+server+client)",
             lambda d: run([bash, str(workdir / "seed.sh")], d, SEED_FILES),
@@ -139,7 +146,12 @@ def measure(repeat: int) -> dict[str, dict]:
                 if round_:
                     times[key].append(elapsed)
         return {
-            key: {"label": label, "median_s": statistics.median(times[key]), "min_s": min(times[key]), "runs_s": times[key]}
+            key: {
+                "label": label,
+                "median_s": statistics.median(times[key]),
+                "min_s": min(times[key]),
+                "runs_s": times[key],
+            }
             for key, (label, _) in cases.items()
         }
 
