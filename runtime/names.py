@@ -66,7 +66,25 @@ CLIENT_CERT_DIR = "/tmp/mlflow-certs"  # noqa: S108 - the seed's path; the loade
 
 # --- identities -------------------------------------------------------------------
 TRUST_DOMAIN = "hokusai"
+
+# --- ports and modes -------------------------------------------------------------------
 MLFLOW_PORT = 5000
+"""MLflow's mTLS listener, registered in Cloud Map as `mlflow.hokusai-<env>.local:5000`."""
+MLFLOW_PLAIN_PORT = 5080
+"""Permissive mode only: the old plain-HTTP listener, kept during the migration and counted."""
+MLFLOW_HEALTH_PORT = 5001
+"""Plain HTTP on 127.0.0.1 inside the task: the container health check under strict mTLS."""
+API_PORT = 8000
+"""The API service's plain-HTTP port behind the ALB (external traffic, API-key path)."""
+
+ENV_MTLS_MODE = "HOKUSAI_MTLS_MODE"
+MTLS_MODE_STRICT = "strict"
+"""Only the mTLS listener: a client certificate is required at the handshake."""
+MTLS_MODE_PERMISSIVE = "permissive"
+"""mTLS listener and the old plain listener side by side (zero-downtime migration)."""
+MTLS_MODE_OFF = "off"
+"""Rollback: ENABLE_MTLS_AUTH=false, plain HTTP, API-key path only."""
+MTLS_MODES: tuple[str, ...] = (MTLS_MODE_STRICT, MTLS_MODE_PERMISSIVE, MTLS_MODE_OFF)
 
 
 class Kind(enum.Enum):
@@ -145,3 +163,35 @@ def mlflow_hostname(environment: str) -> str:
 
 def cloud_map_namespace(environment: str) -> str:
     return f"hokusai-{check_environment(environment)}.local"
+
+
+# --- metrics: what the middleware publishes and the CDK dashboard and alarms read -----
+METRIC_NAMESPACE = "Hokusai/mTLS"
+DIM_ENVIRONMENT = "Environment"
+DIM_SERVICE = "Service"
+"""The service that publishes: `mlflow` (the server side of internal calls) or `api`."""
+DIM_IDENTITY = "Identity"
+DIM_AUTH_PATH = "AuthPath"
+AUTH_PATH_MTLS = "mtls"
+AUTH_PATH_API_KEY = "api_key"
+AUTH_PATHS: tuple[str, ...] = (AUTH_PATH_MTLS, AUTH_PATH_API_KEY)
+
+METRIC_CERT_DAYS_TO_EXPIRY = "CertificateDaysToExpiry"
+"""Gauge, dimensions (Environment, Identity): whole days until the identity's notAfter."""
+METRIC_AUTH_REQUESTS = "AuthenticatedRequests"
+"""Count, dimensions (Environment, Service, AuthPath): requests let through, by path."""
+METRIC_MTLS_HANDSHAKES = "MtlsHandshakes"
+"""Count, dimensions (Environment, Service): TLS handshakes that verified a client certificate."""
+METRIC_MTLS_HANDSHAKE_FAILURES = "MtlsHandshakeFailures"
+"""Count, dimensions (Environment, Service): handshakes refused (no, foreign or expired certificate)."""
+METRIC_INTERNAL_LATENCY = "InternalRequestLatency"
+"""Milliseconds, dimensions (Environment, Service): latency of requests on the internal (mTLS) path."""
+METRIC_INTERNAL_API_KEY_REQUESTS = "InternalApiKeyRequests"
+"""Count, dimensions (Environment, Service): API-key requests from internal callers, i.e. a
+service that should have used its certificate (the PRD's "fallback to API key" alarm)."""
+METRIC_PLAIN_PORT_REQUESTS = "PlainPortRequests"
+"""Count, dimensions (Environment, Service): requests on the permissive mode's old plain port."""
+
+MLFLOW_SERVICE = "mlflow"
+API_SERVICE = "api"
+WORKER_SERVICE = "worker"
