@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from runtime import __version__, names, pem
@@ -119,6 +121,25 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- health ----------------------------------------------------------------------------
+def cmd_health(args: argparse.Namespace) -> int:
+    """The container health check: plain HTTP to the task-local health listener on 127.0.0.1.
+
+    Under strict mTLS the service port refuses a caller without a client certificate, and a
+    health check has none; so services also answer `/health` on a loopback-only port.
+    """
+    url = f"http://127.0.0.1:{args.port}{args.path}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = response.read(4096).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        raise MtlsError(f"{url} answered {exc.code}: {exc.read(512).decode(errors='replace')}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise MtlsError(f"{url} unreachable: {getattr(exc, 'reason', exc)}") from exc
+    print(body)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hokusai-mtls", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -131,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--cert-dir", help=f"default: ${names.ENV_CERT_DIR}, else the role's directory")
     load.add_argument("--region", help="default: $AWS_REGION")
     load.set_defaults(func=cmd_load)
+
+    health = commands.add_parser("health", help="container health check against the loopback health port")
+    health.add_argument("--port", type=int, required=True)
+    health.add_argument("--path", default="/health")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
 
     certs = commands.add_parser("certs", help="issue, inspect, verify and upload certificate sets")
     sub = certs.add_subparsers(dest="certs_command", required=True)

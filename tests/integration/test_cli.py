@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import boto3
@@ -176,3 +179,47 @@ def test_inspect_reports_malformed_input_by_file(tmp_path):
 
 def test_usage_errors_exit_2():
     assert run("certs", "issue", "--env", "qa", "--out", "x", check=False).returncode == 2
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):
+        body = b'{"status": "ok"}' if self.path == "/health" else b"no"
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def health_server():
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    thread.join()
+
+
+def test_health_succeeds_on_200_and_prints_the_body(health_server):
+    result = run("health", "--port", str(health_server.server_port))
+    assert result.stdout.strip() == '{"status": "ok"}'
+
+
+def test_health_fails_on_an_error_status(health_server, monkeypatch):
+    monkeypatch.setattr(_Health, "status", 503)
+    result = run("health", "--port", str(health_server.server_port), check=False)
+    assert result.returncode == 1
+    assert "answered 503" in result.stderr
+
+
+def test_health_fails_when_nothing_listens():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, not listening: connection refused
+        result = run("health", "--port", str(port), "--timeout", "1", check=False)
+    assert result.returncode == 1
+    assert "unreachable" in result.stderr
