@@ -1,0 +1,260 @@
+"""The alarms of one environment's mTLS rollout, and the metrics they share with the dashboard.
+
+Every metric name, dimension and value comes from `runtime.names`: the middleware publishes
+with the same constants, so a typo here cannot silently watch a metric nobody writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from aws_cdk import Duration
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
+from aws_cdk import aws_sns as sns
+from constructs import Construct
+
+from runtime import names
+
+MTLS_SERVER_SERVICE = names.MLFLOW_SERVICE
+"""The service that terminates mTLS: it publishes handshakes, failures, latency and plain-port counts."""
+AUTH_SERVICES: tuple[str, ...] = (names.MLFLOW_SERVICE, names.API_SERVICE)
+"""The services whose auth middleware publishes AuthenticatedRequests and InternalApiKeyRequests."""
+
+RATE_PERIOD = Duration.minutes(5)
+"""Period of every count and rate alarm (and of the dashboard's count graphs)."""
+EXPIRY_PERIOD = Duration.days(1)
+"""The days-to-expiry gauge changes once a day; a daily Minimum tolerates any publisher that
+publishes at least once a day without the alarm dropping to INSUFFICIENT_DATA in between (which
+would send a fresh OK/ALARM notification every time data returns)."""
+FAILURE_RATE_EVALUATION_PERIODS = 3
+FAILURE_RATE_DATAPOINTS_TO_ALARM = 2
+"""2 of 3 five-minute periods: a deploy's single bad window does not page, a broken certificate does."""
+
+_FAILURES_ID = "failures"
+_HANDSHAKES_ID = "handshakes"
+
+
+def alarm_name_prefix(environment: str) -> str:
+    """`hokusai-mtls-<env>-`: every alarm's name starts with it; the topic and key policies
+    let CloudWatch publish only for alarms whose ARN matches `<prefix>*`."""
+    return f"hokusai-mtls-{names.check_environment(environment)}-"
+
+
+def mtls_metric(
+    metric_name: str,
+    *,
+    environment: str,
+    statistic: str,
+    period: Duration,
+    label: str | None = None,
+    **dimensions: str,
+) -> cloudwatch.Metric:
+    """A metric in `names.METRIC_NAMESPACE` with the Environment dimension plus `dimensions`.
+
+    `dimensions` are keyed by the `names.DIM_*` value, e.g. `**{names.DIM_SERVICE: names.API_SERVICE}`.
+    """
+    return cloudwatch.Metric(
+        namespace=names.METRIC_NAMESPACE,
+        metric_name=metric_name,
+        dimensions_map={names.DIM_ENVIRONMENT: environment, **dimensions},
+        statistic=statistic,
+        period=period,
+        label=label,
+    )
+
+
+def certificate_days_to_expiry(
+    environment: str, identity: names.Identity, *, label: str | None = None
+) -> cloudwatch.Metric:
+    """Daily Minimum of the identity's days-to-expiry gauge."""
+    return mtls_metric(
+        names.METRIC_CERT_DAYS_TO_EXPIRY,
+        environment=environment,
+        statistic=cloudwatch.Stats.MINIMUM,
+        period=EXPIRY_PERIOD,
+        label=label,
+        **{names.DIM_IDENTITY: identity.name},
+    )
+
+
+def service_count(
+    metric_name: str, environment: str, service: str, label: str | None = None
+) -> cloudwatch.Metric:
+    """Sum per `RATE_PERIOD` of a count metric with dimensions (Environment, Service)."""
+    return mtls_metric(
+        metric_name,
+        environment=environment,
+        statistic=cloudwatch.Stats.SUM,
+        period=RATE_PERIOD,
+        label=label,
+        **{names.DIM_SERVICE: service},
+    )
+
+
+def mtls_failure_rate(environment: str, *, min_requests: int) -> cloudwatch.MathExpression:
+    """Percentage of refused mTLS handshakes, or 0 below `min_requests` attempts per period.
+
+    rate = 100 * failures / (failures + handshakes), where handshakes counts the verified ones.
+    Counters are published only when something happens, so a missing series is filled with 0:
+    handshakes without any failure give 0 %, not "no data". The volume guard keeps an idle
+    service (one failed probe out of three attempts) from paging. The alarm and the dashboard
+    both call this function, so they always show the same number.
+    """
+    if min_requests < 1:
+        raise ValueError(f"min_requests must be at least 1, got {min_requests}")
+    failures = f"FILL({_FAILURES_ID}, 0)"
+    attempts = f"({failures} + FILL({_HANDSHAKES_ID}, 0))"
+    return cloudwatch.MathExpression(
+        expression=f"IF({attempts} >= {min_requests}, 100 * {failures} / {attempts}, 0)",
+        using_metrics={
+            _FAILURES_ID: service_count(
+                names.METRIC_MTLS_HANDSHAKE_FAILURES, environment, MTLS_SERVER_SERVICE, "failed handshakes"
+            ),
+            _HANDSHAKES_ID: service_count(
+                names.METRIC_MTLS_HANDSHAKES, environment, MTLS_SERVER_SERVICE, "verified handshakes"
+            ),
+        },
+        label=f"mTLS handshake failure rate (%), 0 below {min_requests} attempts per 5 min",
+        period=RATE_PERIOD,
+    )
+
+
+class MtlsAlarms(Construct):
+    """Certificate expiry, mTLS failure rate and internal API-key use; each notifies `topic`
+    when it goes into ALARM and when it returns to OK.
+
+    Attributes:
+        certificate_expiry: identity name (`server`, `api`, `worker`) -> its days-to-expiry alarm.
+        mtls_failure_rate: the failure-rate alarm on the MLflow server.
+        failure_rate_expression: the metric math it watches (the dashboard graphs the same object).
+        internal_api_key: service name (`mlflow`, `api`) -> its internal API-key request alarm.
+        all_alarms: every alarm above, in that order.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        environment: str,
+        topic: sns.ITopic,
+        certificate_expiry_alarm_days: int,
+        mtls_failure_rate_percent: float,
+        mtls_failure_min_requests: int,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        _check_settings(certificate_expiry_alarm_days, mtls_failure_rate_percent, mtls_failure_min_requests)
+        self._environment = names.check_environment(environment)
+        self._prefix = alarm_name_prefix(environment)
+        self._action = cloudwatch_actions.SnsAction(topic)
+        self.certificate_expiry_alarm_days = certificate_expiry_alarm_days
+        self.mtls_failure_rate_percent = mtls_failure_rate_percent
+        self.mtls_failure_min_requests = mtls_failure_min_requests
+
+        self.certificate_expiry: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
+            {identity.name: self._certificate_expiry(identity) for identity in names.IDENTITIES}
+        )
+
+        self.failure_rate_expression = mtls_failure_rate(environment, min_requests=mtls_failure_min_requests)
+        self.mtls_failure_rate = self._alarm(
+            "MtlsFailureRate",
+            "mtls-failure-rate",
+            metric=self.failure_rate_expression,
+            threshold=mtls_failure_rate_percent,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=FAILURE_RATE_EVALUATION_PERIODS,
+            datapoints_to_alarm=FAILURE_RATE_DATAPOINTS_TO_ALARM,
+            # No data means no handshake attempt at all: nothing is failing. A service that is
+            # down is the ECS service's own health alarm, not this one.
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            description=(
+                f"More than {mtls_failure_rate_percent}% of mTLS handshakes to {MTLS_SERVER_SERVICE} "
+                f"were refused in 2 of 3 five-minute periods (only counted from "
+                f"{mtls_failure_min_requests} attempts per period): a client has no, a foreign or an "
+                "expired certificate, or the server's trust bundle is wrong."
+            ),
+        )
+
+        self.internal_api_key: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
+            {service: self._internal_api_key(service) for service in AUTH_SERVICES}
+        )
+
+    @property
+    def all_alarms(self) -> tuple[cloudwatch.Alarm, ...]:
+        return (*self.certificate_expiry.values(), self.mtls_failure_rate, *self.internal_api_key.values())
+
+    def _certificate_expiry(self, identity: names.Identity) -> cloudwatch.Alarm:
+        days = self.certificate_expiry_alarm_days
+        return self._alarm(
+            f"{identity.name.capitalize()}CertificateExpiry",
+            f"certificate-expiry-{identity.name}",
+            metric=certificate_days_to_expiry(self._environment, identity),
+            threshold=days,
+            comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+            evaluation_periods=1,
+            # MISSING, deliberately, for now: nothing publishes the gauge yet (the expiry publisher
+            # comes with a later issue), so BREACHING would page every environment, every day,
+            # about certificates that are fine, and teach people to ignore this alarm. Without data
+            # the alarm sits in INSUFFICIENT_DATA, visible on the dashboard, silent on the topic.
+            # When the publisher lands, an unreadable secret gets its own alarm; then revisit this.
+            treat_missing_data=cloudwatch.TreatMissingData.MISSING,
+            description=(
+                f"The {identity.name} certificate of {self._environment} expires in fewer than {days} "
+                "days: issue and upload a new one with `hokusai-mtls certs upload`."
+            ),
+        )
+
+    def _internal_api_key(self, service: str) -> cloudwatch.Alarm:
+        return self._alarm(
+            f"{service.capitalize()}InternalApiKey",
+            f"internal-api-key-{service}",
+            metric=service_count(names.METRIC_INTERNAL_API_KEY_REQUESTS, self._environment, service),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            # The counter is published only when such a request happens: no data means zero.
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            description=(
+                f"An internal caller authenticated to {service} with an API key instead of its client "
+                "certificate (fallback to the API-key path): check its certificate and mTLS settings."
+            ),
+        )
+
+    def _alarm(
+        self,
+        construct_id: str,
+        name: str,
+        *,
+        metric: cloudwatch.IMetric,
+        description: str,
+        **props,
+    ) -> cloudwatch.Alarm:
+        alarm = cloudwatch.Alarm(
+            self,
+            construct_id,
+            alarm_name=f"{self._prefix}{name}",
+            alarm_description=description,
+            metric=metric,
+            **props,
+        )
+        alarm.add_alarm_action(self._action)
+        alarm.add_ok_action(self._action)
+        return alarm
+
+
+def _check_settings(expiry_days: int, failure_rate_percent: float, min_requests: int) -> None:
+    problems = []
+    if not isinstance(expiry_days, int) or isinstance(expiry_days, bool) or expiry_days < 1:
+        problems.append(f"certificate_expiry_alarm_days must be a whole number >= 1, got {expiry_days!r}")
+    if (
+        not isinstance(failure_rate_percent, int | float)
+        or isinstance(failure_rate_percent, bool)
+        or not 0 < failure_rate_percent < 100
+    ):
+        problems.append(f"mtls_failure_rate_percent must be > 0 and < 100, got {failure_rate_percent!r}")
+    if not isinstance(min_requests, int) or isinstance(min_requests, bool) or min_requests < 1:
+        problems.append(f"mtls_failure_min_requests must be a whole number >= 1, got {min_requests!r}")
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -1,0 +1,211 @@
+"""One CloudWatch dashboard per environment, `hokusai-mtls-<env>`: the mTLS rollout at a glance.
+
+It graphs the metrics `MtlsAlarms` watches, built by the same functions, so a graph and its
+alarm cannot disagree; metric names and dimensions come from `runtime.names`.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration
+from aws_cdk import aws_cloudwatch as cloudwatch
+from constructs import Construct
+
+from constructs_lib.mtls_alarms import (
+    AUTH_SERVICES,
+    MTLS_SERVER_SERVICE,
+    RATE_PERIOD,
+    MtlsAlarms,
+    certificate_days_to_expiry,
+    mtls_metric,
+    service_count,
+)
+from runtime import names
+
+_ALARM_RED = "#d62728"
+_FULL, _HALF, _THIRD = 24, 12, 8
+_HEIGHT = 6
+DEFAULT_INTERVAL = Duration.days(3)
+"""Long enough to show a few points of the daily days-to-expiry gauge next to the 5-minute counts."""
+
+
+def dashboard_name(environment: str) -> str:
+    return f"hokusai-mtls-{names.check_environment(environment)}"
+
+
+class MtlsDashboard(Construct):
+    """Certificate expiry, auth paths, handshakes and failure rate, latency, API-key fallbacks,
+    plain-port traffic and the state of every alarm in `alarms`.
+
+    Attributes:
+        dashboard: the `hokusai-mtls-<env>` dashboard.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, environment: str, alarms: MtlsAlarms) -> None:
+        super().__init__(scope, construct_id)
+        self._environment = names.check_environment(environment)
+        self._alarms = alarms
+        self.dashboard = cloudwatch.Dashboard(
+            self,
+            "Dashboard",
+            dashboard_name=dashboard_name(environment),
+            default_interval=DEFAULT_INTERVAL,
+            # INHERIT: every graph keeps its own period. AUTO would widen the failure-rate graph's
+            # period on long time ranges, and its volume guard would then count a different window
+            # than the alarm does.
+            period_override=cloudwatch.PeriodOverride.INHERIT,
+        )
+        self.dashboard.add_widgets(self._header())
+        self.dashboard.add_widgets(*self._certificate_widgets())
+        self.dashboard.add_widgets(*self._auth_path_widgets())
+        self.dashboard.add_widgets(*self._handshake_widgets())
+        self.dashboard.add_widgets(
+            self._latency_widget(), self._internal_api_key_widget(), self._plain_port_widget()
+        )
+        self.dashboard.add_widgets(
+            cloudwatch.AlarmStatusWidget(
+                title="Alarms", alarms=list(alarms.all_alarms), width=_FULL, height=_HEIGHT
+            )
+        )
+
+    def _header(self) -> cloudwatch.TextWidget:
+        alarms = self._alarms
+        return cloudwatch.TextWidget(
+            markdown=(
+                f"# hokusai-mtls — {self._environment}\n"
+                f"Internal calls to `{MTLS_SERVER_SERVICE}` over mutual TLS. Alarms: a certificate with "
+                f"fewer than {alarms.certificate_expiry_alarm_days} days left; more than "
+                f"{alarms.mtls_failure_rate_percent}% refused handshakes (from "
+                f"{alarms.mtls_failure_min_requests} attempts per 5 minutes); any internal API-key request."
+            ),
+            width=_FULL,
+            height=2,
+        )
+
+    def _certificate_widgets(self) -> list[cloudwatch.IWidget]:
+        metrics = [
+            certificate_days_to_expiry(self._environment, identity, label=identity.name)
+            for identity in names.IDENTITIES
+        ]
+        days = self._alarms.certificate_expiry_alarm_days
+        return [
+            cloudwatch.SingleValueWidget(
+                title="Certificate days to expiry", metrics=metrics, width=_THIRD, height=_HEIGHT
+            ),
+            cloudwatch.GraphWidget(
+                title="Certificate days to expiry, per identity",
+                left=metrics,
+                left_annotations=[
+                    cloudwatch.HorizontalAnnotation(
+                        value=days,
+                        label=f"alarm below {days} days",
+                        color=_ALARM_RED,
+                        fill=cloudwatch.Shading.BELOW,
+                    )
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, label="days", show_units=False),
+                width=_THIRD * 2,
+                height=_HEIGHT,
+            ),
+        ]
+
+    def _auth_path_widgets(self) -> list[cloudwatch.IWidget]:
+        return [
+            cloudwatch.GraphWidget(
+                title=f"{service}: authenticated requests by path (mTLS vs API key)",
+                left=[
+                    mtls_metric(
+                        names.METRIC_AUTH_REQUESTS,
+                        environment=self._environment,
+                        statistic=cloudwatch.Stats.SUM,
+                        period=RATE_PERIOD,
+                        label=path,
+                        **{names.DIM_SERVICE: service, names.DIM_AUTH_PATH: path},
+                    )
+                    for path in names.AUTH_PATHS
+                ],
+                stacked=True,
+                left_y_axis=cloudwatch.YAxisProps(min=0, label="requests / 5 min", show_units=False),
+                width=_HALF,
+                height=_HEIGHT,
+            )
+            for service in AUTH_SERVICES
+        ]
+
+    def _handshake_widgets(self) -> list[cloudwatch.IWidget]:
+        rate = self._alarms.failure_rate_expression
+        threshold = self._alarms.mtls_failure_rate_percent
+        return [
+            cloudwatch.GraphWidget(
+                title=f"{MTLS_SERVER_SERVICE}: mTLS handshakes",
+                left=[
+                    service_count(
+                        names.METRIC_MTLS_HANDSHAKES, self._environment, MTLS_SERVER_SERVICE, "verified"
+                    ),
+                    service_count(
+                        names.METRIC_MTLS_HANDSHAKE_FAILURES,
+                        self._environment,
+                        MTLS_SERVER_SERVICE,
+                        "refused",
+                    ),
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, label="handshakes / 5 min", show_units=False),
+                width=_HALF,
+                height=_HEIGHT,
+            ),
+            cloudwatch.GraphWidget(
+                title=f"{MTLS_SERVER_SERVICE}: mTLS handshake failure rate (the alarm's metric)",
+                left=[rate],
+                left_annotations=[
+                    cloudwatch.HorizontalAnnotation(
+                        value=threshold, label=f"alarm above {threshold}%", color=_ALARM_RED
+                    )
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, label="%", show_units=False),
+                width=_HALF,
+                height=_HEIGHT,
+            ),
+        ]
+
+    def _latency_widget(self) -> cloudwatch.IWidget:
+        return cloudwatch.GraphWidget(
+            title=f"{MTLS_SERVER_SERVICE}: internal request latency",
+            left=[
+                mtls_metric(
+                    names.METRIC_INTERNAL_LATENCY,
+                    environment=self._environment,
+                    statistic=statistic,
+                    period=RATE_PERIOD,
+                    label=statistic,
+                    **{names.DIM_SERVICE: MTLS_SERVER_SERVICE},
+                )
+                for statistic in ("p50", "p99")
+            ],
+            left_y_axis=cloudwatch.YAxisProps(min=0, label="ms", show_units=False),
+            width=_THIRD,
+            height=_HEIGHT,
+        )
+
+    def _internal_api_key_widget(self) -> cloudwatch.IWidget:
+        return cloudwatch.GraphWidget(
+            title="API-key requests from internal callers (should be 0)",
+            left=[
+                service_count(names.METRIC_INTERNAL_API_KEY_REQUESTS, self._environment, service, service)
+                for service in AUTH_SERVICES
+            ],
+            left_y_axis=cloudwatch.YAxisProps(min=0, label="requests / 5 min", show_units=False),
+            width=_THIRD,
+            height=_HEIGHT,
+        )
+
+    def _plain_port_widget(self) -> cloudwatch.IWidget:
+        return cloudwatch.GraphWidget(
+            title=f"{MTLS_SERVER_SERVICE}: requests on the old plain port (permissive mode)",
+            left=[
+                service_count(
+                    names.METRIC_PLAIN_PORT_REQUESTS, self._environment, MTLS_SERVER_SERVICE, "plain port"
+                )
+            ],
+            left_y_axis=cloudwatch.YAxisProps(min=0, label="requests / 5 min", show_units=False),
+            width=_THIRD,
+            height=_HEIGHT,
+        )
