@@ -92,8 +92,15 @@ def cli_command() -> list[str]:
 
 
 def run(argv: list[str], cwd: Path, expect: list[str]) -> None:
-    """Run one process to completion; a failure or a missing output file is an error."""
-    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)  # noqa: S603 - our own argv
+    """Run one process to completion; a failure or a missing output file is an error.
+
+    PYTHONPATH holds the checkout, so `python -m runtime.cli` works from any directory.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)  # noqa: S603 - our own argv
     missing = [name for name in expect if not (cwd / name).is_file()]
     if done.returncode != 0 or missing:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from runtime import names, pem
 from runtime.errors import CertificateSetError, KeyMismatchError, OutputExistsError
@@ -67,10 +68,17 @@ class CertificateSet:
         ca_lifetime_days: int = DEFAULT_CA_LIFETIME_DAYS,
         server_sans: tuple[str, ...] = (),
         ca: CertificateAuthority | None = None,
+        trust_bundle: Sequence[x509.Certificate] | None = None,
         identities: Iterable[names.Identity] = names.IDENTITIES,
         now: dt.datetime | None = None,
     ) -> CertificateSet:
-        """A CA (new unless given) and a fresh leaf for each identity."""
+        """A CA (new unless given) and a fresh leaf for each identity.
+
+        With an existing `ca`, `trust_bundle` keeps the bundle it came with (during a rollover
+        it holds two CAs); by default the bundle is the CA alone.
+        """
+        if ca is not None:
+            check_ca_environment(ca.certificate, environment)
         ca = ca or CertificateAuthority.create(
             environment, key_type=key_type, lifetime_days=ca_lifetime_days, now=now
         )
@@ -80,7 +88,7 @@ class CertificateSet:
             if identity.kind is names.Kind.SERVER:
                 options["extra_sans"] = server_sans
             issued[identity.name] = ca.issue(environment, identity, **options)
-        return cls(environment, [ca.certificate], issued, ca)
+        return cls(environment, list(trust_bundle or [ca.certificate]), issued, ca)
 
     def verify(self, now: dt.datetime | None = None) -> None:
         """Raise the first problem: missing identity, bad bundle, foreign CA key, any leaf failing."""
@@ -89,6 +97,8 @@ class CertificateSet:
         missing = [i.name for i in names.IDENTITIES if i.name not in self.identities]
         if missing:
             raise CertificateSetError(f"the {self.environment} set lacks identities: {', '.join(missing)}")
+        for certificate in self.trust_bundle:
+            check_ca_environment(certificate, self.environment)
         if self.ca is not None and self.ca.certificate not in self.trust_bundle:
             raise CertificateSetError(
                 f"the issuing CA {self.ca.certificate.subject.rfc4514_string()} is not in the trust bundle"
@@ -133,6 +143,27 @@ class CertificateSet:
         if (directory / CA_KEY_FILE).exists():
             ca = _ca_for_key(bundle, directory / CA_KEY_FILE)
         return cls(environment, bundle, identities, ca)
+
+
+def check_ca_environment(certificate: x509.Certificate, environment: str) -> None:
+    """Refuse a CA that our own issuance made for another environment (its OU names it).
+
+    A CA imported from elsewhere carries no such mark and is accepted.
+    """
+    units = {a.value for a in certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)}
+    others = sorted(units & set(names.ENVIRONMENTS) - {environment})
+    if others:
+        raise CertificateSetError(
+            f"the CA {certificate.subject.rfc4514_string()} belongs to {others[0]}, not {environment}; "
+            "each environment has its own CA"
+        )
+
+
+def load_ca_dir(directory: Path) -> tuple[CertificateAuthority, list[x509.Certificate]]:
+    """The issuing CA (the bundle certificate `ca.key` belongs to) and the whole bundle."""
+    directory = Path(directory)
+    bundle = pem.load_certificates(_read(directory / BUNDLE_FILE), str(directory / BUNDLE_FILE))
+    return _ca_for_key(bundle, directory / CA_KEY_FILE), bundle
 
 
 def _read(path: Path) -> bytes:

@@ -10,19 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from runtime import __version__, names, pem
-from runtime.certset import CertificateSet
+from runtime.certset import CertificateSet, load_ca_dir
 from runtime.errors import MtlsError
 from runtime.identity import TLSIdentity
 from runtime.inspection import describe, format_text
-from runtime.issuance import DEFAULT_CA_LIFETIME_DAYS, CertificateAuthority, KeyType
+from runtime.issuance import DEFAULT_CA_LIFETIME_DAYS, KeyType
 from runtime.loader import LoaderSettings, load_certificates
-from runtime.secret_store import SecretStore
+from runtime.mlflow_config import apply_exports
 from runtime.verification import verify_identity
 
 log = logging.getLogger("hokusai_mtls")
@@ -37,12 +38,7 @@ def _read(path: str) -> bytes:
 
 # --- certs issue ---------------------------------------------------------------------
 def cmd_issue(args: argparse.Namespace) -> int:
-    ca = None
-    if args.ca_dir:
-        ca_dir = Path(args.ca_dir)
-        ca = CertificateAuthority.from_pem(
-            _read(str(ca_dir / "ca.crt")), _read(str(ca_dir / "ca.key")), str(ca_dir)
-        )
+    ca, bundle = load_ca_dir(Path(args.ca_dir)) if args.ca_dir else (None, None)
     certificates = CertificateSet.issue(
         args.env,
         key_type=KeyType(args.key_type),
@@ -50,6 +46,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
         ca_lifetime_days=args.ca_days,
         server_sans=tuple(args.server_san),
         ca=ca,
+        trust_bundle=bundle,
     )
     certificates.verify()
     written = certificates.write_to_dir(Path(args.out), overwrite=args.force)
@@ -83,13 +80,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.dir:
         if not args.env:
-            raise MtlsError("--dir needs --env (the environment the set was issued for)")
+            raise UsageError("--dir needs --env (the environment the set was issued for)")
         CertificateSet.read_from_dir(Path(args.dir), args.env).verify()
         print(f"OK: the {args.env} set in {args.dir} verifies (bundle, every identity, keys, usage, names)")
         return 0
     if not (args.cert and args.key and args.ca):
-        raise MtlsError("give --dir DIR --env ENV, or CERT with --key KEY --ca BUNDLE")
-    tls = TLSIdentity.from_pem(_read(args.cert), _read(args.key), args.cert)
+        raise UsageError("give --dir DIR --env ENV, or CERT with --key KEY --ca BUNDLE")
+    tls = TLSIdentity.from_pem(_read(args.cert), _read(args.key), f"{args.cert} with key {args.key}")
     bundle = pem.load_certificates(_read(args.ca), args.ca)
     issuer = verify_identity(
         tls, bundle, kind=names.Kind(args.kind), hostname=args.hostname, spiffe_id=args.spiffe_id
@@ -100,6 +97,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # --- certs upload --------------------------------------------------------------------
 def cmd_upload(args: argparse.Namespace) -> int:
+    from runtime.secret_store import SecretStore  # boto3 only for the commands that talk to AWS
+
     certificates = CertificateSet.read_from_dir(Path(args.dir), args.env)
     if args.no_ca_key:
         certificates.ca = None
@@ -110,15 +109,33 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 # --- load-certs ----------------------------------------------------------------------
-def cmd_load(args: argparse.Namespace) -> int:
-    settings = LoaderSettings.from_environ(
+def _loader_settings(args: argparse.Namespace) -> LoaderSettings:
+    return LoaderSettings.from_environ(
         role=args.role,
         environment=args.env,
         cert_dir=Path(args.cert_dir) if args.cert_dir else None,
         region=args.region,
     )
-    print(load_certificates(settings).shell())
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    print(load_certificates(_loader_settings(args)).shell())
     return 0
+
+
+# --- run ---------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    """Load the certificates, export the variables, then become COMMAND (the container entrypoint).
+
+    Safer than `eval "$(hokusai-mtls load-certs ...)"`, whose failure `set -e` cannot see:
+    here a failed load exits 1 and COMMAND never starts.
+    """
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("run needs a command after --, e.g. hokusai-mtls run --role api -- uvicorn app:app")
+    apply_exports(load_certificates(_loader_settings(args)), os.environ)
+    os.execvp(command[0], command)  # noqa: S606 - the container's own command, by design
+    return 0  # not reached
 
 
 # --- health ----------------------------------------------------------------------------
@@ -140,6 +157,22 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A wrong combination of arguments argparse cannot express: exit 2 like argparse does."""
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--role",
+        default=os.environ.get(names.ENV_ROLE),
+        choices=sorted(names.ROLES),
+        help=f"default: ${names.ENV_ROLE}",
+    )
+    parser.add_argument("--env", choices=names.ENVIRONMENTS, help=f"default: ${names.ENV_ENVIRONMENT}")
+    parser.add_argument("--cert-dir", help=f"default: ${names.ENV_CERT_DIR}, else the role's directory")
+    parser.add_argument("--region", help="default: $AWS_REGION")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hokusai-mtls", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -147,11 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     load = commands.add_parser("load-certs", help="fetch, verify and write one role's certificates")
-    load.add_argument("--role", required=True, choices=sorted(names.ROLES))
-    load.add_argument("--env", choices=names.ENVIRONMENTS, help=f"default: ${names.ENV_ENVIRONMENT}")
-    load.add_argument("--cert-dir", help=f"default: ${names.ENV_CERT_DIR}, else the role's directory")
-    load.add_argument("--region", help="default: $AWS_REGION")
+    _add_load_options(load)
     load.set_defaults(func=cmd_load)
+
+    run = commands.add_parser("run", help="load-certs, then exec COMMAND with the variables set (entrypoint)")
+    _add_load_options(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    run.set_defaults(func=cmd_run)
 
     health = commands.add_parser("health", help="container health check against the loopback health port")
     health.add_argument("--port", type=int, required=True)
@@ -208,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s hokusai-mtls %(levelname)s %(message)s",
@@ -216,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"hokusai-mtls: error: {exc}", file=sys.stderr)
+        return 2
     except MtlsError as exc:
         print(f"hokusai-mtls: error [{exc.code}]: {exc}", file=sys.stderr)
     except (ValueError, OSError) as exc:

@@ -67,6 +67,12 @@ class IdentityMismatchError(CertificateError):
     code = "identity-mismatch"
 
 
+class WeakKeyError(CertificateError):
+    """A key our TLS stacks refuse (OpenSSL's default security level): RSA below 2048 bits, odd curves."""
+
+    code = "weak-key"
+
+
 class NotACertificateAuthorityError(CertificateError):
     code = "not-a-ca"
 

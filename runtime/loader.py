@@ -21,7 +21,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from runtime import names, pem
 from runtime.certset import verify_for
@@ -30,8 +30,10 @@ from runtime.errors import LoadError, MtlsError
 from runtime.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, publish_files
 from runtime.identity import TLSIdentity
 from runtime.inspection import days_left
-from runtime.secret_store import SecretStore
 from runtime.security_level import SecurityLevel, parse_flag
+
+if TYPE_CHECKING:  # boto3 is imported only when a store is really needed (fast CLI start)
+    from runtime.secret_store import SecretStore
 
 log = logging.getLogger("hokusai_mtls")
 T = TypeVar("T")
@@ -52,6 +54,10 @@ class LoaderSettings:
     """Defaults to the role's directory (`/etc/mlflow/certs` or `/tmp/mlflow-certs`)."""
     dev_ca_dir: Path = field(default_factory=default_dev_ca_dir)
     region: str | None = None
+    ca_bundle_secret: str | None = None
+    """Overrides `hokusai/<env>/mlflow/ca-cert` (HOKUSAI_MTLS_CA_BUNDLE_SECRET, set by the stack)."""
+    identity_secret: str | None = None
+    """Overrides `hokusai/<env>/mlflow/<identity>-identity` (HOKUSAI_MTLS_IDENTITY_SECRET)."""
 
     def __post_init__(self) -> None:
         names.check_environment(self.environment)
@@ -63,7 +69,7 @@ class LoaderSettings:
 
     @property
     def directory(self) -> Path:
-        return Path(self.cert_dir or self.identity.default_cert_dir)
+        return Path(self.cert_dir or self.identity.default_cert_dir).absolute()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> LoaderSettings:
@@ -77,6 +83,8 @@ class LoaderSettings:
             "cert_dir": environ.get(names.ENV_CERT_DIR) or None,
             "dev_ca_dir": environ.get(names.ENV_DEV_CA_DIR) or default_dev_ca_dir(),
             "region": environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"),
+            "ca_bundle_secret": environ.get(names.ENV_CA_BUNDLE_SECRET) or None,
+            "identity_secret": environ.get(names.ENV_IDENTITY_SECRET) or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         for required, variable in (("environment", names.ENV_ENVIRONMENT), ("role", names.ENV_ROLE)):
@@ -141,6 +149,12 @@ class LoadResult:
         return text
 
 
+def _default_store(settings: LoaderSettings) -> SecretStore:
+    from runtime.secret_store import SecretStore
+
+    return SecretStore(settings.environment, region=settings.region)
+
+
 def _attempt(action: Callable[[], T], problems: list[str]) -> T | None:
     try:
         return action()
@@ -178,11 +192,11 @@ def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
         return LoadResult(settings, SecurityLevel.INSECURE, SOURCE_NONE, {})
 
     problems: list[str] = []
-    store = store or _attempt(lambda: SecretStore(environment, region=settings.region), problems)
+    store = store or _attempt(lambda: _default_store(settings), problems)
     bundle = tls = None
     if store is not None:
-        bundle = _attempt(store.fetch_trust_bundle, problems)
-        tls = _attempt(lambda: store.fetch_identity(identity), problems)
+        bundle = _attempt(lambda: store.fetch_trust_bundle(settings.ca_bundle_secret), problems)
+        tls = _attempt(lambda: store.fetch_identity(identity, settings.identity_secret), problems)
     if bundle and tls and _attempt(lambda: verify_for(identity, tls, bundle, environment), problems):
         written = publish_files(settings.directory, _files_for(identity, bundle, tls))
         return LoadResult(settings, SecurityLevel.MTLS, SOURCE_SECRETS, written, tls)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
 
 from runtime import names
 from runtime.loader import LoaderSettings, LoadResult, load_certificates
-from runtime.secret_store import SecretStore
+
+if TYPE_CHECKING:
+    from runtime.secret_store import SecretStore
 
 _lock = threading.Lock()
 _result: LoadResult | None = None

@@ -13,6 +13,7 @@ Secret values (see README "Secrets"):
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import boto3
@@ -55,6 +56,8 @@ def make_client(region: str | None = None):
     config = Config(
         retries={"mode": "standard", "total_max_attempts": RETRY_ATTEMPTS}, connect_timeout=5, read_timeout=15
     )
+    # ECS sets AWS_REGION; botocore itself reads only AWS_DEFAULT_REGION and the config file.
+    region = region or os.environ.get("AWS_REGION") or None
     return boto3.session.Session().client("secretsmanager", region_name=region, config=config)
 
 
@@ -101,8 +104,9 @@ class SecretStore:
             raise SecretContentError(secret_id, "holds binary data; expected text (PEM or JSON)")
         return response["SecretString"]
 
-    def fetch_trust_bundle(self) -> list[x509.Certificate]:
-        secret_id = self.name(names.CA_BUNDLE_SECRET)
+    def fetch_trust_bundle(self, secret_id: str | None = None) -> list[x509.Certificate]:
+        """The CA bundle from `ca-cert` (or `secret_id`), checked to hold CA certificates only."""
+        secret_id = secret_id or self.name(names.CA_BUNDLE_SECRET)
         try:
             bundle = pem.load_certificates(self._get(secret_id), "SecretString")
             check_trust_bundle(bundle, "SecretString")
@@ -110,21 +114,21 @@ class SecretStore:
             raise SecretContentError(secret_id, str(exc)) from exc
         return bundle
 
-    def _fetch_pair(self, suffix: str) -> TLSIdentity:
-        secret_id = self.name(suffix)
+    def _fetch_pair(self, secret_id: str) -> TLSIdentity:
         try:
             parsed = TLSIdentity.from_secret_string(self._get(secret_id), "SecretString")
         except CertificateError as exc:
             raise SecretContentError(secret_id, str(exc)) from exc
         return dataclasses.replace(parsed, source=secret_id)  # later errors name the secret
 
-    def fetch_identity(self, identity: names.Identity) -> TLSIdentity:
-        return self._fetch_pair(identity.secret_suffix)
+    def fetch_identity(self, identity: names.Identity, secret_id: str | None = None) -> TLSIdentity:
+        """One service's certificate and key from `<identity>-identity` (or `secret_id`)."""
+        return self._fetch_pair(secret_id or self.name(identity.secret_suffix))
 
     def fetch_ca(self) -> CertificateAuthority:
         secret_id = self.name(names.CA_KEY_SECRET)
         try:
-            return CertificateAuthority(self._fetch_pair(names.CA_KEY_SECRET))
+            return CertificateAuthority(self._fetch_pair(secret_id))
         except CertificateError as exc:
             raise SecretContentError(secret_id, str(exc)) from exc
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification as rfc5280
 
 from runtime.errors import (
@@ -25,6 +26,7 @@ from runtime.errors import (
     IdentityMismatchError,
     NotACertificateAuthorityError,
     UntrustedCertificateError,
+    WeakKeyError,
     WrongUsageError,
 )
 from runtime.identity import TLSIdentity
@@ -32,6 +34,8 @@ from runtime.inspection import dns_names, extended_key_usages, extension, ip_add
 from runtime.names import Kind
 
 _REQUIRED_USAGE = {Kind.SERVER: "serverAuth", Kind.CLIENT: "clientAuth"}
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES = frozenset({"secp256r1", "secp384r1"})
 
 
 def _subject(certificate: x509.Certificate) -> str:
@@ -48,6 +52,21 @@ def check_trust_bundle(bundle: Sequence[x509.Certificate], source: str) -> None:
             raise NotACertificateAuthorityError(
                 f"{source}: {_subject(certificate)} in the trust bundle is not a CA certificate"
             )
+
+
+def check_key_strength(certificate: x509.Certificate, source: str) -> None:
+    """Refuse keys that OpenSSL (and so uvicorn and requests) would refuse at the handshake."""
+    key = certificate.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise WeakKeyError(
+            f"{source}: {_subject(certificate)} has an RSA-{key.key_size} key; at least {MIN_RSA_BITS}"
+        )
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ALLOWED_CURVES:
+        raise WeakKeyError(
+            f"{source}: {_subject(certificate)} uses curve {key.curve.name}; use P-256 or P-384"
+        )
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise WeakKeyError(f"{source}: {_subject(certificate)} has an unsupported {type(key).__name__}")
 
 
 def check_validity(certificate: x509.Certificate, source: str, now: dt.datetime) -> None:
@@ -124,6 +143,8 @@ def verify_identity(
     issuer = find_issuer(certificate, bundle, source)
     check_validity(issuer, f"{source} issuing CA", now)
     check_validity(certificate, source, now)
+    check_key_strength(issuer, f"{source} issuing CA")
+    check_key_strength(certificate, source)
     if is_ca(certificate):
         raise WrongUsageError(
             f"{source}: {_subject(certificate)} is a CA certificate, not a {kind.value} leaf"

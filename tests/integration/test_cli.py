@@ -90,6 +90,87 @@ def test_load_certs_reads_the_environment_like_a_container(moto_server, tmp_path
     assert "unset MLFLOW_TRACKING_CLIENT_CERT_PATH" in result.stdout
 
 
+def test_run_loads_then_becomes_the_command(moto_server, tmp_path):
+    certs = tmp_path / "c"
+    probe = "import os; print(os.environ['MLFLOW_TRACKING_CLIENT_CERT_PATH'], os.environ['HOKUSAI_MTLS_SECURITY_LEVEL'])"
+    result = run(
+        "run",
+        "--role",
+        "worker",
+        "--env",
+        "development",
+        "--cert-dir",
+        str(certs),
+        "--",
+        sys.executable,
+        "-c",
+        probe,
+    )
+    assert result.stdout.split() == [str(certs / "tls.pem"), "MTLS"]
+
+
+def test_run_never_starts_the_command_when_the_load_fails(moto_server, tmp_path):
+    marker = tmp_path / "started"
+    result = run(
+        "run",
+        "--role",
+        "api",
+        "--env",
+        "production",
+        "--cert-dir",
+        str(tmp_path / "c"),
+        "--",
+        "touch",
+        str(marker),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "error [load-failed]" in result.stderr
+    assert not marker.exists()
+
+
+def test_run_without_a_command_is_a_usage_error():
+    result = run("run", "--role", "api", "--env", "development", check=False)
+    assert result.returncode == 2
+    assert "needs a command" in result.stderr
+
+
+def test_issue_from_a_ca_dir_holding_a_rollover_bundle(tmp_path):
+    run("certs", "issue", "--env", "staging", "--out", str(tmp_path / "old"))
+    run("certs", "issue", "--env", "staging", "--out", str(tmp_path / "new"))
+    bundle = (tmp_path / "old" / "ca.crt").read_bytes() + (tmp_path / "new" / "ca.crt").read_bytes()
+    (tmp_path / "new" / "ca.crt").write_bytes(bundle)
+    run(
+        "certs",
+        "issue",
+        "--env",
+        "staging",
+        "--out",
+        str(tmp_path / "leaves"),
+        "--ca-dir",
+        str(tmp_path / "new"),
+    )
+    assert (tmp_path / "leaves" / "ca.crt").read_bytes() == bundle
+    run("certs", "verify", "--dir", str(tmp_path / "leaves"), "--env", "staging")
+
+
+def test_issue_refuses_a_ca_of_another_environment(tmp_path):
+    run("certs", "issue", "--env", "staging", "--out", str(tmp_path / "staging"))
+    result = run(
+        "certs",
+        "issue",
+        "--env",
+        "development",
+        "--out",
+        str(tmp_path / "dev"),
+        "--ca-dir",
+        str(tmp_path / "staging"),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "belongs to staging, not development" in result.stderr
+
+
 def test_upload_refuses_a_set_with_a_leaf_from_another_ca(moto_server, tmp_path):
     run("certs", "issue", "--env", "staging", "--out", str(tmp_path / "a"))
     run("certs", "issue", "--env", "staging", "--out", str(tmp_path / "b"))

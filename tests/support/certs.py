@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from runtime.identity import TLSIdentity
@@ -79,3 +80,29 @@ def server(ca: CertificateAuthority, environment: str = "development", **kw) -> 
 
 
 FAST_KEY_TYPES = [KeyType.ECDSA_P256, KeyType.RSA_2048]
+
+
+def rebuild(leaf: TLSIdentity, ca: CertificateAuthority, *, private_key=None, drop: tuple[type, ...] = ()):
+    """`leaf` re-signed by `ca`, optionally with another key or without some extensions.
+
+    For certificates our issuance would never make (an RSA-1024 key, no AKI) that a user
+    could still bring.
+    """
+    key = private_key or leaf.private_key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.certificate.subject)
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(leaf.certificate.not_valid_before_utc)
+        .not_valid_after(leaf.certificate.not_valid_after_utc)
+    )
+    for extension in leaf.certificate.extensions:
+        if isinstance(extension.value, drop):
+            continue
+        value = extension.value
+        if isinstance(value, x509.SubjectKeyIdentifier):
+            value = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        builder = builder.add_extension(value, extension.critical)
+    return TLSIdentity(builder.sign(ca.identity.private_key, hashes.SHA256()), key, "rebuilt")

@@ -88,6 +88,32 @@ def test_server_role_gets_its_own_identity_and_the_bundle(staging_store, staging
     assert not (directory / "tls.pem").exists()
 
 
+def test_secret_names_set_by_the_stack_override_the_defaults(secretsmanager, staging_set, tmp_path):
+    secretsmanager.create_secret(
+        Name="custom/bundle", SecretString=pem.bundle_pem(staging_set.trust_bundle).decode()
+    )
+    secretsmanager.create_secret(
+        Name="custom/api", SecretString=staging_set.identities["api"].to_secret_string()
+    )
+    environ = {
+        "ENVIRONMENT": "staging",
+        names.ENV_CA_BUNDLE_SECRET: "custom/bundle",
+        names.ENV_IDENTITY_SECRET: "custom/api",
+        names.ENV_CERT_DIR: str(tmp_path / "c"),
+    }
+    result = load_certificates(
+        LoaderSettings.from_environ(environ, role="api"), store=SecretStore("staging", client=secretsmanager)
+    )
+    assert result.level is SecurityLevel.MTLS
+    assert result.identity.certificate == staging_set.identities["api"].certificate
+
+
+def test_a_relative_cert_dir_exports_absolute_paths(staging_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = load_certificates(LoaderSettings("staging", "api", cert_dir="rel"), store=staging_store)
+    assert result.exports()["MLFLOW_TRACKING_SERVER_CERT_PATH"] == str(tmp_path / "rel" / "ca.crt")
+
+
 def test_role_directories_default_to_the_seed_paths():
     assert LoaderSettings("staging", "mlflow-server").directory.as_posix() == "/etc/mlflow/certs"
     assert LoaderSettings("staging", "worker").directory.as_posix() == "/tmp/mlflow-certs"
@@ -209,7 +235,7 @@ def test_configure_internal_mtls_sets_mlflow_variables_once(staging_store, tmp_p
     }
     calls = []
     original = staging_store.fetch_identity
-    monkeypatch.setattr(staging_store, "fetch_identity", lambda i: calls.append(i) or original(i))
+    monkeypatch.setattr(staging_store, "fetch_identity", lambda *a: calls.append(a) or original(*a))
 
     first = configure_internal_mtls(environ=environ, store=staging_store)
     second = configure_internal_mtls(environ=environ, store=staging_store)

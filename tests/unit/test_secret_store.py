@@ -156,6 +156,12 @@ def test_the_default_client_uses_botocore_standard_retries():
     assert config.retries == {"mode": "standard", "total_max_attempts": 5}
 
 
+def test_the_default_client_takes_the_region_ecs_sets(monkeypatch):
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert make_client().meta.region_name == "eu-west-3"
+
+
 def test_unreachable_store_is_named():
     client = boto3.client(
         "secretsmanager",

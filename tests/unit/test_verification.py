@@ -6,24 +6,26 @@ import datetime as dt
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from runtime import names
-from runtime.certset import verify_for
+from runtime.certset import CertificateSet, verify_for
 from runtime.errors import (
     CertificateExpiredError,
     CertificateNotYetValidError,
+    CertificateSetError,
     ChainVerificationError,
     HostnameMismatchError,
     IdentityMismatchError,
     KeyMismatchError,
     NotACertificateAuthorityError,
     UntrustedCertificateError,
+    WeakKeyError,
     WrongUsageError,
 )
 from runtime.identity import TLSIdentity
 from runtime.verification import hostname_matches, verify_identity
-from tests.support.certs import FAST_KEY_TYPES, client, days_ago, new_ca, server
+from tests.support.certs import FAST_KEY_TYPES, client, days_ago, new_ca, rebuild, server
 
 SERVER, CLIENT = names.Kind.SERVER, names.Kind.CLIENT
 HOST = "mlflow.hokusai-development.local"
@@ -130,22 +132,29 @@ def test_a_leaf_in_the_trust_bundle_is_refused(ca):
 
 def test_rfc5280_path_validation_catches_what_the_named_checks_do_not(ca):
     """A leaf without an authority key identifier passes our checks but not RFC 5280 validation."""
-    api = client(ca)
-    stripped = (
-        x509.CertificateBuilder()
-        .subject_name(api.certificate.subject)
-        .issuer_name(ca.certificate.subject)
-        .public_key(api.private_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(api.certificate.not_valid_before_utc)
-        .not_valid_after(api.certificate.not_valid_after_utc)
-    )
-    for extension in api.certificate.extensions:
-        if not isinstance(extension.value, x509.AuthorityKeyIdentifier):
-            stripped = stripped.add_extension(extension.value, extension.critical)
-    no_aki = TLSIdentity(stripped.sign(ca.identity.private_key, hashes.SHA256()), api.private_key, "no-aki")
+    no_aki = rebuild(client(ca), ca, drop=(x509.AuthorityKeyIdentifier,))
     with pytest.raises(ChainVerificationError):
         verify_identity(no_aki, [ca.certificate], kind=CLIENT)
+
+
+def test_a_key_openssl_would_refuse_is_named(ca):
+    small = rebuild(
+        client(ca),
+        ca,
+        private_key=rsa.generate_private_key(public_exponent=65537, key_size=1024),  # noqa: S505 - the point
+    )
+    with pytest.raises(WeakKeyError, match="RSA-1024 key; at least 2048"):
+        verify_identity(small, [ca.certificate], kind=CLIENT)
+
+
+def test_a_ca_issued_for_another_environment_is_refused():
+    staging_ca = new_ca("staging")
+    with pytest.raises(CertificateSetError, match="belongs to staging, not development"):
+        CertificateSet.issue("development", ca=staging_ca)
+    mixed = CertificateSet.issue("staging", ca=staging_ca)
+    mixed.environment = "development"
+    with pytest.raises(CertificateSetError, match="belongs to staging"):
+        mixed.verify()
 
 
 @pytest.mark.parametrize(
