@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from aws_cdk import Acknowledgment, RemovalPolicy, Validations
+from aws_cdk import Acknowledgment, RemovalPolicy, Stack, Validations
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
@@ -22,6 +23,9 @@ SMG4_REASON = (
     "Rotation arrives with the certificate-lifecycle issue; until then certificates are re-issued "
     "and uploaded with `hokusai-mtls certs upload` before expiry (see docs/MTLS_CERTIFICATE_MANAGEMENT.md)"
 )
+
+
+SECRET_READ_ACTIONS = ("secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret")
 
 
 class CertificateSecrets(Construct):
@@ -77,6 +81,32 @@ class CertificateSecrets(Construct):
 
     def identity(self, identity: names.Identity) -> secretsmanager.Secret:
         return self.identities[identity.name]
+
+    def grant_identity(self, identity: names.Identity, grantee: iam.IGrantable) -> iam.Grant:
+        """Let `grantee` load `identity`: read its `<name>-identity` secret and the CA bundle.
+
+        Exactly what `Secret.grant_read` gives a principal for a secret with a customer-managed
+        key: `secretsmanager:GetSecretValue` and `DescribeSecret` on those two secrets, and
+        `kms:Decrypt` on the key only through Secrets Manager (`kms:ViaService`). Unlike
+        `grant_read`, nothing goes into the key policy: the grantee lives in another stack
+        (its ARN there would make the stacks depend on each other), and the key policy
+        already lets IAM policies of this account use the key. The CA key secret is never
+        part of a grant.
+        """
+        read = iam.Grant.add_to_principal(
+            grantee=grantee,
+            actions=list(SECRET_READ_ACTIONS),
+            resource_arns=[self.identity(identity).secret_arn, self.ca_bundle.secret_arn],
+        )
+        decrypt = iam.Grant.add_to_principal(
+            grantee=grantee,
+            actions=["kms:Decrypt"],
+            resource_arns=[self.key.key_arn],
+            conditions={
+                "StringEquals": {"kms:ViaService": f"secretsmanager.{Stack.of(self).region}.amazonaws.com"}
+            },
+        )
+        return read.combine(decrypt)
 
     @property
     def all_secrets(self) -> tuple[secretsmanager.Secret, ...]:

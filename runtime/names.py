@@ -37,6 +37,12 @@ ENV_MLFLOW_SERVER_CERT = "MLFLOW_TRACKING_SERVER_CERT_PATH"
 ENV_MLFLOW_INSECURE_TLS = "MLFLOW_TRACKING_INSECURE_TLS"
 """Disables verification in MLflow's client: the loader always unsets it."""
 
+# MLflow server options read from the environment (`mlflow server`'s click `envvar=`s).
+ENV_MLFLOW_BACKEND_STORE_URI = "MLFLOW_BACKEND_STORE_URI"
+"""The tracking database URI; it holds a password, so ECS injects it from Secrets Manager."""
+ENV_MLFLOW_ARTIFACTS_DESTINATION = "MLFLOW_ARTIFACTS_DESTINATION"
+"""Where the server's proxied artifacts go (`s3://bucket/prefix`)."""
+
 # The server side (our launcher passes these to uvicorn's --ssl-* options).
 ENV_SERVER_CERT_FILE = "HOKUSAI_MTLS_SERVER_CERT_FILE"
 ENV_SERVER_KEY_FILE = "HOKUSAI_MTLS_SERVER_KEY_FILE"

@@ -2,17 +2,39 @@
 
 Pure Python (no aws-cdk-lib import) so it is cheap to test. Every problem is reported
 as a `SettingsError` that names the environment and the setting, e.g.
-`hokusai:environments.production.removalPolicy: ...`.
+`hokusai:environments.production.removalPolicy: ...`. The network and service settings
+are parsed in `settings_network` and `settings_services`; this module composes them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from runtime import names
+from stacks.settings_checks import SettingsError, Where
+from stacks.settings_network import (
+    CreateVpc,
+    ImportCluster,
+    ImportNamespace,
+    ImportVpc,
+    parse_cluster,
+    parse_namespace,
+    parse_vpc,
+)
+from stacks.settings_services import (
+    ImageSource,
+    MlflowStores,
+    default_desired_counts,
+    default_images,
+    parse_desired_counts,
+    parse_images,
+    parse_mlflow,
+)
+
+__all__ = ["CONTEXT_KEY", "EnvironmentSettings", "SettingsError", "load_settings"]
 
 CONTEXT_KEY = "hokusai:environments"
 
@@ -26,95 +48,155 @@ LOG_RETENTION_DAYS = (
 """The values CloudWatch Logs accepts for a log group's retention."""
 
 MAX_LEAF_LIFETIME_DAYS = 397
+MAX_MIN_REQUESTS = 1_000_000
 
 _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
 
-# cdk.json key -> dataclass field
-_KEYS = {
-    "leafLifetimeDays": "leaf_lifetime_days",
-    "logRetentionDays": "log_retention_days",
-    "removalPolicy": "removal_policy",
-    "account": "account",
-    "region": "region",
+_Parser = Callable[[object, Where, str], Any]
+
+
+def _as_is(raw: object, where: Where, environment: str) -> object:
+    return raw  # scalars: checked in EnvironmentSettings.__post_init__
+
+
+def _non_empty_cidrs(raw: object, where: Where, environment: str) -> tuple[str, ...]:
+    cidrs = where.cidrs(raw)
+    if not cidrs:
+        where.fail("needs at least one CIDR block (leave the setting out to use the VPC's CIDR)")
+    return cidrs
+
+
+# cdk.json key -> (dataclass field, parser of the raw value)
+_KEYS: dict[str, tuple[str, _Parser]] = {
+    "leafLifetimeDays": ("leaf_lifetime_days", _as_is),
+    "logRetentionDays": ("log_retention_days", _as_is),
+    "removalPolicy": ("removal_policy", _as_is),
+    "account": ("account", _as_is),
+    "region": ("region", _as_is),
+    "mtlsMode": ("mtls_mode", _as_is),
+    "alarmEmails": ("alarm_emails", lambda raw, where, _: where.strings(raw, _EMAIL, "an e-mail address")),
+    "certificateExpiryAlarmDays": ("certificate_expiry_alarm_days", _as_is),
+    "mtlsFailureRatePercent": ("mtls_failure_rate_percent", _as_is),
+    "mtlsFailureMinRequests": ("mtls_failure_min_requests", _as_is),
+    "images": ("images", lambda raw, where, _: parse_images(raw, where)),
+    "desiredCounts": ("desired_counts", lambda raw, where, _: parse_desired_counts(raw, where)),
+    "vpc": ("vpc", lambda raw, where, _: parse_vpc(raw, where)),
+    "cluster": ("cluster", lambda raw, where, _: parse_cluster(raw, where)),
+    "namespace": ("namespace", lambda raw, where, _: parse_namespace(raw, where)),
+    "internalCidrs": ("internal_cidrs", _non_empty_cidrs),
+    "trustedProxyCidrs": ("trusted_proxy_cidrs", lambda raw, where, _: where.cidrs(raw)),
+    "mlflow": ("mlflow", lambda raw, where, env: parse_mlflow(raw, where, environment=env)),
 }
-_REQUIRED = ("leafLifetimeDays", "logRetentionDays", "removalPolicy")
-
-
-class SettingsError(ValueError):
-    """A setting in cdk.json is missing, unknown or out of range."""
+_REQUIRED = ("leafLifetimeDays", "logRetentionDays", "removalPolicy", "vpc", "mlflow")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EnvironmentSettings:
-    """What differs between development, staging and production."""
+    """What differs between development, staging and production (cdk.json key in brackets)."""
 
     environment: str
     leaf_lifetime_days: int
-    """How long the leaf (service) certificates issued for this environment stay valid."""
+    """[leafLifetimeDays] How long the leaf (service) certificates issued here stay valid."""
     log_retention_days: int
+    """[logRetentionDays] Retention of every log group the stacks create."""
     removal_policy: str
-    """`retain` or `destroy`: what happens to keys and secrets when the stack goes away."""
+    """[removalPolicy] `retain` or `destroy`: what happens to keys, secrets and logs on stack deletion."""
+    vpc: CreateVpc | ImportVpc
+    """[vpc] `{"create": {cidr, maxAzs, natGateways}}` or `{"import": {vpcId, vpcCidrBlock, ...}}`."""
+    mlflow: MlflowStores
+    """[mlflow] `{backendStoreSecretName, artifactsDestination}`."""
     account: str | None = None
     region: str | None = None
     """Both None: the stage is environment-agnostic (the deploying credentials decide)."""
+    mtls_mode: str = names.MTLS_MODE_STRICT
+    """[mtlsMode] One of `runtime.names.MTLS_MODES`; `off` sets ENABLE_MTLS_AUTH=false (the rollback)."""
+    alarm_emails: tuple[str, ...] = ()
+    """[alarmEmails] Who the alarms e-mail; may be empty."""
+    certificate_expiry_alarm_days: int = 30
+    """[certificateExpiryAlarmDays] Alarm when a certificate has fewer days left; below leafLifetimeDays."""
+    mtls_failure_rate_percent: float = 1.0
+    """[mtlsFailureRatePercent] Alarm when more than this share of handshakes fail..."""
+    mtls_failure_min_requests: int = 100
+    """[mtlsFailureMinRequests] ...over at least this many handshakes in 5 minutes."""
+    images: Mapping[str, ImageSource] = field(default_factory=default_images)
+    """[images] service -> `{"dockerfile": "docker/Dockerfile.<service>"}` or `{"uri": ...}`."""
+    desired_counts: Mapping[str, int] = field(default_factory=default_desired_counts)
+    """[desiredCounts] service -> number of tasks (default 1 each)."""
+    cluster: ImportCluster | None = None
+    """[cluster] None (`"create"`) or the imported cluster."""
+    namespace: ImportNamespace | None = None
+    """[namespace] None (`"create"`) or the imported Cloud Map namespace (its VPC must be imported too)."""
+    internal_cidrs: tuple[str, ...] | None = None
+    """[internalCidrs] Networks whose callers count as internal; None -> the VPC's CIDR."""
+    trusted_proxy_cidrs: tuple[str, ...] = ()
+    """[trustedProxyCidrs] The proxies (the platform's ALB) whose forwarding headers are honoured;
+    they may also reach the API's port."""
 
     def __post_init__(self) -> None:
         try:
             names.check_environment(self.environment)
         except ValueError as error:
             raise SettingsError(f"{CONTEXT_KEY}: {error}") from None
-        self._check_int("leafLifetimeDays", self.leaf_lifetime_days, 1, MAX_LEAF_LIFETIME_DAYS)
-        self._check_int("logRetentionDays", self.log_retention_days, 1, max(LOG_RETENTION_DAYS))
+        self._at("leafLifetimeDays").whole_number(self.leaf_lifetime_days, 1, MAX_LEAF_LIFETIME_DAYS)
+        self._at("logRetentionDays").whole_number(self.log_retention_days, 1, max(LOG_RETENTION_DAYS))
         if self.log_retention_days not in LOG_RETENTION_DAYS:
-            self._fail(
-                "logRetentionDays",
+            self._at("logRetentionDays").fail(
                 f"{self.log_retention_days} is not a CloudWatch Logs retention period; "
-                f"use one of {', '.join(map(str, LOG_RETENTION_DAYS))}",
+                f"use one of {', '.join(map(str, LOG_RETENTION_DAYS))}"
             )
-        if self.removal_policy not in REMOVAL_POLICIES:
-            self._fail(
-                "removalPolicy", f"{self.removal_policy!r} is not one of {', '.join(REMOVAL_POLICIES)}"
-            )
+        self._at("removalPolicy").choice(self.removal_policy, REMOVAL_POLICIES)
         if self.environment in RETAINED_ENVIRONMENTS and self.removal_policy != "retain":
-            self._fail("removalPolicy", f"must be 'retain' for {self.environment}")
+            self._at("removalPolicy").fail(f"must be 'retain' for {self.environment}")
         if self.account is not None and not (isinstance(self.account, str) and _ACCOUNT.match(self.account)):
-            self._fail("account", f"{self.account!r} is not a 12-digit AWS account id (as a string)")
+            self._at("account").fail(f"{self.account!r} is not a 12-digit AWS account id (as a string)")
         if self.region is not None and not (isinstance(self.region, str) and _REGION.match(self.region)):
-            self._fail("region", f"{self.region!r} is not an AWS region name such as 'eu-west-1'")
+            self._at("region").fail(f"{self.region!r} is not an AWS region name such as 'eu-west-1'")
+        self._at("mtlsMode").choice(self.mtls_mode, names.MTLS_MODES)
+        self._at("certificateExpiryAlarmDays").whole_number(
+            self.certificate_expiry_alarm_days, 1, self.leaf_lifetime_days - 1
+        )
+        self._at("mtlsFailureRatePercent").number(self.mtls_failure_rate_percent, above=0, at_most=100)
+        self._at("mtlsFailureMinRequests").whole_number(self.mtls_failure_min_requests, 1, MAX_MIN_REQUESTS)
+        if self.namespace is not None and not isinstance(self.vpc, ImportVpc):
+            self._at("namespace").fail(
+                "an imported private DNS namespace belongs to an existing VPC: import the VPC too"
+            )
+        if self.internal_cidrs is None:
+            object.__setattr__(self, "internal_cidrs", (self.vpc.cidr,))
 
     @property
     def retain(self) -> bool:
         return self.removal_policy == "retain"
 
     @property
+    def mtls_enabled(self) -> bool:
+        """ENABLE_MTLS_AUTH: false only in mode `off` (the rollback switch)."""
+        return self.mtls_mode != names.MTLS_MODE_OFF
+
+    @property
+    def creates_network(self) -> bool:
+        """Whether anything of the network (VPC, cluster, namespace) is created rather than imported."""
+        return isinstance(self.vpc, CreateVpc) or self.cluster is None or self.namespace is None
+
+    @property
     def stage_name(self) -> str:
         return f"Hokusai-{self.environment}"
 
-    def _fail(self, key: str, problem: str) -> None:
-        raise SettingsError(f"{CONTEXT_KEY}.{self.environment}.{key}: {problem}")
-
-    def _check_int(self, key: str, value: Any, low: int, high: int) -> None:
-        # bool is an int in Python; `true` in cdk.json is not a number of days.
-        if not isinstance(value, int) or isinstance(value, bool):
-            self._fail(key, f"{value!r} is not a whole number")
-        if not low <= value <= high:
-            self._fail(key, f"{value} is outside {low}..{high}")
+    def _at(self, key: str) -> Where:
+        return Where(f"{CONTEXT_KEY}.{self.environment}.{key}")
 
     @classmethod
     def from_context(cls, environment: str, raw: object) -> EnvironmentSettings:
         """Build from one entry of cdk.json's `hokusai:environments` (camelCase keys)."""
-        if not isinstance(raw, Mapping):
-            raise SettingsError(f"{CONTEXT_KEY}.{environment}: expected an object, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(_KEYS))
-        if unknown:
-            raise SettingsError(
-                f"{CONTEXT_KEY}.{environment}.{unknown[0]}: unknown setting; expected {', '.join(_KEYS)}"
-            )
-        missing = [key for key in _REQUIRED if key not in raw]
-        if missing:
-            raise SettingsError(f"{CONTEXT_KEY}.{environment}.{missing[0]}: missing")
-        return cls(environment=environment, **{_KEYS[key]: value for key, value in raw.items()})
+        where = Where(f"{CONTEXT_KEY}.{environment}")
+        raw = where.mapping(raw, allowed=_KEYS, required=_REQUIRED)
+        values = {}
+        for key, value in raw.items():
+            field_name, parse = _KEYS[key]
+            values[field_name] = parse(value, where / key, environment)
+        return cls(environment=environment, **values)
 
 
 def load_settings(raw: object) -> dict[str, EnvironmentSettings]:

@@ -5,11 +5,16 @@ from __future__ import annotations
 from aws_cdk import Environment, Stage
 from constructs import Construct
 
+from stacks.network_stack import NetworkStack
 from stacks.secrets_stack import SecretsStack
+from stacks.services_stack import ServicesStack
 from stacks.settings import EnvironmentSettings
 
 
 class HokusaiStage(Stage):
+    """`Secrets` (key, certificate secrets), `Network` (VPC, cluster, namespace; absent when all of
+    them are imported) and `Services` (Fargate services, roles, security groups, logs)."""
+
     def __init__(self, scope: Construct, *, settings: EnvironmentSettings) -> None:
         env = None
         if settings.account is not None or settings.region is not None:
@@ -17,3 +22,13 @@ class HokusaiStage(Stage):
         super().__init__(scope, settings.stage_name, env=env)
         self.settings = settings
         self.secrets = SecretsStack(self, "Secrets", settings=settings)
+        # A stack without resources cannot deploy: with vpc, cluster and namespace all
+        # imported there is no Network stack and the Services stack imports them itself.
+        self.network = NetworkStack(self, "Network", settings=settings) if settings.creates_network else None
+        self.services = ServicesStack(
+            self,
+            "Services",
+            settings=settings,
+            certificates=self.secrets.certificates,
+            network=self.network.network if self.network else None,
+        )

@@ -2,7 +2,11 @@
 
 Each Python process that builds constructs pays ~4 s of jsii start-up, so everything in
 tests/infra shares the app built here. Bundling is off (`aws:cdk:bundling-stacks: []`):
-no Lambda assets are built and nothing needs Docker or the network.
+no Lambda assets are built and nothing needs Docker or the network (image assets are only
+staged at synth; Docker builds them at deploy time).
+
+`variant_app` is the one extra app: staging with the settings cdk.json does not exercise
+(permissive mode, imported VPC, cluster and namespace, registry images, a trusted proxy).
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ def cdk_json_context() -> dict:
 
 
 @pytest.fixture(scope="session")
+def cdk_context() -> dict:
+    """cdk.json's context (feature flags included) with bundling off: for every App a test builds."""
+    return {**cdk_json_context(), "aws:cdk:bundling-stacks": []}
+
+
+@pytest.fixture(scope="session")
 def cdk_app(tmp_path_factory: pytest.TempPathFactory):
     """The whole app (every stage, cdk-nag registered), built once, not yet synthesized."""
     import aws_cdk as cdk
@@ -46,6 +56,12 @@ def cdk_app(tmp_path_factory: pytest.TempPathFactory):
     context = {**cdk_json_context(), "aws:cdk:bundling-stacks": []}
     app = cdk.App(context=context, outdir=str(tmp_path_factory.mktemp("cdk.out")))
     return build_app(app)
+
+
+@pytest.fixture(scope="session")
+def cloud_assembly(cdk_app):
+    """The session app synthesized (cdk-nag runs here: a finding raises); templates on disk."""
+    return cdk_app.synth()
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +78,56 @@ def secrets_templates(stages) -> dict:
     from aws_cdk.assertions import Template
 
     return {env: Template.from_stack(stage.secrets) for env, stage in stages.items()}
+
+
+@pytest.fixture(scope="session")
+def network_templates(stages) -> dict:
+    """environment -> `Template` of its Network stack."""
+    from aws_cdk.assertions import Template
+
+    return {env: Template.from_stack(stage.network) for env, stage in stages.items()}
+
+
+@pytest.fixture(scope="session")
+def services_templates(stages) -> dict:
+    """environment -> `Template` of its Services stack."""
+    from aws_cdk.assertions import Template
+
+    return {env: Template.from_stack(stage.services) for env, stage in stages.items()}
+
+
+@pytest.fixture(scope="session")
+def variant_app(tmp_path_factory):
+    """A second app in the same process: only the variant staging stage, cdk-nag registered."""
+    import aws_cdk as cdk
+    from cdk_nag import AwsSolutionsChecks
+
+    from stacks.settings import load_settings
+    from stacks.stage import HokusaiStage
+    from tests.support.variant import VARIANT_ENVIRONMENT, variant_settings_context
+
+    app = cdk.App(
+        context={**cdk_json_context(), "aws:cdk:bundling-stacks": []},
+        outdir=str(tmp_path_factory.mktemp("variant.out")),
+    )
+    # vpc, cluster and namespace all imported: the stage has no Network stack.
+    HokusaiStage(
+        app, settings=load_settings(variant_settings_context(cdk_json_context()))[VARIANT_ENVIRONMENT]
+    )
+    cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
+    return app
+
+
+@pytest.fixture(scope="session")
+def variant_stage(variant_app):
+    from tests.support.variant import VARIANT_ENVIRONMENT
+
+    return variant_app.node.find_child(f"Hokusai-{VARIANT_ENVIRONMENT}")
+
+
+@pytest.fixture(scope="session")
+def variant_assembly(variant_app):
+    return variant_app.synth()
 
 
 @pytest.fixture(scope="session")

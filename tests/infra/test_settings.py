@@ -8,11 +8,53 @@ import pytest
 
 from runtime import names
 from stacks.settings import CONTEXT_KEY, EnvironmentSettings, SettingsError, load_settings
+from stacks.settings_network import CreateVpc, ImportCluster, ImportNamespace, ImportVpc
+from stacks.settings_services import ImageSource
+
+
+def _required(env: str, second_octet: int) -> dict:
+    return {
+        "vpc": {"create": {"cidr": f"10.{second_octet}.0.0/16"}},
+        "mlflow": {
+            "backendStoreSecretName": f"hokusai/{env}/mlflow-backend-store-uri",
+            "artifactsDestination": f"s3://hokusai-{env}-mlflow/artifacts",
+        },
+    }
+
 
 VALID = {
-    "development": {"leafLifetimeDays": 365, "logRetentionDays": 14, "removalPolicy": "destroy"},
-    "staging": {"leafLifetimeDays": 90, "logRetentionDays": 90, "removalPolicy": "destroy"},
-    "production": {"leafLifetimeDays": 90, "logRetentionDays": 365, "removalPolicy": "retain"},
+    "development": {
+        "leafLifetimeDays": 365,
+        "logRetentionDays": 14,
+        "removalPolicy": "destroy",
+        **_required("development", 10),
+    },
+    "staging": {
+        "leafLifetimeDays": 90,
+        "logRetentionDays": 90,
+        "removalPolicy": "destroy",
+        **_required("staging", 20),
+    },
+    "production": {
+        "leafLifetimeDays": 90,
+        "logRetentionDays": 365,
+        "removalPolicy": "retain",
+        **_required("production", 30),
+    },
+}
+IMPORTED_VPC = {
+    "import": {
+        "vpcId": "vpc-0123456789abcdef0",
+        "vpcCidrBlock": "10.99.0.0/16",
+        "availabilityZones": ["eu-west-1a", "eu-west-1b"],
+        "privateSubnetIds": ["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"],
+    }
+}
+NAMESPACE = {
+    "import": {
+        "namespaceId": "ns-0123456789abcdef",
+        "namespaceArn": "arn:aws:servicediscovery:eu-west-1:123456789012:namespace/ns-0123456789abcdef",
+    }
 }
 
 
@@ -50,14 +92,124 @@ def test_account_and_region_are_optional_and_checked():
         ("staging", "account", 123456789012, "12-digit"),
         ("staging", "region", "Europe", "region"),
         ("development", "leafLifetimeDay", 30, "unknown setting"),
+        ("staging", "mtlsMode", "lenient", "not one of strict, permissive, off"),
+        ("staging", "alarmEmails", "ops@example.com", "expected a list"),
+        ("staging", "alarmEmails[1]", ["ops@example.com", "ops"], "not an e-mail address"),
+        ("staging", "alarmEmails", ["ops@example.com", "ops@example.com"], "twice"),
+        ("staging", "certificateExpiryAlarmDays", 0, "outside 1..89"),
+        ("staging", "certificateExpiryAlarmDays", 90, "outside 1..89"),
+        ("staging", "mtlsFailureRatePercent", 0, "more than 0"),
+        ("staging", "mtlsFailureRatePercent", 101, "at most 100"),
+        ("staging", "mtlsFailureRatePercent", "1%", "not a number"),
+        ("staging", "mtlsFailureMinRequests", 0, "outside"),
+        ("staging", "images.api", {"file": "x"}, '{"dockerfile": ...} or {"uri": ...}'),
+        ("staging", "images.api.dockerfile", "Dockerfile.api", "a Dockerfile in docker/"),
+        ("staging", "images.api.dockerfile", "docker/Dockerfile.missing", "does not exist"),
+        ("staging", "images.api.uri", "hokusai/api", "with a tag or digest"),
+        ("staging", "desiredCounts.worker", -1, "outside 0..50"),
+        ("staging", "vpc", {"create": {}, "import": {}}, '{"create": ...} or {"import": ...}'),
+        ("staging", "vpc.create.cidr", {"create": {"cidr": "10.20.0.1/16"}}, "host bits set"),
+        ("staging", "vpc.create.cidr", {"create": {"cidr": "10.20.0.0/28"}}, "/16 to /24"),
+        (
+            "staging",
+            "vpc.create.natGateways",
+            {"create": {"cidr": "10.20.0.0/16", "natGateways": 0}},
+            "at least 1",
+        ),
+        (
+            "staging",
+            "vpc.create.natGateways",
+            {"create": {"cidr": "10.20.0.0/16", "maxAzs": 2, "natGateways": 3}},
+            "outside 0..2",
+        ),
+        ("staging", "vpc.import.vpcId", {"import": {**IMPORTED_VPC["import"], "vpcId": "vpc-1"}}, "VPC id"),
+        (
+            "staging",
+            "vpc.import.privateSubnetIds",
+            {"import": {**IMPORTED_VPC["import"], "privateSubnetIds": ["subnet-0123456789abcdef0"]}},
+            "spread evenly",
+        ),
+        (
+            "staging",
+            "vpc.import.availabilityZones",
+            {"import": {k: v for k, v in IMPORTED_VPC["import"].items() if k != "availabilityZones"}},
+            "missing",
+        ),
+        ("staging", "cluster", "new", '"create" or {"import"'),
+        (
+            "staging",
+            "cluster.import.clusterName",
+            {"import": {"clusterName": "has space"}},
+            "ECS cluster name",
+        ),
+        (
+            "staging",
+            "namespace.import.namespaceArn",
+            {
+                "import": {
+                    **NAMESPACE["import"],
+                    "namespaceArn": NAMESPACE["import"]["namespaceArn"].replace("abcdef", "abcdee"),
+                }
+            },
+            "not the ARN of namespace",
+        ),
+        ("staging", "internalCidrs", [], "at least one"),
+        ("staging", "internalCidrs[0]", ["0.0.0.0/0"], "every address"),
+        ("staging", "trustedProxyCidrs[1]", ["10.20.0.0/24", "10.20.0.300/24"], "not an IPv4 CIDR"),
+        (
+            "staging",
+            "mlflow.backendStoreSecretName",
+            {
+                "backendStoreSecretName": "hokusai/staging/mlflow/server-identity",
+                "artifactsDestination": "s3://b-1/x",
+            },
+            "where the mTLS certificates live",
+        ),
+        (
+            "staging",
+            "mlflow.artifactsDestination",
+            {"backendStoreSecretName": "db", "artifactsDestination": "s3://b-1/runs/*"},
+            "not an S3 URI",
+        ),
+        (
+            "staging",
+            "mlflow.artifactsDestination",
+            {"backendStoreSecretName": "db", "artifactsDestination": "s3://b-1/runs/"},
+            "empty segments",
+        ),
+        (
+            "staging",
+            "mlflow.artifactsDestination",
+            {"backendStoreSecretName": "db", "artifactsDestination": "https://b-1/runs"},
+            "not an S3 URI",
+        ),
     ],
 )
 def test_bad_setting_names_environment_and_setting(env, key, value, problem):
+    """`key` is the path the message names; the setting changed is its first segment."""
+    top = key.split(".")[0].split("[")[0]
     with pytest.raises(SettingsError) as caught:
-        load_settings(with_setting(env, key, value))
+        load_settings(with_setting(env, top, _nest(key, value)))
     message = str(caught.value)
-    assert f"{CONTEXT_KEY}.{env}.{key}" in message
+    assert f"{CONTEXT_KEY}.{env}.{key}:" in message
     assert problem in message
+
+
+def _nest(key: str, value: object) -> object:
+    """The value of the top-level setting for a test that names a deeper path.
+
+    `images.api.uri` with "x" -> {"mlflow": <valid>, "api": {"uri": "x"}, "worker": <valid>};
+    paths under vpc/cluster/namespace/mlflow and list indexes carry the whole value already.
+    """
+    parts = key.split(".")
+    if parts[0] in ("images", "desiredCounts") and len(parts) > 1:
+        valid = {
+            "images": {s: {"dockerfile": f"docker/Dockerfile.{s}"} for s in ("mlflow", "api", "worker")},
+            "desiredCounts": {"mlflow": 1, "api": 1, "worker": 1},
+        }[parts[0]]
+        inner = value if len(parts) == 2 else {parts[2]: value}
+        return {**valid, parts[1]: inner}
+    return value
 
 
 def test_missing_setting_is_named():
@@ -81,3 +233,89 @@ def test_missing_and_unknown_environments_are_named():
 def test_settings_are_keyword_only():
     with pytest.raises(TypeError):
         EnvironmentSettings("staging", 90, 90, "destroy")  # type: ignore[misc]
+
+
+def test_defaults_of_the_optional_settings():
+    staging = load_settings(VALID)["staging"]
+    assert staging.mtls_mode == names.MTLS_MODE_STRICT and staging.mtls_enabled
+    assert staging.alarm_emails == ()
+    assert (staging.certificate_expiry_alarm_days, staging.mtls_failure_rate_percent) == (30, 1.0)
+    assert staging.mtls_failure_min_requests == 100
+    assert staging.images == {
+        s: ImageSource(dockerfile=f"docker/Dockerfile.{s}") for s in ("mlflow", "api", "worker")
+    }
+    assert dict(staging.desired_counts) == {"mlflow": 1, "api": 1, "worker": 1}
+    assert staging.vpc == CreateVpc(cidr="10.20.0.0/16", max_azs=2, nat_gateways=1)
+    assert (staging.cluster, staging.namespace) == (None, None)
+    assert staging.internal_cidrs == ("10.20.0.0/16",), "defaults to the VPC's CIDR"
+    assert staging.trusted_proxy_cidrs == ()
+    assert staging.creates_network
+
+
+def test_cdk_json_sets_every_setting_and_strict_mode_everywhere(cdk_json_settings):
+    from stacks.settings import _KEYS
+
+    optional_account = {"account", "region"}
+    for env, raw in cdk_json_settings.items():
+        assert set(raw) == set(_KEYS) - optional_account, env
+    settings = load_settings(cdk_json_settings)
+    assert {s.mtls_mode for s in settings.values()} == {names.MTLS_MODE_STRICT}
+    assert {s.internal_cidrs for s in settings.values()} == {(s.vpc.cidr,) for s in settings.values()}
+
+
+def test_imports_are_parsed_by_attributes():
+    raw = with_setting("staging", "vpc", IMPORTED_VPC)
+    raw["staging"].update(cluster={"import": {"clusterName": "platform"}}, namespace=NAMESPACE)
+    staging = load_settings(raw)["staging"]
+    assert staging.vpc == ImportVpc(
+        vpc_id="vpc-0123456789abcdef0",
+        cidr="10.99.0.0/16",
+        availability_zones=("eu-west-1a", "eu-west-1b"),
+        private_subnet_ids=("subnet-0123456789abcdef0", "subnet-0fedcba9876543210"),
+    )
+    assert staging.cluster == ImportCluster(cluster_name="platform")
+    assert staging.namespace == ImportNamespace(
+        **{
+            "namespace_id": NAMESPACE["import"]["namespaceId"],
+            "namespace_arn": NAMESPACE["import"]["namespaceArn"],
+        }
+    )
+    assert staging.internal_cidrs == ("10.99.0.0/16",)
+    assert not staging.creates_network
+
+
+def test_an_imported_namespace_needs_an_imported_vpc():
+    with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.staging\.namespace: .*import the VPC too"):
+        load_settings(with_setting("staging", "namespace", NAMESPACE))
+
+
+def test_image_uris_know_their_ecr_repository():
+    ecr = ImageSource(uri="123456789012.dkr.ecr.eu-west-1.amazonaws.com/hokusai/api@sha256:" + "0" * 64)
+    repository = ecr.ecr_repository
+    assert (repository.account, repository.region, repository.name) == (
+        "123456789012",
+        "eu-west-1",
+        "hokusai/api",
+    )
+    assert repository.tag_or_digest == "sha256:" + "0" * 64
+    assert ImageSource(uri="ghcr.io/hokusai/api:1.0").ecr_repository is None
+    with pytest.raises(ValueError, match="exactly one"):
+        ImageSource(dockerfile="docker/Dockerfile.api", uri="ghcr.io/hokusai/api:1.0")
+
+
+def test_artifacts_destination_splits_into_bucket_and_prefix():
+    raw = with_setting(
+        "staging",
+        "mlflow",
+        {"backendStoreSecretName": "db-uri", "artifactsDestination": "s3://my.bucket-1/a/b"},
+    )
+    stores = load_settings(raw)["staging"].mlflow
+    assert (stores.bucket, stores.prefix) == ("my.bucket-1", "a/b")
+    raw["staging"]["mlflow"]["artifactsDestination"] = "s3://my-bucket"
+    assert load_settings(raw)["staging"].mlflow.prefix == ""
+
+
+def test_every_service_needs_an_image():
+    raw = with_setting("staging", "images", {"mlflow": {"dockerfile": "docker/Dockerfile.mlflow"}})
+    with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.staging\.images\.api: missing"):
+        load_settings(raw)

@@ -1,4 +1,4 @@
-"""The synthesized app: stages, secret names (from runtime.names), encryption, retention, cdk-nag."""
+"""The synthesized app: stages and their stacks, secret names (from runtime.names), encryption, retention, cdk-nag."""
 
 from __future__ import annotations
 
@@ -40,14 +40,16 @@ def test_one_stage_per_environment(cdk_app, stages):
         assert stage.secrets.stack_name == f"Hokusai-{env}-Secrets"
 
 
-def test_app_synthesizes_every_stage_and_passes_validation(cdk_app):
-    # Synthesizing the App runs the registered cdk-nag plugin: a finding raises here.
-    assembly = cdk_app.synth()
-    nested = {artifact.display_name for artifact in assembly.nested_assemblies}
+def test_app_synthesizes_every_stage_and_passes_validation(cloud_assembly):
+    # Synthesizing the App runs the registered cdk-nag plugin: a finding raises there.
+    nested = {artifact.display_name for artifact in cloud_assembly.nested_assemblies}
     assert nested == {f"Hokusai-{env}" for env in names.ENVIRONMENTS}
-    for artifact in assembly.nested_assemblies:
-        stacks = artifact.nested_assembly.stacks
-        assert [stack.stack_name for stack in stacks] == [f"{artifact.display_name}-Secrets"]
+    for artifact in cloud_assembly.nested_assemblies:
+        stacks = {stack.stack_name: stack for stack in artifact.nested_assembly.stacks}
+        prefix = artifact.display_name
+        assert set(stacks) == {f"{prefix}-Secrets", f"{prefix}-Network", f"{prefix}-Services"}
+        services_depends_on = {d.id for d in stacks[f"{prefix}-Services"].dependencies}
+        assert {stacks[f"{prefix}-Secrets"].id, stacks[f"{prefix}-Network"].id} <= services_depends_on
 
 
 @ENVIRONMENTS
@@ -102,8 +104,9 @@ def test_removal_policy_retains_production_only(secrets_templates, env):
 
 
 @ENVIRONMENTS
-def test_cdk_nag_reports_no_unacknowledged_violations(cdk_app, stages, env):
-    report = AwsSolutionsChecks(cdk_app).validate_scope(stages[env].secrets)
+@pytest.mark.parametrize("stack", ["secrets", "network", "services"])
+def test_cdk_nag_reports_no_unacknowledged_violations(cdk_app, stages, env, stack):
+    report = AwsSolutionsChecks(cdk_app).validate_scope(getattr(stages[env], stack))
     findings = [
         f"{violation.rule_name} at "
         + ", ".join(r.construct_path or r.resource_logical_id or "?" for r in violation.violating_resources)

@@ -1,0 +1,252 @@
+"""The `Services` stack: MLflow, the API service and the workers on Fargate, with the mTLS wiring.
+
+Per service: a task role that may read only its own identity and the CA bundle, a separate
+execution role, an encrypted log group, a security group. MLflow registers in Cloud Map as
+`mlflow.<namespace>` and accepts connections only from the API and worker security groups.
+The platform's existing ALB fronts the API; registering the API in its target group is not
+done here (README: "Deploying").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from aws_cdk import Acknowledgment, Aws, Duration, RemovalPolicy, Stack, Validations
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_ecr_assets as ecr_assets
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_servicediscovery as servicediscovery
+from constructs import Construct
+
+from constructs_lib.certificate_secrets import CertificateSecrets
+from constructs_lib.log_encryption_key import LogEncryptionKey
+from constructs_lib.mtls_task_definition import MtlsTaskDefinition
+from runtime import names
+from stacks.network import Network
+from stacks.settings import EnvironmentSettings
+from stacks.settings_services import PROJECT_ROOT, SERVICES, ImageSource, MlflowStores
+
+ARTIFACT_OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
+"""MLflow's proxied artifacts (S3ArtifactRepository): download, upload (multipart too), delete."""
+ARTIFACT_BUCKET_ACTIONS = ("s3:ListBucket",)
+"""list_artifacts / delete_artifacts list the keys under the prefix."""
+
+
+@dataclass(frozen=True)
+class _Service:
+    identity: names.Identity
+    cpu: int
+    memory_limit_mib: int
+
+
+_SERVICES = {
+    names.MLFLOW_SERVICE: _Service(names.SERVER, cpu=1024, memory_limit_mib=2048),
+    names.API_SERVICE: _Service(names.API, cpu=512, memory_limit_mib=1024),
+    names.WORKER_SERVICE: _Service(names.WORKER, cpu=512, memory_limit_mib=1024),
+}
+CLIENT_SERVICES = (names.API_SERVICE, names.WORKER_SERVICE)
+"""The services that call MLflow: only their security groups reach its ports."""
+
+
+def mlflow_ports(mtls_mode: str) -> tuple[int, ...]:
+    """MLflow's listeners: the mTLS port, plus the old plain port in permissive mode."""
+    if mtls_mode == names.MTLS_MODE_PERMISSIVE:
+        return (names.MLFLOW_PORT, names.MLFLOW_PLAIN_PORT)
+    return (names.MLFLOW_PORT,)
+
+
+class ServicesStack(Stack):
+    """Attributes (each a mapping service name -> object, keys `runtime.names.*_SERVICE`):
+    `task_definitions` (MtlsTaskDefinition), `services` (FargateService), `security_groups`,
+    `log_groups`; and `log_key` (LogEncryptionKey of the services' log groups)."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: EnvironmentSettings,
+        certificates: CertificateSecrets,
+        network: Network | None,
+        **kwargs: Any,
+    ) -> None:
+        """`network`: the Network stack's; None when the settings import all of it (then the
+        references are made here, since a Network stack would have no resources)."""
+        super().__init__(
+            scope,
+            construct_id,
+            description=f"hokusai-mtls {settings.environment}: MLflow, API and worker services with mTLS",
+            **kwargs,
+        )
+        env = settings.environment
+        if network is None:
+            network = Network(self, "ImportedNetwork", settings=settings)
+        vpc, cluster, namespace = network.vpc, network.cluster, network.namespace
+        self.log_key = LogEncryptionKey(
+            self,
+            "LogKey",
+            log_group_prefix=f"/hokusai/{env}/ecs/",
+            description=f"hokusai-mtls {env}: encrypts the services' logs",
+            removal_policy=RemovalPolicy.RETAIN if settings.retain else RemovalPolicy.DESTROY,
+        )
+
+        security_groups = {
+            service: ec2.SecurityGroup(
+                self,
+                f"{service.capitalize()}SecurityGroup",
+                vpc=vpc,
+                description=f"hokusai-mtls {env}: {service} tasks",
+                allow_all_outbound=True,
+            )
+            for service in SERVICES
+        }
+        for client in CLIENT_SERVICES:
+            for port in mlflow_ports(settings.mtls_mode):
+                security_groups[names.MLFLOW_SERVICE].add_ingress_rule(
+                    security_groups[client], ec2.Port.tcp(port), f"{client} tasks to MLflow port {port}"
+                )
+        for cidr in settings.trusted_proxy_cidrs:
+            security_groups[names.API_SERVICE].add_ingress_rule(
+                ec2.Peer.ipv4(cidr),
+                ec2.Port.tcp(names.API_PORT),
+                f"trusted proxy {cidr} (the platform's ALB)",
+            )
+
+        log_groups = {
+            service: self.log_key.log_group(
+                self, f"{service.capitalize()}Logs", name=service, retention_days=settings.log_retention_days
+            )
+            for service in SERVICES
+        }
+
+        backend_store = secretsmanager.Secret.from_secret_name_v2(
+            self, "MlflowBackendStore", settings.mlflow.backend_store_secret_name
+        )
+        options: dict[str, dict[str, Any]] = {
+            names.MLFLOW_SERVICE: {
+                "ports": mlflow_ports(settings.mtls_mode),
+                "health_check_port": names.MLFLOW_HEALTH_PORT,
+                "extra_environment": {
+                    names.ENV_MLFLOW_ARTIFACTS_DESTINATION: settings.mlflow.artifacts_destination
+                },
+                "secrets": {
+                    names.ENV_MLFLOW_BACKEND_STORE_URI: ecs.Secret.from_secrets_manager(backend_store)
+                },
+            },
+            names.API_SERVICE: {"ports": (names.API_PORT,), "health_check_port": names.API_PORT},
+            names.WORKER_SERVICE: {},
+        }
+
+        task_definitions: dict[str, MtlsTaskDefinition] = {}
+        services: dict[str, ecs.FargateService] = {}
+        for service in SERVICES:
+            spec = _SERVICES[service]
+            task = MtlsTaskDefinition(
+                self,
+                f"{service.capitalize()}Task",
+                environment=env,
+                identity=spec.identity,
+                mtls_mode=settings.mtls_mode,
+                image=self._image(service, settings.images[service]),
+                log_group=log_groups[service],
+                cpu=spec.cpu,
+                memory_limit_mib=spec.memory_limit_mib,
+                **options[service],
+            )
+            certificates.grant_identity(spec.identity, task.task_role)
+            self._acknowledge_image_pull(task, settings.images[service])
+            task_definitions[service] = task
+            services[service] = ecs.FargateService(
+                self,
+                f"{service.capitalize()}Service",
+                cluster=cluster,
+                task_definition=task.task_definition,
+                desired_count=settings.desired_counts[service],
+                security_groups=[security_groups[service]],
+                vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+                assign_public_ip=False,
+                circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
+                min_healthy_percent=100,
+                max_healthy_percent=200,
+                cloud_map_options=(
+                    ecs.CloudMapOptions(
+                        name=names.MLFLOW_SERVICE,
+                        cloud_map_namespace=namespace,
+                        dns_record_type=servicediscovery.DnsRecordType.A,
+                        dns_ttl=Duration.seconds(10),
+                    )
+                    if service == names.MLFLOW_SERVICE
+                    else None
+                ),
+            )
+
+        mlflow_task = task_definitions[names.MLFLOW_SERVICE]
+        self._grant_artifacts(mlflow_task.task_role, settings.mlflow)
+
+        self.task_definitions: Mapping[str, MtlsTaskDefinition] = MappingProxyType(task_definitions)
+        self.services: Mapping[str, ecs.FargateService] = MappingProxyType(services)
+        self.security_groups: Mapping[str, ec2.SecurityGroup] = MappingProxyType(security_groups)
+        self.log_groups = MappingProxyType(log_groups)
+
+    def _image(self, service: str, source: ImageSource) -> ecs.ContainerImage:
+        """An image asset built from docker/ at deploy time, an ECR image (pull granted), or a registry image."""
+        if source.dockerfile is not None:
+            return ecs.ContainerImage.from_asset(
+                str(PROJECT_ROOT),
+                file=source.dockerfile,
+                platform=ecr_assets.Platform.LINUX_AMD64,
+                display_name=f"hokusai-mtls {service} image",
+            )
+        repository = source.ecr_repository
+        if repository is None:
+            return ecs.ContainerImage.from_registry(str(source.uri))
+        imported = ecr.Repository.from_repository_attributes(
+            self,
+            f"{service.capitalize()}Repository",
+            repository_arn=self.format_arn(
+                service="ecr",
+                region=repository.region,
+                account=repository.account,
+                resource="repository",
+                resource_name=repository.name,
+            ),
+            repository_name=repository.name,
+        )
+        return ecs.ContainerImage.from_ecr_repository(imported, repository.tag_or_digest)
+
+    @staticmethod
+    def _acknowledge_image_pull(task: MtlsTaskDefinition, source: ImageSource) -> None:
+        if source.dockerfile is None and source.ecr_repository is None:
+            return  # a public registry image: no ECR permissions at all
+        Validations.of(task.execution_role).acknowledge(
+            Acknowledgment(
+                id="AwsSolutions-IAM5[Resource::*]",
+                reason="ecr:GetAuthorizationToken has no resource-level permissions; the layer and image "
+                "actions are limited to the image's repository.",
+            )
+        )
+
+    def _grant_artifacts(self, role: iam.IRole, stores: MlflowStores) -> None:
+        """The S3 actions of MLflow's proxied artifacts, on the destination's bucket and prefix only."""
+        bucket_arn = f"arn:{Aws.PARTITION}:s3:::{stores.bucket}"
+        objects = f"{stores.prefix}/*" if stores.prefix else "*"
+        list_statement = iam.PolicyStatement(actions=list(ARTIFACT_BUCKET_ACTIONS), resources=[bucket_arn])
+        if stores.prefix:
+            list_statement.add_condition("StringLike", {"s3:prefix": [stores.prefix, f"{stores.prefix}/*"]})
+        role.add_to_principal_policy(list_statement)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(actions=list(ARTIFACT_OBJECT_ACTIONS), resources=[f"{bucket_arn}/{objects}"])
+        )
+        Validations.of(role).acknowledge(
+            Acknowledgment(
+                id=f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::{stores.bucket}/{objects}]",
+                reason="MLflow writes each run's artifacts under its own keys below the configured "
+                "artifactsDestination prefix; the object actions are limited to that prefix.",
+            )
+        )

@@ -1,0 +1,155 @@
+"""Service settings: container images, desired counts and MLflow's stores. Pure Python, no aws-cdk-lib."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from runtime import names
+from stacks.settings_checks import Where
+
+SERVICES: tuple[str, ...] = (names.MLFLOW_SERVICE, names.API_SERVICE, names.WORKER_SERVICE)
+"""The ECS services, in the order the stacks build them; the keys of `images` and `desiredCounts`."""
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The Docker build context of image assets: the repository root (see .dockerignore)."""
+DOCKERFILE_DIR = "docker"
+
+MAX_DESIRED_COUNT = 50
+
+_DOCKERFILE = re.compile(rf"{DOCKERFILE_DIR}/[A-Za-z0-9_.-]+")
+_IMAGE_URI = re.compile(
+    r"(?P<registry>[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::\d+)?)/(?P<repository>[a-z0-9]+(?:[._/-][a-z0-9]+)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})|@(?P<digest>sha256:[0-9a-f]{64}))"
+)
+_ECR_REGISTRY = re.compile(r"(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
+_SECRET_NAME = re.compile(r"[A-Za-z0-9/_+=.@-]{1,512}")
+_S3_URI = re.compile(
+    r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[A-Za-z0-9!_.'()/-]+))?"
+)
+"""No `*`, `?` or `$` in the prefix: they would be wildcards or variables in the IAM policy."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EcrRepository:
+    account: str
+    region: str
+    name: str
+    tag_or_digest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageSource:
+    """Exactly one of: a Dockerfile under docker/ (an image asset built at deploy time) or a registry URI."""
+
+    dockerfile: str | None = None
+    uri: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dockerfile is None) == (self.uri is None):
+            raise ValueError("an ImageSource needs exactly one of dockerfile and uri")
+
+    @property
+    def ecr_repository(self) -> EcrRepository | None:
+        """The ECR repository of `uri` (its pull permissions go to the execution role), else None."""
+        match = _IMAGE_URI.fullmatch(self.uri or "")
+        registry = _ECR_REGISTRY.fullmatch(match["registry"]) if match else None
+        if match is None or registry is None:
+            return None
+        return EcrRepository(
+            account=registry["account"],
+            region=registry["region"],
+            name=match["repository"],
+            tag_or_digest=match["tag"] or match["digest"],
+        )
+
+    @classmethod
+    def default_for(cls, service: str) -> ImageSource:
+        return cls(dockerfile=f"{DOCKERFILE_DIR}/Dockerfile.{service}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlflowStores:
+    """Where the MLflow tracking server keeps runs (a database) and artifacts (S3, proxied)."""
+
+    backend_store_secret_name: str
+    """An EXISTING Secrets Manager secret whose value is the backend store URI (it holds a password)."""
+    artifacts_destination: str
+    """`s3://bucket/prefix`: the task role gets the S3 actions of MLflow's proxied artifacts there."""
+
+    @property
+    def bucket(self) -> str:
+        return _match_s3(self.artifacts_destination)["bucket"]
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix without slashes at either end; empty for a whole bucket."""
+        return (_match_s3(self.artifacts_destination)["prefix"] or "").strip("/")
+
+
+def parse_images(raw: object, where: Where) -> Mapping[str, ImageSource]:
+    raw = where.mapping(raw, allowed=SERVICES, required=SERVICES)
+    return MappingProxyType({service: _parse_image(raw[service], where / service) for service in SERVICES})
+
+
+def parse_desired_counts(raw: object, where: Where) -> Mapping[str, int]:
+    raw = where.mapping(raw, allowed=SERVICES, required=SERVICES)
+    return MappingProxyType(
+        {service: (where / service).whole_number(raw[service], 0, MAX_DESIRED_COUNT) for service in SERVICES}
+    )
+
+
+def parse_mlflow(raw: object, where: Where, *, environment: str) -> MlflowStores:
+    raw = where.mapping(
+        raw,
+        allowed=("backendStoreSecretName", "artifactsDestination"),
+        required=("backendStoreSecretName", "artifactsDestination"),
+    )
+    secret = (where / "backendStoreSecretName").string(
+        raw["backendStoreSecretName"], _SECRET_NAME, "a Secrets Manager secret name"
+    )
+    if secret.startswith(names.secret_prefix(environment)):
+        (where / "backendStoreSecretName").fail(
+            f"{secret!r} is under {names.secret_prefix(environment)}, where the mTLS certificates live"
+        )
+    destination = (where / "artifactsDestination").string(
+        raw["artifactsDestination"], _S3_URI, "an S3 URI such as 's3://my-bucket/mlflow-artifacts'"
+    )
+    if destination.endswith("/") or "//" in destination.removeprefix("s3://"):
+        (where / "artifactsDestination").fail(f"{destination!r}: write the prefix without empty segments")
+    return MlflowStores(backend_store_secret_name=secret, artifacts_destination=destination)
+
+
+def default_images() -> Mapping[str, ImageSource]:
+    return MappingProxyType({service: ImageSource.default_for(service) for service in SERVICES})
+
+
+def default_desired_counts() -> Mapping[str, int]:
+    return MappingProxyType(dict.fromkeys(SERVICES, 1))
+
+
+def _parse_image(raw: object, where: Where) -> ImageSource:
+    how, value = where.one_of_keys(raw, ("dockerfile", "uri"))
+    where = where / how
+    if how == "uri":
+        return ImageSource(
+            uri=where.string(
+                value, _IMAGE_URI, "a registry image URI with a tag or digest (registry/repo:tag)"
+            )
+        )
+    dockerfile = where.string(
+        value, _DOCKERFILE, f"a Dockerfile in {DOCKERFILE_DIR}/ (e.g. docker/Dockerfile.api)"
+    )
+    if not (PROJECT_ROOT / dockerfile).is_file():
+        where.fail(f"{dockerfile!r} does not exist in {PROJECT_ROOT}")
+    return ImageSource(dockerfile=dockerfile)
+
+
+def _match_s3(uri: str) -> re.Match[str]:
+    match = _S3_URI.fullmatch(uri)
+    if match is None:
+        raise ValueError(f"{uri!r} is not an S3 URI")
+    return match

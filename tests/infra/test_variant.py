@@ -1,0 +1,144 @@
+"""The variant app (tests/infra/conftest.py): permissive mode, imported network, registry images, a proxy.
+
+cdk.json runs strict mode and creates everything; these are the settings it does not exercise.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cdk_nag import AwsSolutionsChecks
+
+from runtime import names
+from tests.support.cfn import (
+    as_list,
+    container,
+    environment_of,
+    ingress_rules,
+    ref_id,
+    resources,
+    role_statements,
+    security_group_of,
+    service_of,
+    tasks_by_role,
+)
+from tests.support.variant import (
+    VARIANT_ENVIRONMENT,
+    VARIANT_IMAGES,
+    VARIANT_IMPORTS,
+    VARIANT_TRUSTED_PROXIES,
+)
+
+pytestmark = pytest.mark.infra
+
+ENV = VARIANT_ENVIRONMENT
+
+
+@pytest.fixture(scope="module")
+def templates(variant_stage) -> dict:
+    from aws_cdk.assertions import Template
+
+    return {
+        name: Template.from_stack(getattr(variant_stage, name)).to_json() for name in ("secrets", "services")
+    }
+
+
+def test_variant_app_synthesizes_and_passes_cdk_nag(variant_app, variant_stage, variant_assembly):
+    (nested,) = variant_assembly.nested_assemblies
+    assert {stack.stack_name for stack in nested.nested_assembly.stacks} == {
+        f"Hokusai-{ENV}-Secrets",
+        f"Hokusai-{ENV}-Services",
+    }
+    for stack in (variant_stage.secrets, variant_stage.services):
+        report = AwsSolutionsChecks(variant_app).validate_scope(stack)
+        assert [violation.rule_name for violation in report.violations] == [], stack.stack_name
+
+
+def test_permissive_mode_opens_the_plain_port_to_the_clients_only(templates):
+    template = templates["services"]
+    mlflow, api, worker = (
+        security_group_of(template, i.role) for i in (names.SERVER, names.API, names.WORKER)
+    )
+    mlflow_rules = {rule for rule in ingress_rules(template) if rule[0] == mlflow}
+    assert mlflow_rules == {
+        (mlflow, ("sg", client), port, port)
+        for client in (api, worker)
+        for port in (names.MLFLOW_PORT, names.MLFLOW_PLAIN_PORT)
+    }
+    _, task = tasks_by_role(template)[names.SERVER.role]
+    assert [m["ContainerPort"] for m in container(task)["PortMappings"]] == [
+        names.MLFLOW_PORT,
+        names.MLFLOW_PLAIN_PORT,
+    ]
+
+
+def test_permissive_mode_keeps_mtls_enabled_and_tells_the_containers(templates):
+    for _, task in tasks_by_role(templates["services"]).values():
+        variables = environment_of(task)
+        assert variables[names.ENV_MTLS_MODE] == names.MTLS_MODE_PERMISSIVE
+        assert variables[names.ENV_ENABLE_MTLS] == "true"
+
+
+def test_trusted_proxies_reach_the_api_port_and_nothing_else(templates):
+    template = templates["services"]
+    api = security_group_of(template, names.API.role)
+    api_rules = {rule for rule in ingress_rules(template) if rule[0] == api}
+    assert api_rules == {
+        (api, ("cidr", cidr), names.API_PORT, names.API_PORT) for cidr in VARIANT_TRUSTED_PROXIES
+    }
+    worker = security_group_of(template, names.WORKER.role)
+    assert {rule for rule in ingress_rules(template) if rule[0] == worker} == set()
+
+
+def test_imported_network_creates_no_network_stack_and_no_network_resources(variant_stage, templates):
+    assert variant_stage.network is None
+    created = {
+        resource["Type"] for template in templates.values() for resource in template["Resources"].values()
+    }
+    assert not created & {
+        "AWS::EC2::VPC",
+        "AWS::EC2::Subnet",
+        "AWS::EC2::FlowLog",
+        "AWS::ECS::Cluster",
+        "AWS::ServiceDiscovery::PrivateDnsNamespace",
+    }
+
+
+def test_services_use_the_imported_subnets_cluster_and_namespace(templates):
+    template = templates["services"]
+    imported = VARIANT_IMPORTS
+    for identity in names.IDENTITIES:
+        properties = service_of(template, identity.role)["Properties"]
+        assert properties["Cluster"] == imported["cluster"]["import"]["clusterName"]
+        subnets = properties["NetworkConfiguration"]["AwsvpcConfiguration"]["Subnets"]
+        assert subnets == imported["vpc"]["import"]["privateSubnetIds"]
+    ((_, discovery),) = resources(template, "AWS::ServiceDiscovery::Service").items()
+    assert discovery["Properties"]["NamespaceId"] == imported["namespace"]["import"]["namespaceId"]
+    for group in resources(template, "AWS::EC2::SecurityGroup").values():
+        assert group["Properties"]["VpcId"] == imported["vpc"]["import"]["vpcId"]
+
+
+def test_registry_images_and_their_pull_permissions(templates):
+    template = templates["services"]
+    tasks = tasks_by_role(template)
+
+    _, api = tasks[names.API.role]
+    image = json.dumps(container(api)["Image"])
+    assert "123456789012.dkr.ecr.eu-west-1." in image and "/hokusai/api:1.4.2" in image
+    api_pull = [
+        s
+        for s in role_statements(template, ref_id(api["Properties"]["ExecutionRoleArn"]))
+        if "ecr:BatchGetImage" in as_list(s["Action"])
+    ]
+    (statement,) = api_pull
+    assert ":ecr:eu-west-1:123456789012:repository/hokusai/api" in json.dumps(statement["Resource"])
+
+    _, worker = tasks[names.WORKER.role]
+    assert container(worker)["Image"] == VARIANT_IMAGES["worker"]["uri"]
+    worker_actions = {
+        action
+        for s in role_statements(template, ref_id(worker["Properties"]["ExecutionRoleArn"]))
+        for action in as_list(s["Action"])
+    }
+    assert not any(action.startswith("ecr:") for action in worker_actions)

@@ -1,0 +1,51 @@
+"""The variant app's settings: staging with what cdk.json does not exercise (tests/infra/conftest.py).
+
+Permissive mode, an imported VPC, cluster and namespace, an ECR image and a public registry image,
+and two trusted proxy networks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from runtime import names
+from stacks.settings import CONTEXT_KEY
+
+VARIANT_ENVIRONMENT = "staging"
+VARIANT_IMPORTS = {
+    "vpc": {
+        "import": {
+            "vpcId": "vpc-0123456789abcdef0",
+            "vpcCidrBlock": "10.99.0.0/16",
+            "availabilityZones": ["eu-west-1a", "eu-west-1b"],
+            "privateSubnetIds": ["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"],
+            "privateSubnetRouteTableIds": ["rtb-0123456789abcdef0", "rtb-0fedcba9876543210"],
+        }
+    },
+    "cluster": {"import": {"clusterName": "platform-staging"}},
+    "namespace": {
+        "import": {
+            "namespaceId": "ns-0123456789abcdef",
+            "namespaceArn": "arn:aws:servicediscovery:eu-west-1:123456789012:namespace/ns-0123456789abcdef",
+        }
+    },
+}
+VARIANT_IMAGES = {
+    "mlflow": {"dockerfile": "docker/Dockerfile.mlflow"},
+    "api": {"uri": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/hokusai/api:1.4.2"},
+    "worker": {"uri": "ghcr.io/hokusai/worker@sha256:" + "ab" * 32},
+}
+VARIANT_TRUSTED_PROXIES = ["10.99.0.0/24", "10.99.1.0/24"]
+
+
+def variant_settings_context(context: dict) -> dict:
+    """cdk.json's environments (from `context`) with staging switched to every alternative tested."""
+    raw = copy.deepcopy(context[CONTEXT_KEY])
+    raw[VARIANT_ENVIRONMENT].update(
+        copy.deepcopy(VARIANT_IMPORTS),
+        mtlsMode=names.MTLS_MODE_PERMISSIVE,
+        images=copy.deepcopy(VARIANT_IMAGES),
+        internalCidrs=["10.99.0.0/16"],
+        trustedProxyCidrs=list(VARIANT_TRUSTED_PROXIES),
+    )
+    return raw
