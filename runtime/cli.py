@@ -110,6 +110,12 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 # --- load-certs ----------------------------------------------------------------------
 def _loader_settings(args: argparse.Namespace) -> LoaderSettings:
+    for given, variable, option in (
+        (args.role, names.ENV_ROLE, "--role"),
+        (args.env, names.ENV_ENVIRONMENT, "--env"),
+    ):
+        if not (given or os.environ.get(variable)):
+            raise UsageError(f"{option} is needed (or set {variable})")
     return LoaderSettings.from_environ(
         role=args.role,
         environment=args.env,

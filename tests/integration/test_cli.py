@@ -129,10 +129,18 @@ def test_run_never_starts_the_command_when_the_load_fails(moto_server, tmp_path)
     assert not marker.exists()
 
 
-def test_run_without_a_command_is_a_usage_error():
-    result = run("run", "--role", "api", "--env", "development", check=False)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("run", "--role", "api", "--env", "development"), "needs a command"),
+        (("run", "--env", "development", "--", "true"), "--role is needed (or set HOKUSAI_MTLS_ROLE)"),
+        (("load-certs", "--role", "api"), "--env is needed (or set ENVIRONMENT)"),
+    ],
+)
+def test_missing_arguments_are_usage_errors(args, message):
+    result = run(*args, check=False)
     assert result.returncode == 2
-    assert "needs a command" in result.stderr
+    assert message in result.stderr
 
 
 def test_issue_from_a_ca_dir_holding_a_rollover_bundle(tmp_path):
