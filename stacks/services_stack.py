@@ -128,18 +128,28 @@ class ServicesStack(Stack):
         backend_store = secretsmanager.Secret.from_secret_name_v2(
             self, "MlflowBackendStore", settings.mlflow.backend_store_secret_name
         )
+        # Both servers decide internal vs external callers, and whose X-Forwarded-For to read.
+        addresses = {
+            names.ENV_INTERNAL_CIDRS: ",".join(settings.internal_cidrs),
+            names.ENV_TRUSTED_PROXY_CIDRS: ",".join(settings.trusted_proxy_cidrs),
+        }
         options: dict[str, dict[str, Any]] = {
             names.MLFLOW_SERVICE: {
                 "ports": mlflow_ports(settings.mtls_mode),
                 "health_check_port": names.MLFLOW_HEALTH_PORT,
                 "extra_environment": {
-                    names.ENV_MLFLOW_ARTIFACTS_DESTINATION: settings.mlflow.artifacts_destination
+                    names.ENV_MLFLOW_ARTIFACTS_DESTINATION: settings.mlflow.artifacts_destination,
+                    **addresses,
                 },
                 "secrets": {
                     names.ENV_MLFLOW_BACKEND_STORE_URI: ecs.Secret.from_secrets_manager(backend_store)
                 },
             },
-            names.API_SERVICE: {"ports": (names.API_PORT,), "health_check_port": names.API_PORT},
+            names.API_SERVICE: {
+                "ports": (names.API_PORT,),
+                "health_check_port": names.API_PORT,
+                "extra_environment": addresses,
+            },
             names.WORKER_SERVICE: {},
         }
 

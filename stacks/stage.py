@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from aws_cdk import Environment, Stage
+from aws_cdk import Environment, RemovalPolicy, Stage
 from constructs import Construct
 
+from stacks.monitoring_stack import MonitoringStack
 from stacks.network_stack import NetworkStack
 from stacks.secrets_stack import SecretsStack
 from stacks.services_stack import ServicesStack
@@ -13,7 +14,8 @@ from stacks.settings import EnvironmentSettings
 
 class HokusaiStage(Stage):
     """`Secrets` (key, certificate secrets), `Network` (VPC, cluster, namespace; absent when all of
-    them are imported) and `Services` (Fargate services, roles, security groups, logs)."""
+    them are imported), `Services` (Fargate services, roles, security groups, logs) and
+    `Monitoring` (dashboard, alarms, the encrypted alarm topic)."""
 
     def __init__(self, scope: Construct, *, settings: EnvironmentSettings) -> None:
         env = None
@@ -31,4 +33,14 @@ class HokusaiStage(Stage):
             settings=settings,
             certificates=self.secrets.certificates,
             network=self.network.network if self.network else None,
+        )
+        self.monitoring = MonitoringStack(
+            self,
+            "Monitoring",
+            environment=settings.environment,
+            alarm_emails=list(settings.alarm_emails),
+            certificate_expiry_alarm_days=settings.certificate_expiry_alarm_days,
+            mtls_failure_rate_percent=settings.mtls_failure_rate_percent,
+            mtls_failure_min_requests=settings.mtls_failure_min_requests,
+            removal_policy=RemovalPolicy.RETAIN if settings.retain else RemovalPolicy.DESTROY,
         )

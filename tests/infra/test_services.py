@@ -229,6 +229,9 @@ def test_container_environment_is_the_documented_contract(services, settings, en
     }
     if identity is names.SERVER:
         expected[names.ENV_MLFLOW_ARTIFACTS_DESTINATION] = settings[env].mlflow.artifacts_destination
+    if identity is not names.WORKER:  # the two servers tell internal callers from external ones
+        expected[names.ENV_INTERNAL_CIDRS] = ",".join(settings[env].internal_cidrs)
+        expected[names.ENV_TRUSTED_PROXY_CIDRS] = ",".join(settings[env].trusted_proxy_cidrs)
     assert environment_of(task) == expected
 
 

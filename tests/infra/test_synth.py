@@ -47,7 +47,9 @@ def test_app_synthesizes_every_stage_and_passes_validation(cloud_assembly):
     for artifact in cloud_assembly.nested_assemblies:
         stacks = {stack.stack_name: stack for stack in artifact.nested_assembly.stacks}
         prefix = artifact.display_name
-        assert set(stacks) == {f"{prefix}-Secrets", f"{prefix}-Network", f"{prefix}-Services"}
+        assert set(stacks) == {
+            f"{prefix}-{name}" for name in ("Secrets", "Network", "Services", "Monitoring")
+        }
         services_depends_on = {d.id for d in stacks[f"{prefix}-Services"].dependencies}
         assert {stacks[f"{prefix}-Secrets"].id, stacks[f"{prefix}-Network"].id} <= services_depends_on
 

@@ -49,8 +49,9 @@ def test_variant_app_synthesizes_and_passes_cdk_nag(variant_app, variant_stage, 
     assert {stack.stack_name for stack in nested.nested_assembly.stacks} == {
         f"Hokusai-{ENV}-Secrets",
         f"Hokusai-{ENV}-Services",
+        f"Hokusai-{ENV}-Monitoring",
     }
-    for stack in (variant_stage.secrets, variant_stage.services):
+    for stack in (variant_stage.secrets, variant_stage.services, variant_stage.monitoring):
         report = AwsSolutionsChecks(variant_app).validate_scope(stack)
         assert [violation.rule_name for violation in report.violations] == [], stack.stack_name
 
