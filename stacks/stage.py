@@ -17,11 +17,14 @@ class HokusaiStage(Stage):
     them are imported), `Services` (Fargate services, roles, security groups, logs) and
     `Monitoring` (dashboard, alarms, the encrypted alarm topic)."""
 
-    def __init__(self, scope: Construct, *, settings: EnvironmentSettings) -> None:
+    def __init__(
+        self, scope: Construct, *, settings: EnvironmentSettings, stage_id: str | None = None
+    ) -> None:
+        """`stage_id` defaults to `Hokusai-<env>`; another id lets one app hold more copies (benchmarks)."""
         env = None
         if settings.account is not None or settings.region is not None:
             env = Environment(account=settings.account, region=settings.region)
-        super().__init__(scope, settings.stage_name, env=env)
+        super().__init__(scope, stage_id or settings.stage_name, env=env)
         self.settings = settings
         self.secrets = SecretsStack(self, "Secrets", settings=settings)
         # A stack without resources cannot deploy: with vpc, cluster and namespace all
