@@ -1,0 +1,63 @@
+"""Give the ASGI app the verified client certificate, as the ASGI TLS extension says.
+
+No mainstream ASGI server fills `scope["extensions"]["tls"]` yet (DESIGN.md), so with
+`ssl_cert_reqs=CERT_REQUIRED` alone a request is verified but anonymous. This module
+subclasses uvicorn's h11 protocol: when a TLS connection is made (after the handshake),
+it reads the peer certificate from the `ssl_object` and wraps the app for that connection
+so every request on it carries the extension
+(https://asgi.readthedocs.io/en/latest/specs/tls.html).
+
+Only the TLS layer can put it there: headers cannot, and a plain-HTTP connection gets no
+extension at all. The class depends on uvicorn internals (`connection_made`, `self.app`):
+the uvicorn range is pinned and tests/integration exercises it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from cryptography import x509
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from runtime.pem import certificate_pem
+
+TLS_EXTENSION = "tls"
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
+    """The asgiref TLS extension for one connection; no client certificate unless verified."""
+    der = ssl_object.getpeercert(binary_form=True)
+    # With CERT_NONE OpenSSL hands over a peer certificate it never checked: never expose that.
+    verified = der is not None and ssl_object.context.verify_mode != ssl.CERT_NONE
+    certificate = x509.load_der_x509_certificate(der) if verified else None
+    return {
+        "server_cert": None,
+        "client_cert_chain": [certificate_pem(certificate).decode()] if certificate else [],
+        "client_cert_name": certificate.subject.rfc4514_string() if certificate else None,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
+        "cipher_suite": None,  # the ssl module exposes the cipher's name, not its IANA number
+    }
+
+
+def with_tls_extension(app, extension: dict[str, Any]):
+    """`app`, with `extension` set on every HTTP and WebSocket scope of this connection."""
+
+    async def app_with_tls(scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            scope = {**scope, "extensions": {**(scope.get("extensions") or {}), TLS_EXTENSION: extension}}
+        await app(scope, receive, send)
+
+    return app_with_tls
+
+
+class TLSExtensionH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus the TLS extension; use as `uvicorn.Config(http=...)`."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.app = with_tls_extension(self.app, tls_extension(ssl_object))
