@@ -147,3 +147,11 @@ class OutputExistsError(MtlsError):
     """Refusing to overwrite certificates or keys that are already there."""
 
     code = "output-exists"
+
+
+# --- clients ------------------------------------------------------------------------------
+class ClientConfigError(MtlsError):
+    """The loader's variables do not give the client what its security level needs (a file missing,
+    unreadable or not PEM, or no level at all): the client refuses to start rather than downgrade."""
+
+    code = "client-config"
