@@ -155,3 +155,17 @@ class ClientConfigError(MtlsError):
     unreadable or not PEM, or no level at all): the client refuses to start rather than downgrade."""
 
     code = "client-config"
+
+
+# --- API keys ---------------------------------------------------------------------------
+class AuthServiceUnavailable(MtlsError):
+    """The external auth service could not answer (down, slow, malformed): requests fail closed.
+
+    Names the service's URL and the cause, never the API key.
+    """
+
+    code = "auth-service-unavailable"
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"auth service {url}: {message}")
+        self.url = url

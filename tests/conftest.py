@@ -77,3 +77,29 @@ def moto_server(monkeypatch):
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on 127.0.0.1 (no persistence) for the session; FAILS if it is missing."""
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    problem = None
+    try:
+        server.start()
+    except RuntimeError as exc:
+        problem = str(exc)
+    if problem:  # outside the except: the message alone, no chained traceback
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url
