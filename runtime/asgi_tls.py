@@ -15,6 +15,7 @@ the uvicorn range is pinned and tests/integration exercises it.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -56,8 +57,18 @@ def with_tls_extension(app, extension: dict[str, Any]):
 class TLSExtensionH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus the TLS extension; use as `uvicorn.Config(http=...)`."""
 
+    on_tls_connection: Callable[[], None] | None = None
+    """Called once per completed handshake (the metrics count them); see `with_hook`."""
+
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.app = with_tls_extension(self.app, tls_extension(ssl_object))
+            if self.on_tls_connection is not None:
+                self.on_tls_connection()
+
+    @classmethod
+    def with_hook(cls, on_tls_connection: Callable[[], None]) -> type[TLSExtensionH11Protocol]:
+        """A subclass that reports every completed TLS connection to `on_tls_connection`."""
+        return type(cls.__name__, (cls,), {"on_tls_connection": staticmethod(on_tls_connection)})

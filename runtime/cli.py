@@ -144,6 +144,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+# --- serve-mlflow ----------------------------------------------------------------------
+def cmd_serve_mlflow(args: argparse.Namespace) -> int:
+    """MLflow's tracking server behind our mTLS listeners (runtime.mlflow_server)."""
+    from runtime.mlflow_server import serve_mlflow  # imports MLflow: only for this command
+
+    serve_mlflow(host=args.host, port=args.port, plain_port=args.plain_port, health_port=args.health_port)
+    return 0
+
+
 # --- health ----------------------------------------------------------------------------
 def cmd_health(args: argparse.Namespace) -> int:
     """The container health check: plain HTTP to the task-local health listener on 127.0.0.1.
@@ -193,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(run)
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
     run.set_defaults(func=cmd_run)
+
+    serve = commands.add_parser(
+        "serve-mlflow", help="run MLflow behind mTLS (ENVIRONMENT, HOKUSAI_MTLS_MODE, ...)"
+    )
+    serve.add_argument("--host", help="default 0.0.0.0")
+    serve.add_argument("--port", type=int, help=f"default {names.MLFLOW_PORT}")
+    serve.add_argument("--plain-port", type=int, help=f"permissive mode; default {names.MLFLOW_PLAIN_PORT}")
+    serve.add_argument("--health-port", type=int, help=f"127.0.0.1 only; default {names.MLFLOW_HEALTH_PORT}")
+    serve.set_defaults(func=cmd_serve_mlflow)
 
     health = commands.add_parser("health", help="container health check against the loopback health port")
     health.add_argument("--port", type=int, required=True)

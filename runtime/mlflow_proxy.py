@@ -26,16 +26,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from urllib.parse import quote
 
 import anyio
 import httpx
+
+from runtime.request_id import REQUEST_ID, request_id_of
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -59,8 +59,6 @@ _MASKED = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"mlflow-tracking-token"}
 )
 
-REQUEST_ID = b"x-request-id"
-_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 """A caller's id is kept if it looks like one; anything else (it goes into logs) gets replaced."""
 
 Headers = list[tuple[bytes, bytes]]
@@ -128,13 +126,6 @@ def upstream_request_headers(scope: dict, request_id: bytes) -> Headers:
 def downstream_response_headers(headers: Iterable[tuple[bytes, bytes]], request_id: bytes) -> Headers:
     kept = strip_hop_by_hop(headers, also=_NOT_RETURNED | {REQUEST_ID})
     return [*kept, (REQUEST_ID, request_id)]
-
-
-def _request_id(scope: dict) -> bytes:
-    for name, value in scope.get("headers", []):
-        if name.lower() == REQUEST_ID and _SANE_REQUEST_ID.fullmatch(value):
-            return value
-    return uuid.uuid4().hex.encode()
 
 
 def _route_path(scope: dict) -> str:
@@ -213,7 +204,7 @@ class MlflowProxy:
 
     async def _proxy(self, scope, receive, send) -> None:
         started = time.monotonic()
-        request_id = _request_id(scope)
+        request_id = request_id_of(scope)
         path = _route_path(scope) or "/"
         query = scope.get("query_string", b"")
         url = self.base + path + ("?" + query.decode("latin-1") if query else "")

@@ -18,9 +18,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from runtime import names
+
 log = logging.getLogger(__name__)
 
-ENV_REDIS_URL = "REDIS_URL"
+ENV_REDIS_URL = names.ENV_REDIS_URL
 """`redis://[:password@]host:port/db` (or `rediss://`); unset: in-process cache and rate limits."""
 SOCKET_TIMEOUT_SECONDS = 1.0
 COOLDOWN_SECONDS = 5.0

@@ -33,6 +33,8 @@ class Listener:
     app: Callable
     tls: ReloadableServerContext | None = None
     """None: plain HTTP. Otherwise TLS that requires a client certificate."""
+    on_tls_connection: Callable[[], None] | None = None
+    """Called for every completed TLS handshake (metrics)."""
 
 
 class _ListenerServer(uvicorn.Server):
@@ -45,15 +47,16 @@ def _config(listener: Listener, *, lifespan: str) -> uvicorn.Config:
     options = {}
     if listener.tls is not None:
         tls = listener.tls
-        options = {
-            "http": TLSExtensionH11Protocol,
-            "ssl_context_factory": lambda _config, _default: tls.front,
-        }
+        protocol = TLSExtensionH11Protocol
+        if listener.on_tls_connection is not None:
+            protocol = protocol.with_hook(listener.on_tls_connection)
+        options = {"http": protocol, "ssl_context_factory": lambda _config, _default: tls.front}
     return uvicorn.Config(
         listener.app,
         host=listener.host,
         port=listener.port,
         lifespan=lifespan,
+        interface="asgi3",  # our apps are ASGI 3; auto-detection misreads bound methods as ASGI 2
         access_log=False,
         log_config=None,
         proxy_headers=False,  # never trust X-Forwarded-* here: identity comes from the TLS layer

@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def _context(files: ServerFiles) -> tuple[ssl.SSLContext, x509.Certificate]:
 class ReloadableServerContext:
     """The listener's context (`front`) and the one handshakes really use (swapped by `reload`)."""
 
-    def __init__(self, files: ServerFiles) -> None:
+    def __init__(self, files: ServerFiles, *, on_handshake: Callable[[], None] | None = None) -> None:
+        """`on_handshake` is called as each handshake begins (metrics: started - completed = failed)."""
         self.files = files
+        self._on_handshake = on_handshake
         self._lock = threading.Lock()
         self._current, self.certificate = _context(files)
         self.front, _ = _context(files)
@@ -71,6 +74,8 @@ class ReloadableServerContext:
 
     def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
         ssl_object.context = self._current
+        if self._on_handshake is not None:
+            self._on_handshake()
 
     def reload(self) -> bool:
         """Swap in what the files hold now. False, and the old context kept, if they are bad.

@@ -1,0 +1,233 @@
+"""`hokusai-mtls serve-mlflow`: MLflow's own tracking server app, behind our mTLS listeners.
+
+MLflow has no mTLS of its own (DESIGN.md), and `mlflow server --uvicorn-opts` can pass TLS
+options to uvicorn but cannot add a second listener, swap certificates at run time, or
+give the app the peer certificate. So this launcher does what `mlflow server` does before
+it starts uvicorn (set the server's store variables, initialise the backend store; the
+MLflow minor is pinned) and then serves `mlflow.server.fastapi_app:app`, wrapped in
+`APIKeyAuthMiddleware`, on `runtime.serving` listeners:
+
+- strict:     mTLS on MLFLOW_PORT (client certificate required at the handshake);
+- permissive: that, plus the old plain-HTTP port MLFLOW_PLAIN_PORT (API-key path, counted);
+- off:        plain HTTP on MLFLOW_PORT, API-key path only (ENABLE_MTLS_AUTH=false, rollback);
+always a loopback-only health listener on MLFLOW_HEALTH_PORT (`/health`, `/metrics`) for the
+container health check, which has no client certificate.
+
+The certificates are re-fetched and re-verified every `refresh_seconds` through the loader
+(which only swaps in a set that verifies) and then swapped into the live TLS context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from runtime import names
+from runtime.api_keys import ApiKeyValidator, AuthServiceClient
+from runtime.client_address import AddressPolicy
+from runtime.inspection import days_left
+from runtime.key_cache import cache_from_environ
+from runtime.loader import LoaderSettings, LoadResult, load_certificates
+from runtime.metrics import Metrics
+from runtime.middleware import APIKeyAuthMiddleware, mlflow_scope
+from runtime.peer_identity import IdentityPolicy
+from runtime.rate_limit import limiter_from_environ
+from runtime.security_level import SecurityLevel
+from runtime.serving import Listener, Serving, every
+from runtime.tls_context import ReloadableServerContext, ServerFiles
+
+log = logging.getLogger("hokusai_mtls")
+
+ENV_REFRESH_SECONDS = "HOKUSAI_MTLS_REFRESH_SECONDS"
+ENV_METRICS_SECONDS = "HOKUSAI_MTLS_METRICS_SECONDS"
+
+
+@dataclass(frozen=True)
+class MlflowServerSettings:
+    loader: LoaderSettings
+    mode: str
+    backend_store_uri: str
+    artifacts_destination: str | None = None
+    host: str = "0.0.0.0"  # noqa: S104 - the task's own network interface, inside its security group
+    port: int = names.MLFLOW_PORT
+    plain_port: int = names.MLFLOW_PLAIN_PORT
+    health_port: int = names.MLFLOW_HEALTH_PORT
+    refresh_seconds: float = 300
+    metrics_seconds: float = 60
+
+    def __post_init__(self) -> None:
+        if self.mode not in names.MTLS_MODES:
+            raise ValueError(
+                f"{names.ENV_MTLS_MODE}={self.mode!r}: expected one of {', '.join(names.MTLS_MODES)}"
+            )
+        if self.mode == names.MTLS_MODE_OFF and self.loader.enable_mtls:
+            raise ValueError(
+                f"{names.ENV_MTLS_MODE}=off needs {names.ENV_ENABLE_MTLS}=false (the rollback switch)"
+            )
+        if not self.backend_store_uri:
+            raise ValueError(f"{names.ENV_MLFLOW_BACKEND_STORE_URI} is not set")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> MlflowServerSettings:
+        loader = LoaderSettings.from_environ(environ, role=names.SERVER.role)
+        mode = environ.get(names.ENV_MTLS_MODE) or (
+            names.MTLS_MODE_STRICT if loader.enable_mtls else names.MTLS_MODE_OFF
+        )
+        values = {
+            "loader": loader,
+            "mode": mode,
+            "backend_store_uri": environ.get(names.ENV_MLFLOW_BACKEND_STORE_URI, ""),
+            "artifacts_destination": environ.get(names.ENV_MLFLOW_ARTIFACTS_DESTINATION) or None,
+            "refresh_seconds": float(environ.get(ENV_REFRESH_SECONDS, 300)),
+            "metrics_seconds": float(environ.get(ENV_METRICS_SECONDS, 60)),
+        }
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def mlflow_app(settings: MlflowServerSettings):
+    """MLflow's FastAPI app, configured as `mlflow server` configures it before uvicorn starts."""
+    from mlflow.server import constants
+    from mlflow.server.handlers import initialize_backend_stores
+
+    serve_artifacts = settings.artifacts_destination is not None
+    artifact_root = "mlflow-artifacts:/" if serve_artifacts else settings.backend_store_uri
+    os.environ[constants.BACKEND_STORE_URI_ENV_VAR] = settings.backend_store_uri
+    os.environ[constants.REGISTRY_STORE_URI_ENV_VAR] = settings.backend_store_uri
+    os.environ[constants.ARTIFACT_ROOT_ENV_VAR] = artifact_root
+    if serve_artifacts:
+        os.environ[constants.SERVE_ARTIFACTS_ENV_VAR] = "true"
+        os.environ[constants.ARTIFACTS_DESTINATION_ENV_VAR] = settings.artifacts_destination
+    os.environ["_MLFLOW_SGI_NAME"] = "uvicorn"
+    # MLflow's DNS-rebinding guard allows only localhost by default; callers dial the Cloud Map name.
+    environment = settings.loader.environment
+    os.environ.setdefault(
+        "MLFLOW_SERVER_ALLOWED_HOSTS",
+        ",".join(
+            [
+                names.mlflow_hostname(environment),
+                f"{names.mlflow_hostname(environment)}:*",
+                "localhost",
+                "localhost:*",
+                "127.0.0.1",
+                "127.0.0.1:*",
+            ]
+        ),
+    )
+    initialize_backend_stores(settings.backend_store_uri, settings.backend_store_uri, artifact_root)
+    from mlflow.server.fastapi_app import app
+
+    return app
+
+
+class MlflowServer:
+    """Everything the MLflow container runs: listeners, middleware, refresh and metrics."""
+
+    def __init__(self, settings: MlflowServerSettings, *, app=None, store=None, environ=os.environ) -> None:
+        self.settings = settings
+        self.store = store
+        self.loaded: LoadResult = load_certificates(settings.loader, store=store)
+        environment = settings.loader.environment
+        self.metrics = Metrics(environment=environment, service=names.MLFLOW_SERVICE)
+        self.tls = None
+        if self.loaded.level is SecurityLevel.MTLS:
+            self.tls = ReloadableServerContext(
+                ServerFiles.from_directory(settings.loader.directory),
+                on_handshake=self.metrics.handshake_started,
+            )
+            self._record_expiry()
+        auth_url = environ.get(names.ENV_AUTH_SERVICE_URL)
+        validator = None
+        if auth_url:
+            validator = ApiKeyValidator(AuthServiceClient(auth_url), cache_from_environ(environ))
+        else:
+            log.warning(
+                "%s is not set: requests without a client certificate are refused (401)",
+                names.ENV_AUTH_SERVICE_URL,
+            )
+        permissive = settings.mode == names.MTLS_MODE_PERMISSIVE
+        self.app = APIKeyAuthMiddleware(
+            app if app is not None else mlflow_app(settings),
+            identities=IdentityPolicy.from_environ({**environ, names.ENV_ENVIRONMENT: environment}),
+            addresses=AddressPolicy.from_environ(environ),
+            validator=validator,
+            limiter=limiter_from_environ(environ),
+            metrics=self.metrics,
+            enable_mtls=self.tls is not None,
+            plain_port=settings.plain_port if permissive else None,
+            required_scope=mlflow_scope,
+        )
+        self.serving = Serving(self._listeners(), background=[self._refresh_loop, self._metrics_loop])
+
+    def _listeners(self) -> list[Listener]:
+        s = self.settings
+        health = Listener("health", "127.0.0.1", s.health_port, self.health_app)
+        if self.tls is None:
+            if s.mode != names.MTLS_MODE_OFF:
+                log.warning("mTLS mode %s but no certificates (development): serving plain HTTP", s.mode)
+            return [Listener("plain", s.host, s.port, self.app), health]
+        listeners = [Listener("mtls", s.host, s.port, self.app, self.tls, self.metrics.handshake_completed)]
+        if s.mode == names.MTLS_MODE_PERMISSIVE:
+            listeners.append(Listener("plain (permissive)", s.host, s.plain_port, self.app))
+        return [*listeners, health]
+
+    # --- background ----------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Re-fetch and verify through the loader, then swap into the live context."""
+        self.loaded = load_certificates(self.settings.loader, store=self.store)
+        changed = self.tls.reload() if self.tls is not None else False
+        self._record_expiry()
+        return changed
+
+    def _record_expiry(self) -> None:
+        if self.tls is not None:
+            self.metrics.certificate_days_left(names.SERVER.name, days_left(self.tls.certificate))
+
+    async def _refresh_loop(self) -> None:
+        await every(self.settings.refresh_seconds, self.refresh)
+
+    async def _metrics_loop(self) -> None:
+        await every(self.settings.metrics_seconds, self.metrics.flush)
+
+    # --- health ------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        report = {"status": "ok", "security_level": self.loaded.level.value, "mode": self.settings.mode}
+        if self.tls is not None:
+            certificate = self.tls.certificate
+            left = days_left(certificate)
+            report["certificate"] = {
+                "serial": f"{certificate.serial_number:x}",
+                "not_after": certificate.not_valid_after_utc.isoformat(),
+                "days_left": left,
+                "reloads": self.tls.reloads,
+            }
+            if left < 0:
+                report["status"] = "certificate-expired"
+        return report
+
+    async def health_app(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return
+        if scope["path"] == "/metrics":
+            status, body, kind = 200, self.metrics.prometheus(), b"text/plain; version=0.0.4"
+        elif scope["path"] == "/health":
+            report = self.health()
+            status = 200 if report["status"] == "ok" else 503
+            body, kind = json.dumps(report).encode(), b"application/json"
+        else:
+            status, body, kind = 404, b'{"detail": "not found"}', b"application/json"
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", kind)]})
+        await send({"type": "http.response.body", "body": body})
+
+    def run(self) -> None:
+        asyncio.run(self.serving.run())
+
+
+def serve_mlflow(environ: Mapping[str, str] = os.environ, **overrides) -> None:
+    MlflowServer(MlflowServerSettings.from_environ(environ, **overrides), environ=environ).run()
+
+
+__all__ = ["MlflowServer", "MlflowServerSettings", "serve_mlflow"]
