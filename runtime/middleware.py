@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable
 from runtime import names
 from runtime.api_keys import ApiKeyValidator, AuthServiceUnavailable, extract_api_key, fingerprint
 from runtime.client_address import AddressPolicy
+from runtime.http_headers import REQUEST_ID, with_request_id
 from runtime.metrics import Metrics
 from runtime.peer_identity import IdentityPolicy, ServiceIdentity, peer_certificate
 from runtime.rate_limit import RateDecision
-from runtime.request_id import REQUEST_ID, with_request_id
 
 log = logging.getLogger("hokusai_mtls.auth")
 
@@ -42,7 +42,6 @@ STATE_KEYS = (
     "service_identity",
 )
 """What we put into `request.state`; the seed's five attributes plus the path and the identity."""
-MASKED_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"proxy-authorization"})
 
 
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -51,11 +50,6 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 def mlflow_scope(scope) -> str:
     """The scope an MLflow request needs: `mlflow:read` to read, `mlflow:write` for anything else."""
     return "mlflow:read" if scope.get("method") in READ_METHODS else "mlflow:write"
-
-
-def masked_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Headers for a log line: credentials replaced by `***`."""
-    return {k.decode("latin-1"): "***" if k in MASKED_HEADERS else v.decode("latin-1") for k, v in headers}
 
 
 class APIKeyAuthMiddleware:

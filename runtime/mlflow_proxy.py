@@ -35,7 +35,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from runtime.request_id import REQUEST_ID, request_id_of
+from runtime.http_headers import REQUEST_ID, masked_headers, request_id_of
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -55,9 +55,6 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = frozenset({b"host", b"expect", b"x-forwarded-client-cert"})
 _NOT_FORWARDED_PREFIXES = (b"x-amzn-mtls-",)
 _NOT_RETURNED = frozenset({b"date", b"server"})
-_MASKED = frozenset(
-    {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"mlflow-tracking-token"}
-)
 
 """A caller's id is kept if it looks like one; anything else (it goes into logs) gets replaced."""
 
@@ -84,14 +81,6 @@ def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], *, also: Iterable[b
     headers = [(name.lower(), value) for name, value in headers]
     dropped = HOP_BY_HOP | connection_tokens(headers) | frozenset(also)
     return [(name, value) for name, value in headers if name not in dropped]
-
-
-def masked(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Headers for a log line: credentials replaced by `***`."""
-    return {
-        name.decode("latin-1"): "***" if name.lower() in _MASKED else value.decode("latin-1")
-        for name, value in headers
-    }
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:
@@ -236,7 +225,7 @@ class MlflowProxy:
                 reason,
                 request_id.decode(),
                 exc,
-                masked(scope.get("headers", [])),
+                masked_headers(scope.get("headers", [])),
             )
             await self._error(send, status, detail, reason, request_id)
             return
@@ -265,7 +254,7 @@ class MlflowProxy:
             response.status_code,
             (time.monotonic() - started) * 1000,
             request_id.decode(),
-            masked(scope.get("headers", [])),
+            masked_headers(scope.get("headers", [])),
         )
 
     async def _error(self, send, status: int, detail: str, reason: str, request_id: bytes) -> None:

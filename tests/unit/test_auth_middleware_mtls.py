@@ -16,8 +16,9 @@ import pytest
 from runtime import names, pem
 from runtime.api_keys import ApiKeyInfo, AuthServiceUnavailable, Validation
 from runtime.client_address import AddressPolicy, parse_networks
+from runtime.http_headers import masked_headers
 from runtime.metrics import Metrics
-from runtime.middleware import APIKeyAuthMiddleware, masked_headers, mlflow_scope
+from runtime.middleware import APIKeyAuthMiddleware, mlflow_scope
 from runtime.peer_identity import IdentityPolicy
 from runtime.rate_limit import MemoryRateLimiter
 from tests.support.certs import new_ca

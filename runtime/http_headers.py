@@ -1,13 +1,15 @@
-"""`X-Request-ID`: keep the caller's (if it looks like an ID) or make one, and pass it on.
+"""Headers the middleware and the MLflow proxy treat alike: X-Request-ID and credentials in logs.
 
-Shared by the authentication middleware and the MLflow proxy, so a request keeps one ID
-from the ALB to MLflow and back into every log line on the way.
+`X-Request-ID`: keep the caller's (if it looks like an ID) or make one, and pass it on, so a
+request keeps one ID from the ALB to MLflow and back into every log line on the way.
+Credentials never reach a log line: `masked_headers` replaces them.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 
 REQUEST_ID = b"x-request-id"
 _SANE = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -26,3 +28,16 @@ def with_request_id(scope: dict) -> tuple[dict, bytes]:
     request_id = request_id_of(scope)
     headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != REQUEST_ID]
     return {**scope, "headers": [*headers, (REQUEST_ID, request_id)]}, request_id
+
+
+MASKED = frozenset(
+    {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"mlflow-tracking-token"}
+)
+
+
+def masked_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Headers for a log line: credentials replaced by `***`."""
+    return {
+        name.decode("latin-1"): "***" if name.lower() in MASKED else value.decode("latin-1")
+        for name, value in headers
+    }
