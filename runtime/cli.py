@@ -153,6 +153,14 @@ def cmd_serve_mlflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_api(args: argparse.Namespace) -> int:
+    """The API service's mTLS side: middleware, /mlflow proxy over mTLS, /health (runtime.api_service)."""
+    from runtime.api_service import serve_api
+
+    serve_api(host=args.host, port=args.port)
+    return 0
+
+
 # --- health ----------------------------------------------------------------------------
 def cmd_health(args: argparse.Namespace) -> int:
     """The container health check: plain HTTP to the task-local health listener on 127.0.0.1.
@@ -211,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--plain-port", type=int, help=f"permissive mode; default {names.MLFLOW_PLAIN_PORT}")
     serve.add_argument("--health-port", type=int, help=f"127.0.0.1 only; default {names.MLFLOW_HEALTH_PORT}")
     serve.set_defaults(func=cmd_serve_mlflow)
+
+    api = commands.add_parser("serve-api", help="run the API service's auth middleware and /mlflow proxy")
+    api.add_argument("--host", help="default 0.0.0.0")
+    api.add_argument("--port", type=int, help=f"default {names.API_PORT}")
+    api.set_defaults(func=cmd_serve_api)
 
     health = commands.add_parser("health", help="container health check against the loopback health port")
     health.add_argument("--port", type=int, required=True)

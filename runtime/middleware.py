@@ -69,7 +69,8 @@ class APIKeyAuthMiddleware:
     ) -> None:
         """`validator` None: no API-key path at all (every caller must present a certificate).
         `plain_port`: the permissive mode's old port, whose requests are counted.
-        `required_scope(scope)`: the scope a request needs (e.g. `mlflow_scope`); None: routes decide."""
+        `required_scope(scope)`: the scope an mTLS caller needs for this request (e.g. `mlflow_scope`);
+        None: routes decide. The API-key path is left as it was: a valid key is what it checks."""
         self.app = app
         self.identities = identities
         self.addresses = addresses
@@ -179,8 +180,6 @@ class APIKeyAuthMiddleware:
         if not decision.allowed:
             self.metrics.auth(names.AUTH_PATH_API_KEY, "rate_limited")
             await _respond(scope, send, 429, "rate limit exceeded", decision.headers())
-            return
-        if not await self._has_scope(scope, send, info.scopes, names.AUTH_PATH_API_KEY):
             return
         state.update(
             user_id=info.user_id,

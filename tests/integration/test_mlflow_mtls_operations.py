@@ -10,23 +10,19 @@ from __future__ import annotations
 import json
 import os
 import ssl
-import subprocess
-import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from runtime import names, pem
 from runtime.certset import CertificateSet
 from runtime.loader import LoaderSettings, load_certificates
 from runtime.secret_store import SecretStore
 from tests.support.certs import days_ago
-from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ENV = "staging"
@@ -35,82 +31,6 @@ SCOPES = {
     "worker": ["mlflow:read", "mlflow:write"],
     "reporter": ["mlflow:read"],
 }
-
-
-@pytest.fixture(scope="module")
-def aws(tmp_path_factory):
-    """moto's Secrets Manager over HTTP, holding a verified staging set (module-wide)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    certificates = CertificateSet.issue(ENV, server_sans=("localhost", "127.0.0.1"))
-    client = boto3.client(
-        "secretsmanager",
-        region_name="us-east-1",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    SecretStore(ENV, client=client).upload(certificates)
-    yield {"endpoint": endpoint, "client": client, "set": certificates}
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(aws, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port, health = free_port(), free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))},
-        "ENVIRONMENT": ENV,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": aws["endpoint"],
-        names.ENV_CERT_DIR: str(root / "certs"),
-        names.ENV_MLFLOW_BACKEND_STORE_URI: f"sqlite:///{root}/mlflow.db",
-        names.ENV_MLFLOW_ARTIFACTS_DESTINATION: str(root / "artifacts"),
-        names.ENV_INTERNAL_CIDRS: "127.0.0.0/8",
-        "HOKUSAI_MTLS_SERVICE_SCOPES": json.dumps(SCOPES),
-        "HOKUSAI_MTLS_METRICS_SECONDS": "1",
-    }
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "runtime.cli",
-            "serve-mlflow",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--health-port",
-            str(health),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 90
-    while True:
-        if process.poll() is not None:
-            pytest.fail(
-                f"serve-mlflow exited {process.returncode}:\n{(root / 'server.log').read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health}/health", timeout=2) as response:
-                report = json.load(response)
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("serve-mlflow did not become healthy in 90 s")
-            time.sleep(0.5)
-    yield {"port": port, "health": health, "report": report, "log": root / "server.log", "root": root}
-    process.terminate()
-    process.wait(timeout=20)
 
 
 def client_env(aws, tmp_path: Path, role: str = "api") -> dict[str, str]:
@@ -250,3 +170,52 @@ def test_without_an_auth_service_a_request_without_certificate_cannot_reach_mlfl
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{mlflow_server['health']}{SEARCH}", timeout=5)
     assert missing.value.code == 404
+
+
+def served_serial(mlflow_server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_server['health']}/health", timeout=5) as response:
+        return json.load(response)["certificate"]["serial"]
+
+
+def wait_for_serial(mlflow_server, expected: str, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if served_serial(mlflow_server) == expected:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_zz_rotation_under_traffic_drops_nothing_and_a_bad_set_is_refused(mlflow_client, mlflow_server, aws):
+    """Runs last in this module: it changes the server's certificate."""
+    from mlflow import MlflowClient
+
+    client, failures, done, served = MlflowClient(), [], threading.Event(), [0]
+
+    def traffic() -> None:
+        while not done.is_set():
+            try:
+                client.search_experiments(max_results=1)
+                served[0] += 1
+            except Exception as exc:  # every failure counts
+                failures.append(repr(exc))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        server_secret = names.identity_secret_name(ENV, names.SERVER)
+        before = served_serial(mlflow_server)
+        aws["client"].put_secret_value(SecretId=server_secret, SecretString="{not json")
+        time.sleep(3)  # three refresh intervals: refused each time, the good set stays
+        assert served_serial(mlflow_server) == before
+        renewed = aws["set"].ca.issue_server(ENV, extra_sans=("localhost", "127.0.0.1"))
+        aws["client"].put_secret_value(SecretId=server_secret, SecretString=renewed.to_secret_string())
+        assert wait_for_serial(mlflow_server, f"{renewed.certificate.serial_number:x}")
+        time.sleep(1)  # traffic on the new certificate too
+    finally:
+        done.set()
+        worker.join(30)
+    assert failures == []
+    assert served[0] > 20
+    assert "certificate reload refused" not in mlflow_server["log"].read_text()  # the loader refused first
+    assert "hokusai/staging/mlflow/server-identity" in mlflow_server["log"].read_text()

@@ -184,13 +184,15 @@ def test_unknown_identity_is_forbidden(middleware, validator, ca):
     assert status == 403 and validator.calls == 0
 
 
-def test_required_scope_is_enforced_on_both_paths(middleware, ca):
+def test_required_scope_applies_to_service_identities_and_leaves_the_api_key_path_unchanged(middleware, ca):
     strict = middleware(required_scope=mlflow_scope)
-    write = http_scope(method="POST", headers=[("X-API-Key", "good-key")])
-    assert call(strict, write)[0] == 403  # the key has mlflow:read only
-    assert call(strict, http_scope(headers=[("X-API-Key", "good-key")]))[0] == 200
-    api = ca.issue_client("development", "api")
-    assert call(strict, http_scope(method="POST", extensions=tls_extension(api.certificate)))[0] == 200
+    reporter = IdentityPolicy("development", {"reporter": ["mlflow:read"]})
+    strict.identities = reporter
+    read_only = ca.issue_client("development", "reporter")
+    assert call(strict, http_scope(extensions=tls_extension(read_only.certificate)))[0] == 200
+    assert call(strict, http_scope(method="POST", extensions=tls_extension(read_only.certificate)))[0] == 403
+    # a key with only mlflow:read may still POST: the API-key path keeps its old rules
+    assert call(strict, http_scope(method="POST", headers=[("X-API-Key", "good-key")]))[0] == 200
 
 
 def test_api_key_path_answers(middleware, validator):

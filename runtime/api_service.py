@@ -1,0 +1,112 @@
+"""`hokusai-mtls serve-api`: the API service's side of the design, around the platform's own app.
+
+External callers reach it through the ALB on its plain port; every request but `/health`
+goes through `APIKeyAuthMiddleware` (the API-key path, unchanged). `/mlflow/...` is the
+seed's MLflow proxy, calling MLflow over mTLS with the API's own certificate, so MLflow
+knows the API called and never asks the auth service. The platform's application mounts at
+`/` (`HOKUSAI_API_APP=module:attribute`, optional).
+
+Start-up runs `configure_internal_mtls()` first, which also points this process's MLflow
+client at the same certificate files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+from collections.abc import Mapping, MutableMapping
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from runtime import names
+from runtime.adaptive_client import create_adaptive_client
+from runtime.api_keys import ApiKeyValidator, AuthServiceClient
+from runtime.client_address import AddressPolicy
+from runtime.inspection import days_left
+from runtime.key_cache import cache_from_environ
+from runtime.metrics import Metrics
+from runtime.middleware import APIKeyAuthMiddleware
+from runtime.mlflow_config import configure_internal_mtls
+from runtime.mlflow_proxy import mlflow_proxy_app
+from runtime.peer_identity import IdentityPolicy
+from runtime.rate_limit import limiter_from_environ
+from runtime.security_level import SecurityLevel
+from runtime.serving import Listener, Serving, every
+
+ENV_API_APP = "HOKUSAI_API_APP"
+"""`module:attribute` of the platform's ASGI app to mount at `/`; unset: only /health and /mlflow."""
+ENV_MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
+
+
+def mlflow_url(environ: Mapping[str, str], level: SecurityLevel) -> str:
+    """MLFLOW_TRACKING_URI, else the Cloud Map name: https when we hold certificates."""
+    if environ.get(ENV_MLFLOW_TRACKING_URI):
+        return environ[ENV_MLFLOW_TRACKING_URI]
+    scheme = "http" if level is SecurityLevel.INSECURE else "https"
+    return f"{scheme}://{names.mlflow_hostname(environ[names.ENV_ENVIRONMENT])}:{names.MLFLOW_PORT}"
+
+
+def _platform_app(environ: Mapping[str, str]):
+    target = environ.get(ENV_API_APP)
+    if not target:
+        return None
+    module, _, attribute = target.partition(":")
+    if not attribute:
+        raise ValueError(f"{ENV_API_APP}={target!r}: expected module:attribute")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class ApiService:
+    def __init__(self, environ: MutableMapping[str, str] = os.environ, *, store=None) -> None:
+        writable = environ  # configure_internal_mtls sets MLflow's variables in it
+        self.loaded = configure_internal_mtls(role=names.API.role, environ=writable, store=store, reload=True)
+        environment = self.loaded.settings.environment
+        self.upstream = mlflow_url(writable, self.loaded.level)
+        self.client = create_adaptive_client(environ=writable)
+        self.metrics = Metrics(environment=environment, service=names.API_SERVICE)
+        routes = [
+            Route("/health", self.health),
+            Mount("/mlflow", mlflow_proxy_app(self.upstream, self.client)),
+        ]
+        if (platform := _platform_app(writable)) is not None:
+            routes.append(Mount("/", platform))
+        auth_url = writable.get(names.ENV_AUTH_SERVICE_URL)
+        self.app = APIKeyAuthMiddleware(
+            Starlette(routes=routes),
+            identities=IdentityPolicy.from_environ({**writable, names.ENV_ENVIRONMENT: environment}),
+            addresses=AddressPolicy.from_environ(writable),
+            validator=ApiKeyValidator(AuthServiceClient(auth_url), cache_from_environ(writable))
+            if auth_url
+            else None,
+            limiter=limiter_from_environ(writable),
+            metrics=self.metrics,
+        )
+
+    async def health(self, request: Request) -> JSONResponse:
+        report = {"status": "ok", "security_level": self.loaded.level.value, "mlflow": self.upstream}
+        if self.loaded.identity is not None:
+            report["certificate"] = {"days_left": days_left(self.loaded.identity.certificate)}
+        return JSONResponse(report)
+
+    def serving(self, host: str, port: int) -> Serving:
+        return Serving(
+            [Listener("api", host, port, self.app)],
+            background=[lambda: every(60, self.metrics.flush), self._close_client_at_exit],
+        )
+
+    async def _close_client_at_exit(self) -> None:
+        try:
+            await asyncio.Event().wait()  # until Serving cancels its background jobs
+        finally:
+            await self.client.aclose()
+
+
+def serve_api(
+    *, host: str | None = None, port: int | None = None, environ: Mapping[str, str] = os.environ
+) -> None:
+    service = ApiService(environ)
+    asyncio.run(service.serving(host or "0.0.0.0", port or names.API_PORT).run())  # noqa: S104 - in its SG

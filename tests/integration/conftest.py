@@ -1,0 +1,131 @@
+"""Fixtures for the integration tests that run our servers as the containers do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from runtime import names
+from runtime.certset import CertificateSet
+from runtime.secret_store import SecretStore
+from tests.support.servers import free_port
+
+ENV = "staging"
+SCOPES = {
+    "api": ["mlflow:read", "mlflow:write"],
+    "worker": ["mlflow:read", "mlflow:write"],
+    "reporter": ["mlflow:read"],
+}
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+BIN = Path(sys.executable).parent
+
+
+def container_command(dockerfile: str) -> list[str]:
+    """ENTRYPOINT + CMD of one of our images, run here with the virtualenv's executables."""
+    entrypoint: list[str] = []
+    command: list[str] = []
+    for line in (DOCKER / dockerfile).read_text().splitlines():
+        if line.startswith("ENTRYPOINT "):
+            entrypoint = json.loads(line.removeprefix("ENTRYPOINT "))
+        elif line.startswith("CMD "):
+            command = json.loads(line.removeprefix("CMD "))
+    argv = entrypoint + command
+    return [str(BIN / argv[0]), *argv[1:]]
+
+
+def wait_healthy(process: subprocess.Popen, port: int, log: Path, seconds: float = 90) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{process.args} exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                return json.load(response)
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(
+                    f"{process.args} did not become healthy in {seconds:.0f} s:\n{log.read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+
+
+def server_environment(aws: dict, **extra: str) -> dict[str, str]:
+    """What an ECS task of ours gets, pointed at moto's Secrets Manager."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_", "AWS_"))},
+        "ENVIRONMENT": ENV,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": aws["endpoint"],
+        names.ENV_INTERNAL_CIDRS: "127.0.0.0/8",
+        "HOKUSAI_MTLS_SERVICE_SCOPES": json.dumps(SCOPES),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory):
+    """moto's Secrets Manager over HTTP, holding a verified staging set (module-wide)."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    certificates = CertificateSet.issue(ENV, server_sans=("localhost", "127.0.0.1"))
+    client = boto3.client(
+        "secretsmanager",
+        region_name="us-east-1",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    SecretStore(ENV, client=client).upload(certificates)
+    yield {"endpoint": endpoint, "client": client, "set": certificates}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(aws, tmp_path_factory):
+    """`docker/Dockerfile.mlflow`'s command, run here as ECS runs it (test-only ports added)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port, health = free_port(), free_port()
+    env = server_environment(
+        aws,
+        **{
+            names.ENV_CERT_DIR: str(root / "certs"),
+            names.ENV_MLFLOW_BACKEND_STORE_URI: f"sqlite:///{root}/mlflow.db",
+            names.ENV_MLFLOW_ARTIFACTS_DESTINATION: str(root / "artifacts"),
+            "HOKUSAI_MTLS_METRICS_SECONDS": "1",
+            "HOKUSAI_MTLS_REFRESH_SECONDS": "1",
+        },
+    )
+    log = root / "server.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [
+                *container_command("Dockerfile.mlflow"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--health-port",
+                str(health),
+            ],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    report = wait_healthy(process, health, log)
+    yield {"port": port, "health": health, "report": report, "log": log, "root": root}
+    process.terminate()
+    process.wait(timeout=20)

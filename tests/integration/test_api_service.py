@@ -1,0 +1,107 @@
+"""The API service image's command, run here: external API key in, MLflow over mTLS out.
+
+`docker/Dockerfile.api`'s ENTRYPOINT + CMD (`hokusai-mtls serve-api`) in its own process,
+with the certificates from Secrets Manager (moto), the auth service's test double, and the
+real MLflow server of `docker/Dockerfile.mlflow` behind strict mTLS.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+
+import httpx
+import pytest
+
+from runtime import names, pem
+from tests.integration.conftest import container_command, server_environment, wait_healthy
+from tests.support.auth_service import ACTIVE_KEY, FakeAuthService
+from tests.support.servers import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def auth_service():
+    service = FakeAuthService()
+    with service.serving() as base_url:
+        service.base_url = base_url
+        yield service
+
+
+@pytest.fixture(scope="module")
+def api(aws, mlflow_server, auth_service, tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    port = free_port()
+    env = server_environment(
+        aws,
+        **{
+            names.ENV_CERT_DIR: str(root / "certs"),
+            names.ENV_AUTH_SERVICE_URL: auth_service.base_url,
+            "MLFLOW_TRACKING_URI": f"https://127.0.0.1:{mlflow_server['port']}",
+        },
+    )
+    log = root / "api.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [*container_command("Dockerfile.api"), "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    report = wait_healthy(process, port, log)
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "report": report, "log": log}
+    process.terminate()
+    process.wait(timeout=20)
+
+
+SEARCH = "/mlflow/api/2.0/mlflow/experiments/search?max_results=5"
+
+
+def test_health_needs_no_key_and_reports_the_level(api):
+    assert api["report"]["status"] == "ok"
+    assert api["report"]["security_level"] == "MTLS"
+    assert 88 <= api["report"]["certificate"]["days_left"] <= 90
+
+
+def test_the_container_health_check_command_passes(api):
+    result = subprocess.run(
+        [*container_command("Dockerfile.api")[:1], "health", "--port", str(api["port"])],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_external_key_through_the_api_reaches_mlflow_over_mtls(api, auth_service):
+    calls_before = auth_service.calls
+    created = httpx.post(
+        f"{api['url']}/mlflow/api/2.0/mlflow/experiments/create",
+        json={"name": "via-api-proxy"},
+        headers={"X-API-Key": ACTIVE_KEY},
+        timeout=30,
+    )
+    assert created.status_code == 200, created.text
+    found = httpx.get(f"{api['url']}{SEARCH}", headers={"Authorization": f"Bearer {ACTIVE_KEY}"}, timeout=30)
+    assert found.status_code == 200
+    assert "via-api-proxy" in {e["name"] for e in found.json()["experiments"]}
+    # the API validated the key once (then its cache); MLflow, reached with the API's
+    # certificate, never needed the auth service (it has none configured at all)
+    assert auth_service.calls - calls_before <= 1
+    assert found.headers["x-request-id"]
+
+
+def test_no_key_no_entry(api):
+    assert httpx.get(f"{api['url']}{SEARCH}", timeout=30).status_code == 401
+
+
+def test_mlflow_still_refuses_direct_callers_without_a_certificate(mlflow_server, aws):
+    context = ssl.create_default_context(cadata=pem.bundle_pem(aws["set"].trust_bundle).decode())
+    with pytest.raises(httpx.TransportError):
+        httpx.get(
+            f"https://127.0.0.1:{mlflow_server['port']}/api/2.0/mlflow/experiments/search",
+            verify=context,
+            timeout=10,
+        )

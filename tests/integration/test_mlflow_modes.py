@@ -1,0 +1,121 @@
+"""The migration modes of serve-mlflow: permissive (old plain port beside mTLS) and off (rollback)."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import urllib.request
+
+import httpx
+import pytest
+
+from runtime import names, pem
+from tests.integration.conftest import container_command, server_environment, wait_healthy
+from tests.support.auth_service import ACTIVE_KEY, FakeAuthService
+from tests.support.servers import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+@pytest.fixture(scope="module")
+def auth_service():
+    service = FakeAuthService()
+    with service.serving() as base_url:
+        service.base_url = base_url
+        yield service
+
+
+def start(aws, auth_service, root, mode: str) -> tuple[subprocess.Popen, dict]:
+    ports = {"port": free_port(), "plain": free_port(), "health": free_port()}
+    env = server_environment(
+        aws,
+        **{
+            names.ENV_CERT_DIR: str(root / "certs"),
+            names.ENV_MLFLOW_BACKEND_STORE_URI: f"sqlite:///{root}/mlflow.db",
+            names.ENV_AUTH_SERVICE_URL: auth_service.base_url,
+            names.ENV_MTLS_MODE: mode,
+            names.ENV_ENABLE_MTLS: "false" if mode == names.MTLS_MODE_OFF else "true",
+        },
+    )
+    with (root / "server.log").open("w") as output:
+        process = subprocess.Popen(
+            [
+                *container_command("Dockerfile.mlflow"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["port"]),
+                "--plain-port",
+                str(ports["plain"]),
+                "--health-port",
+                str(ports["health"]),
+            ],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    ports["report"] = wait_healthy(process, ports["health"], root / "server.log")
+    return process, ports
+
+
+def running(aws, auth_service, tmp_path_factory, mode: str):
+    process, ports = start(aws, auth_service, tmp_path_factory.mktemp(mode), mode)
+    yield {"mode": mode, **ports}
+    process.terminate()
+    process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def permissive(aws, auth_service, tmp_path_factory):
+    yield from running(aws, auth_service, tmp_path_factory, names.MTLS_MODE_PERMISSIVE)
+
+
+@pytest.fixture(scope="module")
+def rollback(aws, auth_service, tmp_path_factory):
+    yield from running(aws, auth_service, tmp_path_factory, names.MTLS_MODE_OFF)
+
+
+def mtls_context(aws) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=pem.bundle_pem(aws["set"].trust_bundle).decode())
+    api = aws["set"].identities["api"]
+    path = aws["tmp"] / "api.pem"
+    path.write_bytes(api.combined_pem())
+    context.load_cert_chain(str(path))
+    return context
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tmp(aws, tmp_path_factory):
+    aws["tmp"] = tmp_path_factory.mktemp("clients")
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['health']}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_permissive_serves_both_ports_and_counts_the_old_one(permissive, aws):
+    server = permissive
+    plain = f"http://127.0.0.1:{server['plain']}{SEARCH}"
+    assert httpx.get(plain).status_code == 401
+    assert httpx.get(plain, headers={"X-API-Key": ACTIVE_KEY}).status_code == 200
+    assert (
+        httpx.get(f"https://127.0.0.1:{server['port']}{SEARCH}", verify=mtls_context(aws)).status_code == 200
+    )
+    assert metric(server, "hokusai_mtls_plain_port_requests_total") == 2
+    assert metric(server, "hokusai_mtls_internal_api_key_requests_total") == 2  # 127.0.0.1 is internal here
+    assert server["report"]["security_level"] == "MTLS"
+
+
+def test_off_is_plain_http_with_the_api_key_path_only(rollback, aws):
+    server = rollback
+    url = f"http://127.0.0.1:{server['port']}{SEARCH}"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"X-API-Key": ACTIVE_KEY}).status_code == 200
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"https://127.0.0.1:{server['port']}{SEARCH}", verify=mtls_context(aws))
+    assert server["report"]["security_level"] == "INSECURE"
