@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+
+from cryptography import x509
 
 from runtime import names
 from runtime.api_keys import ApiKeyValidator, AuthServiceUnavailable, extract_api_key, fingerprint
@@ -28,6 +30,7 @@ from runtime.client_address import AddressPolicy
 from runtime.http_headers import REQUEST_ID, with_request_id
 from runtime.metrics import Metrics
 from runtime.peer_identity import IdentityPolicy, ServiceIdentity, peer_certificate
+from runtime.proxy_certificate import forwarded_certificate
 from runtime.rate_limit import RateDecision
 
 log = logging.getLogger("hokusai_mtls.auth")
@@ -66,11 +69,14 @@ class APIKeyAuthMiddleware:
         plain_port: int | None = None,
         excluded_paths: Iterable[str] = ("/health",),
         required_scope: Callable[[dict], str | None] | None = None,
+        proxy_trust_bundle: Sequence[x509.Certificate] = (),
     ) -> None:
         """`validator` None: no API-key path at all (every caller must present a certificate).
         `plain_port`: the permissive mode's old port, whose requests are counted.
         `required_scope(scope)`: the scope an mTLS caller needs for this request (e.g. `mlflow_scope`);
-        None: routes decide. The API-key path is left as it was: a valid key is what it checks."""
+        None: routes decide. The API-key path is left as it was: a valid key is what it checks.
+        `proxy_trust_bundle`: accept client certificates forwarded by trusted proxies
+        (X-Amzn-Mtls-Clientcert, X-Forwarded-Client-Cert) that verify against it; empty: never."""
         self.app = app
         self.identities = identities
         self.addresses = addresses
@@ -81,6 +87,7 @@ class APIKeyAuthMiddleware:
         self.plain_port = plain_port
         self.excluded_paths = tuple(excluded_paths)
         self.required_scope = required_scope
+        self.proxy_trust_bundle = tuple(proxy_trust_bundle)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -104,10 +111,18 @@ class APIKeyAuthMiddleware:
         return self.addresses.is_internal(self.addresses.client_address(peer, forwarded))
 
     def _verify_mtls_certificate(self, scope) -> tuple[bool, ServiceIdentity | None]:
-        """(a verified certificate is present, the configured identity it names or None)."""
+        """(a verified certificate is present, the configured identity it names or None).
+
+        The certificate comes from our TLS layer, or (with `proxy_trust_bundle`) from the
+        forwarding headers of a trusted proxy, verified again against that bundle.
+        """
         if not self.enable_mtls:
             return False, None
         certificate = peer_certificate(scope)
+        if certificate is None and self.proxy_trust_bundle:
+            peer = (scope.get("client") or (None, None))[0]
+            if self.addresses.peer_is_trusted_proxy(peer):
+                certificate = forwarded_certificate(scope, self.proxy_trust_bundle)
         if certificate is None:
             return False, None
         return True, self.identities.identify(certificate)

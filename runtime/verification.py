@@ -135,10 +135,32 @@ def verify_identity(
     """Verify a leaf and its key for `kind`; return the CA that issued it.
 
     `hostname` (servers) is the name clients dial; `spiffe_id` (clients) the URI SAN
-    the certificate must carry for the identity it is stored under.
+    the certificate must carry for the identity it is stored under. (That the key belongs
+    to the certificate, `TLSIdentity` checked when it was made.)
     """
+    return verify_certificate(
+        identity.certificate,
+        bundle,
+        kind=kind,
+        hostname=hostname,
+        spiffe_id=spiffe_id,
+        now=now,
+        source=identity.source,
+    )
+
+
+def verify_certificate(
+    certificate: x509.Certificate,
+    bundle: Sequence[x509.Certificate],
+    *,
+    kind: Kind,
+    hostname: str | None = None,
+    spiffe_id: str | None = None,
+    now: dt.datetime | None = None,
+    source: str = "certificate",
+) -> x509.Certificate:
+    """`verify_identity` without the key: for a certificate someone else holds the key of."""
     now = now or dt.datetime.now(dt.UTC)
-    certificate, source = identity.certificate, identity.source  # key match: checked by TLSIdentity
     check_trust_bundle(bundle, f"{source} trust bundle")
     issuer = find_issuer(certificate, bundle, source)
     check_validity(issuer, f"{source} issuing CA", now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+from urllib.parse import quote
 
 import pytest
 
@@ -254,3 +255,45 @@ def test_service_scopes_come_from_configuration():
         IdentityPolicy.from_environ(
             {names.ENV_ENVIRONMENT: "development", "HOKUSAI_MTLS_SERVICE_SCOPES": "{"}
         )
+
+
+# --- certificates forwarded by a trusted proxy ----------------------------------------------------
+def forwarded(certificate) -> str:
+    return quote(pem.certificate_pem(certificate).decode(), safe="")
+
+
+@pytest.mark.parametrize("header", ["alb", "xfcc"])
+def test_a_trusted_proxys_forwarded_certificate_is_verified_then_used(middleware, validator, ca, header):
+    api = ca.issue_client("development", "api")
+    value = forwarded(api.certificate)
+    headers = (
+        [("X-Amzn-Mtls-Clientcert", value)]
+        if header == "alb"
+        else [
+            (
+                "X-Forwarded-Client-Cert",
+                f'By=spiffe://x;Cert="{forwarded(new_ca().certificate)}",Hash=1;Cert="{value}"',
+            )
+        ]
+    )
+    status, _, body = call(
+        middleware(proxy_trust_bundle=[ca.certificate]), http_scope(peer="10.0.100.7", headers=headers)
+    )
+    assert status == 200 and "'auth_path': 'mtls'" in body.decode() and validator.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("peer", "issuer", "configured"),
+    [
+        ("203.0.113.9", "ours", True),  # a client wrote the header itself
+        ("10.0.100.7", "foreign", True),  # our proxy, but a certificate we do not trust
+        ("10.0.100.7", "ours", False),  # our proxy, but forwarding is not switched on
+    ],
+)
+def test_forwarded_certificates_need_our_proxy_our_ca_and_the_switch(
+    middleware, ca, peer, issuer, configured
+):
+    signer = ca if issuer == "ours" else new_ca()
+    headers = [("X-Amzn-Mtls-Clientcert", forwarded(signer.issue_client("development", "api").certificate))]
+    options = {"proxy_trust_bundle": [ca.certificate]} if configured else {}
+    assert call(middleware(**options), http_scope(peer=peer, headers=headers))[0] == 401
