@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from runtime import names
+from runtime import names, pem
 from runtime.adaptive_client import create_adaptive_client
 from runtime.api_keys import ApiKeyValidator, AuthServiceClient
 from runtime.client_address import AddressPolicy
@@ -75,16 +75,24 @@ class ApiService:
         if (platform := _platform_app(writable)) is not None:
             routes.append(Mount("/", platform))
         auth_url = writable.get(names.ENV_AUTH_SERVICE_URL)
+        validator = (
+            ApiKeyValidator(AuthServiceClient(auth_url), cache_from_environ(writable)) if auth_url else None
+        )
+        addresses = AddressPolicy.from_environ(writable)
         self.app = APIKeyAuthMiddleware(
             Starlette(routes=routes),
             identities=IdentityPolicy.from_environ({**writable, names.ENV_ENVIRONMENT: environment}),
-            addresses=AddressPolicy.from_environ(writable),
-            validator=ApiKeyValidator(AuthServiceClient(auth_url), cache_from_environ(writable))
-            if auth_url
-            else None,
+            addresses=addresses,
+            validator=validator,
             limiter=limiter_from_environ(writable),
             metrics=self.metrics,
+            # Behind an ALB doing mTLS, services may call the API with their certificates too.
+            proxy_trust_bundle=self._bundle() if addresses.trusted_proxies else (),
         )
+
+    def _bundle(self) -> list:
+        path = self.loaded.files.get(names.CA_BUNDLE_FILE)
+        return pem.load_certificates(path.read_bytes(), str(path)) if path else []
 
     async def health(self, request: Request) -> JSONResponse:
         report = {"status": "ok", "security_level": self.loaded.level.value, "mlflow": self.upstream}
