@@ -1,4 +1,4 @@
-"""Headers the middleware and the MLflow proxy treat alike: X-Request-ID and credentials in logs.
+"""What the middleware and the MLflow proxy do alike: X-Request-ID, credentials in logs, JSON errors.
 
 `X-Request-ID`: keep the caller's (if it looks like an ID) or make one, and pass it on, so a
 request keeps one ID from the ALB to MLflow and back into every log line on the way.
@@ -7,6 +7,7 @@ Credentials never reach a log line: `masked_headers` replaces them.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterable
@@ -41,3 +42,20 @@ def masked_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
         name.decode("latin-1"): "***" if name.lower() in MASKED else value.decode("latin-1")
         for name, value in headers
     }
+
+
+async def send_json(send, status: int, body: dict, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """A complete JSON response (our errors: 401/403/429/503 from the middleware, 502-504 from the proxy)."""
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

@@ -17,7 +17,6 @@ already there under our names are dropped first.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,7 +26,7 @@ from cryptography import x509
 from runtime import names
 from runtime.api_keys import ApiKeyValidator, AuthServiceUnavailable, extract_api_key, fingerprint
 from runtime.client_address import AddressPolicy
-from runtime.http_headers import REQUEST_ID, with_request_id
+from runtime.http_headers import REQUEST_ID, send_json, with_request_id
 from runtime.metrics import Metrics
 from runtime.peer_identity import IdentityPolicy, ServiceIdentity, peer_certificate
 from runtime.proxy_certificate import forwarded_certificate
@@ -236,16 +235,4 @@ async def _respond(scope, send, status: int, detail: str, headers: list[tuple[by
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})
         return
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, status, {"detail": detail}, headers)

@@ -23,7 +23,6 @@ Upstream failures become JSON errors that name the upstream host and nothing sec
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -35,7 +34,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from runtime.http_headers import REQUEST_ID, masked_headers, request_id_of
+from runtime.http_headers import REQUEST_ID, masked_headers, request_id_of, send_json
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -258,26 +257,13 @@ class MlflowProxy:
         )
 
     async def _error(self, send, status: int, detail: str, reason: str, request_id: bytes) -> None:
-        body = json.dumps(
-            {
-                "detail": detail,
-                "upstream": self.upstream_host,
-                "reason": reason,
-                "request_id": request_id.decode(),
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (REQUEST_ID, request_id),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        body = {
+            "detail": detail,
+            "upstream": self.upstream_host,
+            "reason": reason,
+            "request_id": request_id.decode(),
+        }
+        await send_json(send, status, body, [(REQUEST_ID, request_id)])
 
 
 async def _relay(response: httpx.Response, receive, send, request_id: bytes) -> BaseException | None:

@@ -17,6 +17,7 @@ from moto.server import ThreadedMotoServer
 from runtime import names
 from runtime.certset import CertificateSet
 from runtime.secret_store import SecretStore
+from tests.support.auth_service import FakeAuthService
 from tests.support.servers import free_port
 
 ENV = "staging"
@@ -129,3 +130,12 @@ def mlflow_server(aws, tmp_path_factory):
     yield {"port": port, "health": health, "report": report, "log": log, "root": root}
     process.terminate()
     process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def auth_service():
+    """The external auth service's test double (we do not own the real one), module-wide."""
+    service = FakeAuthService()
+    with service.serving() as base_url:
+        service.base_url = base_url
+        yield service

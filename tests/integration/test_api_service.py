@@ -15,18 +15,10 @@ import pytest
 
 from runtime import names, pem
 from tests.integration.conftest import container_command, server_environment, wait_healthy
-from tests.support.auth_service import ACTIVE_KEY, FakeAuthService
+from tests.support.auth_service import ACTIVE_KEY
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def auth_service():
-    service = FakeAuthService()
-    with service.serving() as base_url:
-        service.base_url = base_url
-        yield service
 
 
 @pytest.fixture(scope="module")
