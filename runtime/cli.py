@@ -149,7 +149,7 @@ def cmd_serve_mlflow(args: argparse.Namespace) -> int:
     """MLflow's tracking server behind our mTLS listeners (runtime.mlflow_server)."""
     from runtime.mlflow_server import serve_mlflow  # imports MLflow: only for this command
 
-    serve_mlflow(host=args.host, port=args.port, plain_port=args.plain_port, health_port=args.health_port)
+    serve_mlflow(host=args.host, port=args.port, health_port=args.health_port)
     return 0
 
 
@@ -216,7 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="default 0.0.0.0")
     serve.add_argument("--port", type=int, help=f"default {names.MLFLOW_PORT}")
-    serve.add_argument("--plain-port", type=int, help=f"permissive mode; default {names.MLFLOW_PLAIN_PORT}")
     serve.add_argument("--health-port", type=int, help=f"127.0.0.1 only; default {names.MLFLOW_HEALTH_PORT}")
     serve.set_defaults(func=cmd_serve_mlflow)
 

@@ -65,13 +65,13 @@ class APIKeyAuthMiddleware:
         limiter,
         metrics: Metrics,
         enable_mtls: bool = True,
-        plain_port: int | None = None,
+        count_plain: bool = False,
         excluded_paths: Iterable[str] = ("/health",),
         required_scope: Callable[[dict], str | None] | None = None,
         proxy_trust_bundle: Sequence[x509.Certificate] = (),
     ) -> None:
         """`validator` None: no API-key path at all (every caller must present a certificate).
-        `plain_port`: the permissive mode's old port, whose requests are counted.
+        `count_plain`: count requests that arrive without TLS (the permissive mode's old clients).
         `required_scope(scope)`: the scope an mTLS caller needs for this request (e.g. `mlflow_scope`);
         None: routes decide. The API-key path is left as it was: a valid key is what it checks.
         `proxy_trust_bundle`: accept client certificates forwarded by trusted proxies
@@ -83,7 +83,7 @@ class APIKeyAuthMiddleware:
         self.limiter = limiter
         self.metrics = metrics
         self.enable_mtls = enable_mtls
-        self.plain_port = plain_port
+        self.count_plain = count_plain
         self.excluded_paths = tuple(excluded_paths)
         self.required_scope = required_scope
         self.proxy_trust_bundle = tuple(proxy_trust_bundle)
@@ -129,7 +129,7 @@ class APIKeyAuthMiddleware:
     async def dispatch(self, scope, receive, send, request_id: str) -> None:
         state = {k: v for k, v in (scope.get("state") or {}).items() if k not in STATE_KEYS}
         scope = {**scope, "state": state}
-        if self.plain_port is not None and (scope.get("server") or (None, None))[1] == self.plain_port:
+        if self.count_plain and scope.get("scheme") in ("http", "ws"):
             self.metrics.plain_port_request()
 
         has_certificate, identity = self._verify_mtls_certificate(scope)

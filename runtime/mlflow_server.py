@@ -8,7 +8,8 @@ MLflow minor is pinned) and then serves `mlflow.server.fastapi_app:app`, wrapped
 `APIKeyAuthMiddleware`, on `runtime.serving` listeners:
 
 - strict:     mTLS on MLFLOW_PORT (client certificate required at the handshake);
-- permissive: that, plus the old plain-HTTP port MLFLOW_PLAIN_PORT (API-key path, counted);
+- permissive: mTLS and plain HTTP on the same MLFLOW_PORT, told apart by the first byte, so
+              old clients keep their http:// URL (API-key path, counted) while others move to https://;
 - off:        plain HTTP on MLFLOW_PORT, API-key path only (ENABLE_MTLS_AUTH=false, rollback);
 always a loopback-only health listener on MLFLOW_HEALTH_PORT (`/health`, `/metrics`) for the
 container health check, which has no client certificate.
@@ -54,7 +55,6 @@ class MlflowServerSettings:
     artifacts_destination: str | None = None
     host: str = "0.0.0.0"  # noqa: S104 - the task's own network interface, inside its security group
     port: int = names.MLFLOW_PORT
-    plain_port: int = names.MLFLOW_PLAIN_PORT
     health_port: int = names.MLFLOW_HEALTH_PORT
     refresh_seconds: float = 300
     metrics_seconds: float = 60
@@ -157,7 +157,7 @@ class MlflowServer:
             limiter=limiter_from_environ(environ),
             metrics=self.metrics,
             enable_mtls=self.tls is not None,
-            plain_port=settings.plain_port if permissive else None,
+            count_plain=permissive,
             required_scope=mlflow_scope,
         )
         self.serving = Serving(self._listeners(), background=[self._refresh_loop, self._metrics_loop])
@@ -169,9 +169,18 @@ class MlflowServer:
             if s.mode != names.MTLS_MODE_OFF:
                 log.warning("mTLS mode %s but no certificates (development): serving plain HTTP", s.mode)
             return [Listener("plain", s.host, s.port, self.app), health]
-        listeners = [Listener("mtls", s.host, s.port, self.app, self.tls, self.metrics.handshake_completed)]
-        if s.mode == names.MTLS_MODE_PERMISSIVE:
-            listeners.append(Listener("plain (permissive)", s.host, s.plain_port, self.app))
+        permissive = s.mode == names.MTLS_MODE_PERMISSIVE
+        listeners = [
+            Listener(
+                "mtls" + (" + plain (permissive)" if permissive else ""),
+                s.host,
+                s.port,
+                self.app,
+                self.tls,
+                self.metrics.handshake_completed,
+                plain_too=permissive,
+            )
+        ]
         return [*listeners, health]
 
     # --- background ----------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """Run one ASGI app on several uvicorn listeners in one process: mTLS, plain, health.
 
-uvicorn serves one socket configuration per `Server`; we need up to three for the same
-app (the mTLS port, the permissive mode's plain port, and a loopback-only health port),
-so each listener gets a `Server` and they share the event loop. Signals are handled once
-here for all of them (uvicorn's per-server handlers would overwrite each other), and the
-app's lifespan runs once, on the first listener.
+uvicorn serves one socket configuration per `Server`; we need several for the same app
+(the service port, a loopback-only health port), so each listener gets a `Server` and they
+share the event loop. Signals are handled once here for all of them (uvicorn's per-server
+handlers would overwrite each other), and the app's lifespan runs once, on the first listener.
+
+The permissive migration serves TLS and plain HTTP on the SAME port (`Listener.plain_too`),
+so old clients keep dialing `http://mlflow...:5000` while new ones switch to `https://` on
+the same address: we accept the connection ourselves, peek at its first byte (a TLS
+handshake starts with 0x16, HTTP with a method name), and hand it to the TLS or the plain
+uvicorn protocol (the way Istio's permissive mode tells them apart).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import uvicorn
 
@@ -35,6 +42,8 @@ class Listener:
     """None: plain HTTP. Otherwise TLS that requires a client certificate."""
     on_tls_connection: Callable[[], None] | None = None
     """Called for every completed TLS handshake (metrics)."""
+    plain_too: bool = False
+    """With `tls`: plain HTTP on the same port as well, told apart by the first byte."""
 
 
 class _ListenerServer(uvicorn.Server):
@@ -78,10 +87,20 @@ class Serving:
     ) -> None:
         self.listeners = list(listeners)
         self.background = list(background)
-        self.servers = [
-            _ListenerServer(_config(listener, lifespan="auto" if index == 0 else "off"))
-            for index, listener in enumerate(self.listeners)
-        ]
+        self.servers: list[_ListenerServer] = []
+        self._plan: list[tuple[_ListenerServer, list | None]] = []  # (server, sockets for serve())
+        self._sniffing: list[tuple[Listener, _ListenerServer, _ListenerServer]] = []
+        for index, listener in enumerate(self.listeners):
+            lifespan = "auto" if index == 0 else "off"
+            server = _ListenerServer(_config(listener, lifespan=lifespan))
+            if listener.plain_too and listener.tls is not None:
+                twin = _ListenerServer(_config(replace(listener, tls=None), lifespan="off"))
+                self._plan += [(server, []), (twin, [])]  # no sockets: the sniffing acceptor feeds them
+                self._sniffing.append((listener, server, twin))
+                self.servers += [server, twin]
+            else:
+                self._plan.append((server, None))
+                self.servers.append(server)
         self.started = threading.Event()
 
     def stop(self) -> None:
@@ -93,10 +112,7 @@ class Serving:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 loop.add_signal_handler(sig, self.stop)
-        serving = [
-            asyncio.create_task(server.serve(), name=f"listener-{listener.name}")
-            for server, listener in zip(self.servers, self.listeners, strict=True)
-        ]
+        serving = [asyncio.create_task(server.serve(sockets=sockets)) for server, sockets in self._plan]
         jobs = [asyncio.create_task(job(), name="background") for job in self.background]
         try:
             while not all(server.started for server in self.servers):
@@ -104,8 +120,12 @@ class Serving:
                     break  # a listener failed to start; uvicorn logged why
                 await asyncio.sleep(0.01)
             else:
+                jobs += [asyncio.create_task(_sniff(*entry)) for entry in self._sniffing]
+                await asyncio.sleep(0)  # let the sniffing acceptors bind before we say we started
                 for listener in self.listeners:
                     kind = "mTLS, client certificate required" if listener.tls else "plain HTTP"
+                    if listener.plain_too:
+                        kind += ", and plain HTTP on the same port (permissive)"
                     log.info("listening: %s on %s:%d (%s)", listener.name, listener.host, listener.port, kind)
                 self.started.set()
             await asyncio.gather(*serving)
@@ -114,6 +134,62 @@ class Serving:
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
+
+
+SNIFF_TIMEOUT_SECONDS = 10
+"""A connection that sends nothing for this long (a TCP health probe) is closed."""
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+def _protocol_factory(server: _ListenerServer) -> Callable[[], asyncio.Protocol]:
+    config = server.config
+    return lambda: config.http_protocol_class(
+        config=config, server_state=server.server_state, app_state=server.lifespan.state
+    )
+
+
+async def _first_byte(loop: asyncio.AbstractEventLoop, connection: socket.socket) -> bytes:
+    """Wait until `connection` is readable and peek at its first byte without consuming it."""
+    readable = loop.create_future()
+    loop.add_reader(connection.fileno(), lambda: readable.done() or readable.set_result(None))
+    try:
+        await asyncio.wait_for(readable, SNIFF_TIMEOUT_SECONDS)
+    finally:
+        loop.remove_reader(connection.fileno())
+    return connection.recv(1, socket.MSG_PEEK)
+
+
+async def _route(connection: socket.socket, tls_listener: Listener, tls_server, plain_server) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        first = await _first_byte(loop, connection)
+        if not first:
+            connection.close()
+            return
+        if first[0] == TLS_HANDSHAKE_RECORD:
+            await loop.connect_accepted_socket(
+                _protocol_factory(tls_server), sock=connection, ssl=tls_listener.tls.front
+            )
+        else:
+            await loop.connect_accepted_socket(_protocol_factory(plain_server), sock=connection)
+    except (OSError, TimeoutError, ssl.SSLError):  # silent client, refused handshake, reset
+        connection.close()
+
+
+async def _sniff(listener: Listener, tls_server: _ListenerServer, plain_server: _ListenerServer) -> None:
+    """Accept on `listener`'s port and route each connection by its first byte."""
+    loop = asyncio.get_running_loop()
+    sock = socket.create_server((listener.host, listener.port), backlog=2048)
+    sock.setblocking(False)
+    routing: set[asyncio.Task] = set()
+    try:
+        while True:
+            connection, _ = await loop.sock_accept(sock)
+            task = asyncio.create_task(_route(connection, listener, tls_server, plain_server))
+            routing.add(task)
+            task.add_done_callback(routing.discard)
+    finally:
+        sock.close()
 
 
 async def every(seconds: float, action: Callable[[], object]) -> None:

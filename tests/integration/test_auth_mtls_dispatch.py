@@ -78,7 +78,7 @@ def stack(tmp_path, development_set, auth_service):
         validator=validator,
         limiter=MemoryRateLimiter(),
         metrics=metrics,
-        plain_port=plain_port,
+        count_plain=True,
     )
     serving = Serving(
         [

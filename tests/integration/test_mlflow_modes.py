@@ -19,7 +19,7 @@ SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
 def start(aws, auth_service, root, mode: str) -> tuple[subprocess.Popen, dict]:
-    ports = {"port": free_port(), "plain": free_port(), "health": free_port()}
+    ports = {"port": free_port(), "health": free_port()}
     env = server_environment(
         aws,
         **{
@@ -38,8 +38,6 @@ def start(aws, auth_service, root, mode: str) -> tuple[subprocess.Popen, dict]:
                 "127.0.0.1",
                 "--port",
                 str(ports["port"]),
-                "--plain-port",
-                str(ports["plain"]),
                 "--health-port",
                 str(ports["health"]),
             ],
@@ -90,9 +88,9 @@ def metric(server, name: str) -> float:
     return 0.0
 
 
-def test_permissive_serves_both_ports_and_counts_the_old_one(permissive, aws):
+def test_permissive_serves_old_and_new_clients_on_one_port_and_counts_the_old(permissive, aws):
     server = permissive
-    plain = f"http://127.0.0.1:{server['plain']}{SEARCH}"
+    plain = f"http://127.0.0.1:{server['port']}{SEARCH}"  # the same port as mTLS: old URLs keep working
     assert httpx.get(plain).status_code == 401
     assert httpx.get(plain, headers={"X-API-Key": ACTIVE_KEY}).status_code == 200
     assert (

@@ -204,3 +204,29 @@ def test_a_ca_removed_from_the_bundle_stops_being_trusted_without_restart(
         get(stale, port)  # refused at the handshake: a client of the removed CA gets no answer
     with httpx.Client(verify=new_api) as current:
         assert get(current, port)["tls"]["client_cert_name"].startswith("CN=api")
+
+
+@pytest.fixture
+def permissive_server(tmp_path, development_set):
+    tls = ReloadableServerContext(
+        server_files(tmp_path / "server", development_set.identities["server"], development_set.trust_bundle)
+    )
+    port = free_port()
+    with running(Serving([Listener("permissive", "127.0.0.1", port, echo_tls, tls, plain_too=True)])):
+        yield port
+
+
+def test_permissive_serves_tls_and_plain_http_on_one_port(permissive_server, tmp_path, development_set):
+    with client_for(tmp_path, development_set, "api") as client:
+        assert get(client, permissive_server)["tls"]["client_cert_name"].startswith("CN=api")
+    assert httpx.get(f"http://127.0.0.1:{permissive_server}/").json() == {"tls": None}
+    anonymous = client_for(tmp_path, development_set, None, name="anonymous")
+    with anonymous, pytest.raises(httpx.TransportError):  # TLS still requires a certificate
+        get(anonymous, permissive_server)
+
+
+def test_permissive_closes_a_connection_that_never_speaks(permissive_server, monkeypatch):
+    monkeypatch.setattr("runtime.serving.SNIFF_TIMEOUT_SECONDS", 0.2)
+    with socket.create_connection(("127.0.0.1", permissive_server), timeout=5) as silent:
+        silent.settimeout(12)
+        assert silent.recv(1) == b""  # closed by the server, not left hanging
