@@ -23,9 +23,11 @@ TMP_DIR = "/tmp"  # noqa: S108 - a task-local volume, not a shared host director
 CONTAINER_NAME = "app"
 
 ECS2_REASON = (
-    "The environment holds names, modes and paths only (ENVIRONMENT, ENABLE_MTLS_AUTH, HOKUSAI_MTLS_*, "
-    "MLFLOW_ARTIFACTS_DESTINATION): no secret values. The certificates are fetched by the loader with the "
-    "task role and the MLflow backend store URI is injected from Secrets Manager with `secrets=`."
+    "The environment holds names, modes, paths, network ranges, scopes and the auth service's URL only "
+    "(ENVIRONMENT, ENABLE_MTLS_AUTH, HOKUSAI_MTLS_*, MLFLOW_ARTIFACTS_DESTINATION, AUTH_SERVICE_URL, which the "
+    "settings refuse with credentials): no secret values. The certificates are fetched by the loader with "
+    "the task role; the MLflow backend store URI and REDIS_URL are injected from Secrets Manager with "
+    "`secrets=`."
 )
 
 
@@ -75,13 +77,19 @@ class MtlsTaskDefinition(Construct):
         """`ports`: container ports to map (TCP); the first is the service's main port.
         `health_check_port`: run `hokusai-mtls health --port N` as the container health check
         (a plain-HTTP listener on 127.0.0.1 inside the task); None: no health check.
-        `extra_environment` may not redefine a variable of the mTLS contract."""
+        `extra_environment` may not redefine a variable of the mTLS contract, and no variable may be
+        both in the environment and in `secrets` (injected from Secrets Manager by the execution role)."""
         super().__init__(scope, construct_id)
         contract = mtls_environment(environment=environment, identity=identity, mtls_mode=mtls_mode)
         clash = sorted(set(contract) & set(extra_environment or {}))
         if clash:
             raise ValueError(f"extra_environment may not redefine {', '.join(clash)}")
         self.environment_variables = MappingProxyType({**contract, **(extra_environment or {})})
+        both = sorted(set(self.environment_variables) & set(secrets or {}))
+        if both:
+            raise ValueError(
+                f"{', '.join(both)}: a variable is either a secret or in the environment, not both"
+            )
 
         self.task_role = iam.Role(
             self,

@@ -34,6 +34,9 @@ ENV_AUTH_SERVICE_URL = "AUTH_SERVICE_URL"
 """The external auth service that validates API keys (the API-key path); unset: no API-key path."""
 ENV_REDIS_URL = "REDIS_URL"
 """Redis for the API-key cache and rate limit, shared by instances; unset: in-memory."""
+ENV_SERVICE_SCOPES = "HOKUSAI_MTLS_SERVICE_SCOPES"
+"""JSON object service -> list of scopes, e.g. {"api": ["mlflow:read", "mlflow:write"]}; unset: the
+runtime's default (`runtime.peer_identity.DEFAULT_SERVICE_SCOPES`)."""
 ENV_SECURITY_LEVEL = "HOKUSAI_MTLS_SECURITY_LEVEL"
 """Exported by the loader so the serving process can report what it runs with."""
 

@@ -19,9 +19,7 @@ from cryptography import x509
 from runtime import names
 from runtime.asgi_tls import TLS_EXTENSION
 from runtime.inspection import uris
-
-ENV_SERVICE_SCOPES = "HOKUSAI_MTLS_SERVICE_SCOPES"
-"""JSON object service -> list of scopes, e.g. {"api": ["mlflow:read", "mlflow:write"]}."""
+from runtime.names import ENV_SERVICE_SCOPES
 
 DEFAULT_SERVICE_SCOPES: dict[str, tuple[str, ...]] = {
     names.API_SERVICE: ("mlflow:read", "mlflow:write"),

@@ -9,6 +9,7 @@ done here (README: "Deploying").
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -128,27 +129,33 @@ class ServicesStack(Stack):
         backend_store = secretsmanager.Secret.from_secret_name_v2(
             self, "MlflowBackendStore", settings.mlflow.backend_store_secret_name
         )
-        # Both servers decide internal vs external callers, and whose X-Forwarded-For to read.
-        addresses = {
+        # Both servers decide internal vs external callers, and whose X-Forwarded-For to read,
+        # and both run the API-key path (auth service, shared cache and rate limit) and map
+        # certificates to scopes. Workers serve nothing: they get none of this.
+        serving = {
             names.ENV_INTERNAL_CIDRS: ",".join(settings.internal_cidrs),
             names.ENV_TRUSTED_PROXY_CIDRS: ",".join(settings.trusted_proxy_cidrs),
+            **self._authentication_environment(settings),
         }
+        serving_secrets = self._authentication_secrets(settings)
         options: dict[str, dict[str, Any]] = {
             names.MLFLOW_SERVICE: {
                 "ports": mlflow_ports(settings.mtls_mode),
                 "health_check_port": names.MLFLOW_HEALTH_PORT,
                 "extra_environment": {
                     names.ENV_MLFLOW_ARTIFACTS_DESTINATION: settings.mlflow.artifacts_destination,
-                    **addresses,
+                    **serving,
                 },
                 "secrets": {
-                    names.ENV_MLFLOW_BACKEND_STORE_URI: ecs.Secret.from_secrets_manager(backend_store)
+                    names.ENV_MLFLOW_BACKEND_STORE_URI: ecs.Secret.from_secrets_manager(backend_store),
+                    **serving_secrets,
                 },
             },
             names.API_SERVICE: {
                 "ports": (names.API_PORT,),
                 "health_check_port": names.API_PORT,
-                "extra_environment": addresses,
+                "extra_environment": serving,
+                "secrets": serving_secrets,
             },
             names.WORKER_SERVICE: {},
         }
@@ -203,6 +210,31 @@ class ServicesStack(Stack):
         self.services: Mapping[str, ecs.FargateService] = MappingProxyType(services)
         self.security_groups: Mapping[str, ec2.SecurityGroup] = MappingProxyType(security_groups)
         self.log_groups = MappingProxyType(log_groups)
+
+    @staticmethod
+    def _authentication_environment(settings: EnvironmentSettings) -> dict[str, str]:
+        """AUTH_SERVICE_URL and HOKUSAI_MTLS_SERVICE_SCOPES, each only when its setting is set
+        (unset, the runtime's defaults apply: no API-key path, the default scopes)."""
+        variables = {}
+        if settings.auth_service_url is not None:
+            variables[names.ENV_AUTH_SERVICE_URL] = settings.auth_service_url
+        if settings.service_scopes is not None:
+            scopes = {service: list(granted) for service, granted in settings.service_scopes.items()}
+            variables[names.ENV_SERVICE_SCOPES] = json.dumps(scopes, separators=(",", ":"))
+        return variables
+
+    def _authentication_secrets(self, settings: EnvironmentSettings) -> dict[str, ecs.Secret]:
+        """REDIS_URL from its existing secret (it may hold a password): never in the environment.
+
+        `ecs.Secret.from_secrets_manager` makes each container's execution role read it
+        (GetSecretValue and DescribeSecret on `secret:<name>-??????`); the task roles get nothing.
+        """
+        if settings.redis_url_secret_name is None:
+            return {}
+        redis_url = secretsmanager.Secret.from_secret_name_v2(
+            self, "RedisUrl", settings.redis_url_secret_name
+        )
+        return {names.ENV_REDIS_URL: ecs.Secret.from_secrets_manager(redis_url)}
 
     def _image(self, service: str, source: ImageSource) -> ecs.ContainerImage:
         """An image asset built from docker/ at deploy time, an ECR image (pull granted), or a registry image."""

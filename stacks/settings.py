@@ -29,9 +29,12 @@ from stacks.settings_services import (
     MlflowStores,
     default_desired_counts,
     default_images,
+    parse_auth_service_url,
     parse_desired_counts,
     parse_images,
     parse_mlflow,
+    parse_secret_name,
+    parse_service_scopes,
 )
 
 __all__ = ["CONTEXT_KEY", "EnvironmentSettings", "SettingsError", "load_settings"]
@@ -88,6 +91,15 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "internalCidrs": ("internal_cidrs", _non_empty_cidrs),
     "trustedProxyCidrs": ("trusted_proxy_cidrs", lambda raw, where, _: where.cidrs(raw)),
     "mlflow": ("mlflow", lambda raw, where, env: parse_mlflow(raw, where, environment=env)),
+    "authServiceUrl": (
+        "auth_service_url",
+        lambda raw, where, env: parse_auth_service_url(raw, where, environment=env),
+    ),
+    "redisUrlSecretName": (
+        "redis_url_secret_name",
+        lambda raw, where, env: parse_secret_name(raw, where, environment=env),
+    ),
+    "serviceScopes": ("service_scopes", lambda raw, where, _: parse_service_scopes(raw, where)),
 }
 _REQUIRED = ("leafLifetimeDays", "logRetentionDays", "removalPolicy", "vpc", "mlflow")
 
@@ -133,6 +145,16 @@ class EnvironmentSettings:
     trusted_proxy_cidrs: tuple[str, ...] = ()
     """[trustedProxyCidrs] The proxies (the platform's ALB) whose forwarding headers are honoured;
     they may also reach the API's port."""
+    auth_service_url: str | None = None
+    """[authServiceUrl] AUTH_SERVICE_URL of mlflow and api: the auth service that validates API keys
+    (https; http only in development). None: every request without a client certificate gets 401,
+    so `permissive` and `off` need it."""
+    redis_url_secret_name: str | None = None
+    """[redisUrlSecretName] An EXISTING secret whose value is REDIS_URL (it may hold a password), injected
+    into mlflow and api with ECS `secrets=`. None: the API-key cache and rate limits stay per task."""
+    service_scopes: Mapping[str, tuple[str, ...]] | None = None
+    """[serviceScopes] HOKUSAI_MTLS_SERVICE_SCOPES of mlflow and api: service -> scopes of its
+    certificate. None: the runtime's default (api and worker read and write MLflow)."""
 
     def __post_init__(self) -> None:
         try:
@@ -162,6 +184,18 @@ class EnvironmentSettings:
         if self.namespace is not None and not isinstance(self.vpc, ImportVpc):
             self._at("namespace").fail(
                 "an imported private DNS namespace belongs to an existing VPC: import the VPC too"
+            )
+        if self.auth_service_url is None and self.mtls_mode != names.MTLS_MODE_STRICT:
+            self._at("authServiceUrl").fail(
+                f"required with mtlsMode {self.mtls_mode!r}: callers without a client certificate use "
+                "the API-key path, and without the auth service every one of them gets 401"
+            )
+        if self.redis_url_secret_name is not None and (
+            self.redis_url_secret_name == self.mlflow.backend_store_secret_name
+        ):
+            self._at("redisUrlSecretName").fail(
+                "is mlflow.backendStoreSecretName: the Redis URL needs a secret of its own "
+                "(the api's execution role would read the database password)"
             )
         if self.internal_cidrs is None:
             object.__setattr__(self, "internal_cidrs", (self.vpc.cidr,))

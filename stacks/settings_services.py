@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from urllib.parse import urlsplit
 
 from runtime import names
 from stacks.settings_checks import Where
@@ -31,6 +32,12 @@ _S3_URI = re.compile(
     r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[A-Za-z0-9!_.'()/-]+))?"
 )
 """No `*`, `?` or `$` in the prefix: they would be wildcards or variables in the IAM policy."""
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+"""A service a certificate names: its SPIFFE ID's last segment (or, for SAN-less certificates, its CN)."""
+_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/*-]{0,127}")
+
+PLAIN_HTTP_AUTH_ENVIRONMENTS = names.DEGRADABLE_ENVIRONMENTS
+"""Where `authServiceUrl` may be `http://`: API keys would cross the network in clear text."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,19 +115,72 @@ def parse_mlflow(raw: object, where: Where, *, environment: str) -> MlflowStores
         allowed=("backendStoreSecretName", "artifactsDestination"),
         required=("backendStoreSecretName", "artifactsDestination"),
     )
-    secret = (where / "backendStoreSecretName").string(
-        raw["backendStoreSecretName"], _SECRET_NAME, "a Secrets Manager secret name"
+    secret = parse_secret_name(
+        raw["backendStoreSecretName"], where / "backendStoreSecretName", environment=environment
     )
-    if secret.startswith(names.secret_prefix(environment)):
-        (where / "backendStoreSecretName").fail(
-            f"{secret!r} is under {names.secret_prefix(environment)}, where the mTLS certificates live"
-        )
     destination = (where / "artifactsDestination").string(
         raw["artifactsDestination"], _S3_URI, "an S3 URI such as 's3://my-bucket/mlflow-artifacts'"
     )
     if destination.endswith("/") or "//" in destination.removeprefix("s3://"):
         (where / "artifactsDestination").fail(f"{destination!r}: write the prefix without empty segments")
     return MlflowStores(backend_store_secret_name=secret, artifacts_destination=destination)
+
+
+def parse_secret_name(raw: object, where: Where, *, environment: str) -> str:
+    """The name of an EXISTING secret that ECS injects with `secrets=`; not one of the certificates'."""
+    secret = where.string(raw, _SECRET_NAME, "a Secrets Manager secret name")
+    if secret.startswith(names.secret_prefix(environment)):
+        where.fail(
+            f"{secret!r} is under {names.secret_prefix(environment)}, where the mTLS certificates live"
+        )
+    return secret
+
+
+def parse_auth_service_url(raw: object, where: Where, *, environment: str) -> str:
+    """The auth service's base URL (the client POSTs to `<url>/api/v1/keys/validate`).
+
+    It goes into the container environment, so it may carry no credentials; `http://` only
+    in development, since API keys travel to it.
+    """
+    schemes = ("https", "http") if environment in PLAIN_HTTP_AUTH_ENVIRONMENTS else ("https",)
+    example = "a URL such as 'https://auth.example.com'"
+    if not isinstance(raw, str) or not raw or raw != raw.strip() or any(c.isspace() for c in raw):
+        where.fail(f"{raw!r} is not {example}")
+    try:
+        url = urlsplit(raw)
+        url.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError as error:
+        where.fail(f"{raw!r} is not {example} ({error})")
+    if url.scheme not in schemes:
+        only = "https (http only in " + ", ".join(sorted(PLAIN_HTTP_AUTH_ENVIRONMENTS)) + ")"
+        where.fail(f"{raw!r}: the scheme must be {only}: API keys are sent to it")
+    if not url.hostname:
+        where.fail(f"{raw!r} has no host; expected {example}")
+    if url.username is not None or url.password is not None:
+        where.fail(f"{raw!r} holds credentials: it is written into the container environment in clear")
+    if url.query or url.fragment or raw.endswith(("?", "#")):
+        where.fail(f"{raw!r}: a base URL takes no query or fragment (the client appends the path)")
+    return raw
+
+
+def parse_service_scopes(raw: object, where: Where) -> Mapping[str, tuple[str, ...]]:
+    """service -> its scopes, rendered as the JSON of `HOKUSAI_MTLS_SERVICE_SCOPES`.
+
+    It replaces the runtime's default entirely, so an empty object (no service may do anything
+    over mTLS) is refused: leave the setting out for the default.
+    """
+    if not isinstance(raw, Mapping):
+        where.fail(f"expected an object of service -> list of scopes, got {_kind(raw)}")
+    if not raw:
+        where.fail("grants no service anything; leave the setting out for the runtime's default scopes")
+    scopes = {}
+    for service, granted in raw.items():
+        if not isinstance(service, str) or not _SERVICE_NAME.fullmatch(service):
+            (where / str(service)).fail(f"{service!r} is not a service name such as 'api'")
+        scopes[service] = (where / service).strings(
+            granted, _SCOPE, "a scope such as 'mlflow:read'", min_items=1
+        )
+    return MappingProxyType(scopes)
 
 
 def default_images() -> Mapping[str, ImageSource]:
@@ -146,6 +206,10 @@ def _parse_image(raw: object, where: Where) -> ImageSource:
     if not (PROJECT_ROOT / dockerfile).is_file():
         where.fail(f"{dockerfile!r} does not exist in {PROJECT_ROOT}")
     return ImageSource(dockerfile=dockerfile)
+
+
+def _kind(raw: object) -> str:
+    return "null" if raw is None else type(raw).__name__
 
 
 def _match_s3(uri: str) -> re.Match[str]:

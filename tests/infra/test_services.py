@@ -232,7 +232,47 @@ def test_container_environment_is_the_documented_contract(services, settings, en
     if identity is not names.WORKER:  # the two servers tell internal callers from external ones
         expected[names.ENV_INTERNAL_CIDRS] = ",".join(settings[env].internal_cidrs)
         expected[names.ENV_TRUSTED_PROXY_CIDRS] = ",".join(settings[env].trusted_proxy_cidrs)
+        if settings[env].auth_service_url is not None:
+            expected[names.ENV_AUTH_SERVICE_URL] = settings[env].auth_service_url
+        if settings[env].service_scopes is not None:
+            expected[names.ENV_SERVICE_SCOPES] = json.dumps(
+                {service: list(scopes) for service, scopes in settings[env].service_scopes.items()},
+                separators=(",", ":"),
+            )
     assert environment_of(task) == expected
+
+
+def test_cdk_json_sets_the_auth_service_where_it_should(settings):
+    """The fixtures below rely on it: development without the auth service, staging and production with."""
+    assert {env: s.auth_service_url for env, s in settings.items()} == {
+        "development": None,
+        "staging": "https://auth.hokus.ai",
+        "production": "https://auth.hokus.ai",
+    }
+    assert all(s.redis_url_secret_name is None and s.service_scopes is None for s in settings.values())
+
+
+@ENVIRONMENTS
+def test_auth_service_url_reaches_mlflow_and_api_exactly_when_set(services, settings, env):
+    tasks = tasks_by_role(services[env])
+    for role, (_, task) in tasks.items():
+        variables = environment_of(task)
+        if role == names.WORKER.role or settings[env].auth_service_url is None:
+            assert names.ENV_AUTH_SERVICE_URL not in variables, role
+        else:
+            assert variables[names.ENV_AUTH_SERVICE_URL] == settings[env].auth_service_url, role
+        # serviceScopes unset in cdk.json: no variable, so the runtime's default scopes apply.
+        assert names.ENV_SERVICE_SCOPES not in variables, role
+
+
+@ENVIRONMENTS
+def test_no_redis_url_without_its_secret_and_never_in_the_environment(services, env):
+    for role, (_, task) in tasks_by_role(services[env]).items():
+        injected = {secret["Name"] for secret in container(task).get("Secrets", [])}
+        assert injected == ({names.ENV_MLFLOW_BACKEND_STORE_URI} if role == names.SERVER.role else set()), (
+            role
+        )
+        assert names.ENV_REDIS_URL not in environment_of(task), role
 
 
 @ENVIRONMENTS
@@ -331,6 +371,23 @@ def test_only_the_api_and_worker_security_groups_reach_mlflow(services, env):
         (mlflow, ("sg", api), port, port),
         (mlflow, ("sg", worker), port, port),
     }
+
+
+@ENVIRONMENTS
+def test_servers_reach_the_auth_service_and_redis_outbound_without_any_new_ingress(services, env):
+    """AUTH_SERVICE_URL and REDIS_URL are outbound calls: every task security group allows all
+    outbound traffic, and the only ingress rules are MLflow's (asserted above) and the proxies'."""
+    template = services[env]
+    for identity in names.IDENTITIES:
+        group = template["Resources"][security_group_of(template, identity.role)]["Properties"]
+        assert group["SecurityGroupEgress"] == [
+            {
+                "CidrIp": "0.0.0.0/0",
+                "Description": "Allow all outbound traffic by default",
+                "IpProtocol": "-1",
+            }
+        ], identity.name
+    assert resources(template, "AWS::EC2::SecurityGroupEgress") == {}
 
 
 @ENVIRONMENTS

@@ -183,6 +183,40 @@ def test_account_and_region_are_optional_and_checked():
             {"backendStoreSecretName": "db", "artifactsDestination": "https://b-1/runs"},
             "not an S3 URI",
         ),
+        (
+            "staging",
+            "authServiceUrl",
+            "http://auth.hokus.ai",
+            "the scheme must be https (http only in development)",
+        ),
+        ("production", "authServiceUrl", "http://auth.hokus.ai", "the scheme must be https"),
+        ("staging", "authServiceUrl", "auth.hokus.ai", "the scheme must be https"),
+        ("development", "authServiceUrl", "ftp://auth.hokus.ai", "the scheme must be https"),
+        ("staging", "authServiceUrl", 443, "not a URL"),
+        ("staging", "authServiceUrl", "", "not a URL"),
+        ("staging", "authServiceUrl", "https://auth.hokus.ai /v1", "not a URL"),
+        ("staging", "authServiceUrl", "https:///v1", "has no host"),
+        ("staging", "authServiceUrl", "https://auth.hokus.ai:99999", "not a URL"),
+        ("staging", "authServiceUrl", "https://svc:hunter2@auth.hokus.ai", "holds credentials"),
+        ("staging", "authServiceUrl", "https://auth.hokus.ai/?token=x", "no query or fragment"),
+        ("staging", "authServiceUrl", "https://auth.hokus.ai/#v1", "no query or fragment"),
+        ("staging", "redisUrlSecretName", "redis url", "not a Secrets Manager secret name"),
+        ("staging", "redisUrlSecretName", ["hokusai/staging/redis-url"], "not a Secrets Manager secret name"),
+        (
+            "staging",
+            "redisUrlSecretName",
+            "hokusai/staging/mlflow/redis-url",
+            "where the mTLS certificates live",
+        ),
+        ("staging", "redisUrlSecretName", "hokusai/staging/mlflow-backend-store-uri", "a secret of its own"),
+        ("staging", "serviceScopes", ["api"], "expected an object of service -> list of scopes, got list"),
+        ("staging", "serviceScopes", {}, "grants no service anything"),
+        ("staging", "serviceScopes.api", {"api": "mlflow:read"}, "expected a list, got str"),
+        ("staging", "serviceScopes.api", {"api": []}, "at least 1"),
+        ("staging", "serviceScopes.api[1]", {"api": ["mlflow:read", "mlflow write"]}, "not a scope"),
+        ("staging", "serviceScopes.api[0]", {"api": [7]}, "not a scope"),
+        ("staging", "serviceScopes.api", {"api": ["mlflow:read", "mlflow:read"]}, "twice"),
+        ("staging", "serviceScopes.my service", {"my service": ["mlflow:read"]}, "not a service name"),
     ],
 )
 def test_bad_setting_names_environment_and_setting(env, key, value, problem):
@@ -210,6 +244,54 @@ def _nest(key: str, value: object) -> object:
         inner = value if len(parts) == 2 else {parts[2]: value}
         return {**valid, parts[1]: inner}
     return value
+
+
+def test_auth_service_url_may_be_plain_http_in_development_only():
+    url = "http://auth.development.internal:8080/base"
+    assert (
+        load_settings(with_setting("development", "authServiceUrl", url))["development"].auth_service_url
+        == url
+    )
+    for env in ("staging", "production"):
+        with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.{env}\.authServiceUrl: .*must be https"):
+            load_settings(with_setting(env, "authServiceUrl", url))
+
+
+@pytest.mark.parametrize("mode", [names.MTLS_MODE_PERMISSIVE, names.MTLS_MODE_OFF])
+def test_modes_with_an_api_key_path_on_mlflow_need_the_auth_service(mode):
+    """Without AUTH_SERVICE_URL every caller without a certificate gets 401: in `permissive` the
+    clients not yet migrated, in `off` (the rollback) everyone."""
+    with pytest.raises(
+        SettingsError, match=rf"{CONTEXT_KEY}\.staging\.authServiceUrl: required with mtlsMode '{mode}'"
+    ):
+        load_settings(with_setting("staging", "mtlsMode", mode))
+    raw = with_setting("staging", "mtlsMode", mode)
+    raw["staging"]["authServiceUrl"] = "https://auth.hokus.ai"
+    assert load_settings(raw)["staging"].mtls_mode == mode
+
+
+def test_authentication_settings_are_parsed():
+    raw = with_setting("staging", "authServiceUrl", "https://auth.hokus.ai:8443/keys")
+    raw["staging"]["redisUrlSecretName"] = "hokusai/staging/redis-url"
+    raw["staging"]["serviceScopes"] = {"api": ["mlflow:read"], "reporter": ["mlflow:read", "reports:*"]}
+    staging = load_settings(raw)["staging"]
+    assert staging.auth_service_url == "https://auth.hokus.ai:8443/keys"
+    assert staging.redis_url_secret_name == "hokusai/staging/redis-url"
+    assert dict(staging.service_scopes) == {"api": ("mlflow:read",), "reporter": ("mlflow:read", "reports:*")}
+
+
+@pytest.mark.infra
+def test_a_bad_setting_fails_synthesis_with_its_name(cdk_context):
+    """app.py loads the settings before it builds anything: `cdk synth` stops with the message."""
+    import aws_cdk as cdk
+
+    from app import build_app
+
+    environments = copy.deepcopy(cdk_context[CONTEXT_KEY])
+    environments["production"]["authServiceUrl"] = "http://auth.hokus.ai"
+    app = cdk.App(context={**cdk_context, CONTEXT_KEY: environments})
+    with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.production\.authServiceUrl: .*must be https"):
+        build_app(app)
 
 
 def test_missing_setting_is_named():
@@ -250,14 +332,20 @@ def test_defaults_of_the_optional_settings():
     assert staging.internal_cidrs == ("10.20.0.0/16",), "defaults to the VPC's CIDR"
     assert staging.trusted_proxy_cidrs == ()
     assert staging.creates_network
+    assert (staging.auth_service_url, staging.redis_url_secret_name, staging.service_scopes) == (
+        None,
+        None,
+        None,
+    )
 
 
 def test_cdk_json_sets_every_setting_and_strict_mode_everywhere(cdk_json_settings):
     from stacks.settings import _KEYS
 
-    optional_account = {"account", "region"}
+    optional = {"account", "region", "redisUrlSecretName", "serviceScopes"}
     for env, raw in cdk_json_settings.items():
-        assert set(raw) == set(_KEYS) - optional_account, env
+        unset_here = optional | ({"authServiceUrl"} if env == "development" else set())
+        assert set(raw) == set(_KEYS) - unset_here, env
     settings = load_settings(cdk_json_settings)
     assert {s.mtls_mode for s in settings.values()} == {names.MTLS_MODE_STRICT}
     assert {s.internal_cidrs for s in settings.values()} == {(s.vpc.cidr,) for s in settings.values()}

@@ -24,9 +24,12 @@ from tests.support.cfn import (
     tasks_by_role,
 )
 from tests.support.variant import (
+    VARIANT_AUTH_SERVICE_URL,
     VARIANT_ENVIRONMENT,
     VARIANT_IMAGES,
     VARIANT_IMPORTS,
+    VARIANT_REDIS_URL_SECRET,
+    VARIANT_SERVICE_SCOPES,
     VARIANT_TRUSTED_PROXIES,
 )
 
@@ -143,3 +146,60 @@ def test_registry_images_and_their_pull_permissions(templates):
         for action in as_list(s["Action"])
     }
     assert not any(action.startswith("ecr:") for action in worker_actions)
+
+
+# --- authentication settings: authServiceUrl, redisUrlSecretName, serviceScopes ---------------------
+
+SERVERS = (names.SERVER.role, names.API.role)
+"""The two containers that serve (and so run the API-key path); the worker serves nothing."""
+
+
+def test_auth_service_url_and_scopes_reach_mlflow_and_api_only(templates):
+    from runtime.peer_identity import IdentityPolicy
+
+    for role, (_, task) in tasks_by_role(templates["services"]).items():
+        variables = environment_of(task)
+        if role not in SERVERS:
+            assert not {names.ENV_AUTH_SERVICE_URL, names.ENV_SERVICE_SCOPES} & set(variables), role
+            continue
+        assert variables[names.ENV_AUTH_SERVICE_URL] == VARIANT_AUTH_SERVICE_URL
+        assert json.loads(variables[names.ENV_SERVICE_SCOPES]) == VARIANT_SERVICE_SCOPES
+        # ...in the form the runtime reads.
+        policy = IdentityPolicy.from_environ({names.ENV_ENVIRONMENT: ENV, **variables})
+        assert policy.service_scopes == {s: tuple(scopes) for s, scopes in VARIANT_SERVICE_SCOPES.items()}
+
+
+def test_redis_url_is_injected_from_its_secret_into_mlflow_and_api_only(templates):
+    for role, (_, task) in tasks_by_role(templates["services"]).items():
+        assert names.ENV_REDIS_URL not in environment_of(task), role
+        secrets = {secret["Name"]: secret["ValueFrom"] for secret in container(task).get("Secrets", [])}
+        if role not in SERVERS:
+            assert secrets == {}, role
+            continue
+        assert f":secret:{VARIANT_REDIS_URL_SECRET}" in json.dumps(secrets[names.ENV_REDIS_URL]), role
+        expected = {names.ENV_REDIS_URL} | (
+            {names.ENV_MLFLOW_BACKEND_STORE_URI} if role == names.SERVER.role else set()
+        )
+        assert set(secrets) == expected, role
+
+
+def test_only_the_servers_execution_roles_read_the_redis_secret(templates):
+    """CDK's grant for `secrets=`: GetSecretValue and DescribeSecret on `secret:<name>-??????`, on the
+    execution role (ECS reads it to start the task); the application's task role gets nothing."""
+    template = templates["services"]
+    redis_arn = f":secret:{VARIANT_REDIS_URL_SECRET}-??????"
+    for role, (_, task) in tasks_by_role(template).items():
+        for role_arn in ("ExecutionRoleArn", "TaskRoleArn"):
+            reads = [
+                s
+                for s in role_statements(template, ref_id(task["Properties"][role_arn]))
+                if redis_arn in json.dumps(s["Resource"])
+            ]
+            if role in SERVERS and role_arn == "ExecutionRoleArn":
+                (statement,) = reads
+                assert set(as_list(statement["Action"])) == {
+                    "secretsmanager:GetSecretValue",
+                    "secretsmanager:DescribeSecret",
+                }, role
+            else:
+                assert reads == [], (role, role_arn)

@@ -1,7 +1,8 @@
 """The variant app's settings: staging with what cdk.json does not exercise (tests/infra/conftest.py).
 
 Permissive mode, an imported VPC, cluster and namespace, an ECR image and a public registry image,
-and two trusted proxy networks.
+two trusted proxy networks, an auth service URL with a port and a path, the Redis URL secret and
+service scopes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ VARIANT_IMAGES = {
     "worker": {"uri": "ghcr.io/hokusai/worker@sha256:" + "ab" * 32},
 }
 VARIANT_TRUSTED_PROXIES = ["10.99.0.0/24", "10.99.1.0/24"]
+VARIANT_AUTH_SERVICE_URL = "https://auth.staging.example.com:8443/v2"
+VARIANT_REDIS_URL_SECRET = "hokusai/staging/redis-url"
+VARIANT_SERVICE_SCOPES = {
+    "api": ["mlflow:read", "mlflow:write"],
+    "worker": ["mlflow:write"],
+    "reporter": ["mlflow:read"],
+}
 
 
 def variant_settings_context(context: dict) -> dict:
@@ -47,5 +55,8 @@ def variant_settings_context(context: dict) -> dict:
         images=copy.deepcopy(VARIANT_IMAGES),
         internalCidrs=["10.99.0.0/16"],
         trustedProxyCidrs=list(VARIANT_TRUSTED_PROXIES),
+        authServiceUrl=VARIANT_AUTH_SERVICE_URL,
+        redisUrlSecretName=VARIANT_REDIS_URL_SECRET,
+        serviceScopes=copy.deepcopy(VARIANT_SERVICE_SCOPES),
     )
     return raw
