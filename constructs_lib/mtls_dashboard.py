@@ -199,7 +199,7 @@ class MtlsDashboard(Construct):
 
     def _plain_port_widget(self) -> cloudwatch.IWidget:
         return cloudwatch.GraphWidget(
-            title=f"{MTLS_SERVER_SERVICE}: requests on the old plain port (permissive mode)",
+            title=f"{MTLS_SERVER_SERVICE}: plain-HTTP requests (permissive mode: not yet migrated)",
             left=[
                 service_count(
                     names.METRIC_PLAIN_PORT_REQUESTS, self._environment, MTLS_SERVER_SERVICE, "plain port"

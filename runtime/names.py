@@ -86,9 +86,8 @@ TRUST_DOMAIN = "hokusai"
 
 # --- ports and modes -------------------------------------------------------------------
 MLFLOW_PORT = 5000
-"""MLflow's mTLS listener, registered in Cloud Map as `mlflow.hokusai-<env>.local:5000`."""
-MLFLOW_PLAIN_PORT = 5080
-"""Permissive mode only: the old plain-HTTP listener, kept during the migration and counted."""
+"""MLflow's port, `mlflow.hokusai-<env>.local:5000` in Cloud Map: mTLS (strict), mTLS and the old
+plain HTTP told apart by the first byte (permissive), or plain HTTP (off)."""
 MLFLOW_HEALTH_PORT = 5001
 """Plain HTTP on 127.0.0.1 inside the task: the container health check under strict mTLS."""
 API_PORT = 8000
@@ -98,7 +97,7 @@ ENV_MTLS_MODE = "HOKUSAI_MTLS_MODE"
 MTLS_MODE_STRICT = "strict"
 """Only the mTLS listener: a client certificate is required at the handshake."""
 MTLS_MODE_PERMISSIVE = "permissive"
-"""mTLS listener and the old plain listener side by side (zero-downtime migration)."""
+"""mTLS and the old plain HTTP side by side on the same port (zero-downtime migration)."""
 MTLS_MODE_OFF = "off"
 """Rollback: ENABLE_MTLS_AUTH=false, plain HTTP, API-key path only."""
 MTLS_MODES: tuple[str, ...] = (MTLS_MODE_STRICT, MTLS_MODE_PERMISSIVE, MTLS_MODE_OFF)
@@ -207,7 +206,7 @@ METRIC_INTERNAL_API_KEY_REQUESTS = "InternalApiKeyRequests"
 """Count, dimensions (Environment, Service): API-key requests from internal callers, i.e. a
 service that should have used its certificate (the PRD's "fallback to API key" alarm)."""
 METRIC_PLAIN_PORT_REQUESTS = "PlainPortRequests"
-"""Count, dimensions (Environment, Service): requests on the permissive mode's old plain port."""
+"""Count, dimensions (Environment, Service): plain-HTTP requests in permissive mode (not yet migrated)."""
 
 MLFLOW_SERVICE = "mlflow"
 API_SERVICE = "api"

@@ -56,9 +56,8 @@ CLIENT_SERVICES = (names.API_SERVICE, names.WORKER_SERVICE)
 
 
 def mlflow_ports(mtls_mode: str) -> tuple[int, ...]:
-    """MLflow's listeners: the mTLS port, plus the old plain port in permissive mode."""
-    if mtls_mode == names.MTLS_MODE_PERMISSIVE:
-        return (names.MLFLOW_PORT, names.MLFLOW_PLAIN_PORT)
+    """MLflow's listeners: one port in every mode (permissive serves TLS and plain HTTP on it)."""
+    del mtls_mode
     return (names.MLFLOW_PORT,)
 
 

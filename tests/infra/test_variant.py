@@ -59,22 +59,18 @@ def test_variant_app_synthesizes_and_passes_cdk_nag(variant_app, variant_stage, 
         assert [violation.rule_name for violation in report.violations] == [], stack.stack_name
 
 
-def test_permissive_mode_opens_the_plain_port_to_the_clients_only(templates):
+def test_permissive_mode_needs_no_extra_port(templates):
+    """Old plain-HTTP clients and migrated mTLS clients share MLflow's one port."""
     template = templates["services"]
     mlflow, api, worker = (
         security_group_of(template, i.role) for i in (names.SERVER, names.API, names.WORKER)
     )
     mlflow_rules = {rule for rule in ingress_rules(template) if rule[0] == mlflow}
     assert mlflow_rules == {
-        (mlflow, ("sg", client), port, port)
-        for client in (api, worker)
-        for port in (names.MLFLOW_PORT, names.MLFLOW_PLAIN_PORT)
+        (mlflow, ("sg", client), names.MLFLOW_PORT, names.MLFLOW_PORT) for client in (api, worker)
     }
     _, task = tasks_by_role(template)[names.SERVER.role]
-    assert [m["ContainerPort"] for m in container(task)["PortMappings"]] == [
-        names.MLFLOW_PORT,
-        names.MLFLOW_PLAIN_PORT,
-    ]
+    assert [m["ContainerPort"] for m in container(task)["PortMappings"]] == [names.MLFLOW_PORT]
 
 
 def test_permissive_mode_keeps_mtls_enabled_and_tells_the_containers(templates):
