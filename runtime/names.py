@@ -194,6 +194,10 @@ AUTH_PATHS: tuple[str, ...] = (AUTH_PATH_MTLS, AUTH_PATH_API_KEY)
 
 METRIC_CERT_DAYS_TO_EXPIRY = "CertificateDaysToExpiry"
 """Gauge, dimensions (Environment, Identity): whole days until the identity's notAfter."""
+METRIC_CERT_CHECK_FAILURES = "CertificateCheckFailures"
+"""Count, dimensions (Environment, Identity): 1 when the expiry check could not read, parse or verify
+the identity's secret (or `ca` for the trust bundle), 0 when it could; an alarm on > 0 makes a broken
+secret loud instead of a silent gap in CertificateDaysToExpiry."""
 METRIC_AUTH_REQUESTS = "AuthenticatedRequests"
 """Count, dimensions (Environment, Service, AuthPath): requests let through, by path."""
 METRIC_MTLS_HANDSHAKES = "MtlsHandshakes"
