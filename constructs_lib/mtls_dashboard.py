@@ -12,6 +12,7 @@ from constructs import Construct
 
 from constructs_lib.mtls_alarms import (
     AUTH_SERVICES,
+    EXPIRY_PERIOD,
     MTLS_SERVER_SERVICE,
     RATE_PERIOD,
     MtlsAlarms,
@@ -20,6 +21,7 @@ from constructs_lib.mtls_alarms import (
     service_count,
 )
 from runtime import names
+from runtime.lifecycle import CA_IDENTITY
 
 _ALARM_RED = "#d62728"
 _FULL, _HALF, _THIRD = 24, 12, 8
@@ -104,6 +106,23 @@ class MtlsDashboard(Construct):
                 ],
                 left_y_axis=cloudwatch.YAxisProps(min=0, label="days", show_units=False),
                 width=_THIRD * 2,
+                height=_HEIGHT,
+            ),
+            cloudwatch.GraphWidget(
+                title="Certificate secrets the expiry check could not read or verify",
+                left=[
+                    mtls_metric(
+                        names.METRIC_CERT_CHECK_FAILURES,
+                        environment=self._environment,
+                        statistic=cloudwatch.Stats.MAXIMUM,
+                        period=EXPIRY_PERIOD,
+                        label=identity,
+                        **{names.DIM_IDENTITY: identity},
+                    )
+                    for identity in (CA_IDENTITY, *(i.name for i in names.IDENTITIES))
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, label="failures", show_units=False),
+                width=_FULL,
                 height=_HEIGHT,
             ),
         ]
