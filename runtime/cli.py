@@ -1,4 +1,4 @@
-"""`hokusai-mtls`: issue, inspect, verify, upload and load certificates.
+"""`hokusai-mtls`: issue, inspect, verify, upload, roll over and load certificates.
 
 Replaces the seed's `generate_mtls_certs.sh` and `load_mlflow_certs.sh`. Results go to
 stdout (for `load-certs`: shell lines to `eval`); logs and errors go to stderr. Exit
@@ -105,6 +105,25 @@ def cmd_upload(args: argparse.Namespace) -> int:
     results = SecretStore(args.env, region=args.region).upload(certificates, kms_key_id=args.kms_key_id)
     for result in results:
         print(f"{result.action:<9} {result.secret_id}")
+    return 0
+
+
+# --- certs rollover ------------------------------------------------------------------
+def cmd_rollover(args: argparse.Namespace) -> int:
+    from runtime import rollover  # boto3 only for the commands that talk to AWS
+
+    store = rollover.RolloverStore(args.env, region=args.region)
+    if args.step == "status":
+        lines = rollover.status(store).lines()
+    elif args.step == "begin":
+        lines = rollover.begin(store, ca_lifetime_days=args.ca_days)
+    elif args.step == "switch":
+        lines = rollover.switch(store, leaf_lifetime_days=args.leaf_days)
+    else:
+        lines = rollover.finish(store)
+    print("\n".join(lines))
+    if args.step != "status":
+        print(f"phase now: {rollover.PHASES[rollover.status(store).phase]}")
     return 0
 
 
@@ -275,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ca-key", action="store_true", help="do not upload the CA key even if DIR has it"
     )
     upload.set_defaults(func=cmd_upload)
+
+    rollover = sub.add_parser(
+        "rollover",
+        help="replace the environment's CA without a refused handshake (status, begin, switch, finish)",
+        description="begin: new CA trusted next to the old; switch: new CA issues, identities re-issued; "
+        "finish: old CA no longer trusted. Let every service load the secrets between steps.",
+    )
+    rollover.add_argument("step", choices=["status", "begin", "switch", "finish"])
+    rollover.add_argument("--env", required=True, choices=names.ENVIRONMENTS)
+    rollover.add_argument("--region", help="default: $AWS_REGION")
+    rollover.add_argument(
+        "--ca-days", type=int, default=DEFAULT_CA_LIFETIME_DAYS, help="begin: new CA lifetime"
+    )
+    rollover.add_argument("--leaf-days", type=int, help="switch: default 365 in development, 90 otherwise")
+    rollover.set_defaults(func=cmd_rollover)
     return parser
 
 

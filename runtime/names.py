@@ -65,6 +65,10 @@ CA_BUNDLE_SECRET = "ca-cert"
 """PEM trust bundle; may hold several CAs during a rollover."""
 CA_KEY_SECRET = "ca-key"
 """The issuing CA's certificate and private key; readable only by the issuer."""
+CA_NEXT_SECRET = "ca-key-next"
+"""The successor CA during a rollover (`hokusai-mtls certs rollover`): `begin` stores the new CA's
+certificate and key here while the bundle in `ca-cert` trusts old and new; `switch` moves it into
+`ca-key` and leaves a marker value (no CA) here. Readable only by the issuer, like `ca-key`."""
 IDENTITY_SECRET_SUFFIX = "-identity"
 """Each identity's certificate and key live together in `<identity>-identity`."""
 
