@@ -1,9 +1,10 @@
 """The mTLS certificate secrets of one environment and the KMS key that encrypts them.
 
 The secrets are created as empty shells: the template holds no value and Secrets
-Manager generates none. `hokusai-mtls certs upload` puts the real PEM values in with
-PutSecretValue. Until then GetSecretValue fails with ResourceNotFoundException, which
-is a clearer signal than a random placeholder password that does not parse as PEM.
+Manager generates none. The issuance custom resource (`CertificateLifecycle`) fills them
+in AWS on the first deploy (or `hokusai-mtls certs upload` imports a CA before it). An
+empty secret fails GetSecretValue with ResourceNotFoundException, a clearer signal than a
+random placeholder password that does not parse as PEM.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from constructs import Construct
 
 from runtime import names
 
-SMG4_REASON = (
-    "Rotation arrives with the certificate-lifecycle issue; until then certificates are re-issued "
-    "and uploaded with `hokusai-mtls certs upload` before expiry (see docs/MTLS_CERTIFICATE_MANAGEMENT.md)"
+SMG4_CA_REASON = (
+    "The CA is not rotated by Secrets Manager: replacing it breaks trust for every running service "
+    "unless the bundle trusts old and new first. CA rotation is the rollover runbook "
+    "(`hokusai-mtls certs rollover`, docs/MTLS_CERTIFICATE_MANAGEMENT.md); the identity secrets "
+    "rotate automatically (CertificateLifecycle)"
 )
 
 
@@ -62,11 +65,13 @@ class CertificateSecrets(Construct):
             "CaBundle",
             names.secret_name(environment, names.CA_BUNDLE_SECRET),
             "PEM trust bundle (one or more CA certificates) for mTLS",
+            rotated=False,
         )
         self.ca_key = self._secret(
             "CaKey",
             names.secret_name(environment, names.CA_KEY_SECRET),
             "Issuing CA certificate and private key; readable only by the issuer",
+            rotated=False,
         )
         self.identities: Mapping[str, secretsmanager.Secret] = MappingProxyType(
             {
@@ -112,7 +117,11 @@ class CertificateSecrets(Construct):
     def all_secrets(self) -> tuple[secretsmanager.Secret, ...]:
         return (self.ca_bundle, self.ca_key, *self.identities.values())
 
-    def _secret(self, construct_id: str, secret_name: str, description: str) -> secretsmanager.Secret:
+    def _secret(
+        self, construct_id: str, secret_name: str, description: str, *, rotated: bool = True
+    ) -> secretsmanager.Secret:
+        """`rotated`: a RotationSchedule in this stack covers it (CertificateLifecycle), else SMG4 is
+        acknowledged (the CA: rotated by the rollover runbook)."""
         secret = secretsmanager.Secret(
             self,
             construct_id,
@@ -127,5 +136,6 @@ class CertificateSecrets(Construct):
         if not isinstance(cfn_secret, secretsmanager.CfnSecret):
             raise TypeError(f"{secret.node.path}: expected a CfnSecret, got {type(cfn_secret).__name__}")
         cfn_secret.add_property_deletion_override("GenerateSecretString")
-        Validations.of(secret).acknowledge(Acknowledgment(id="AwsSolutions-SMG4", reason=SMG4_REASON))
+        if not rotated:
+            Validations.of(secret).acknowledge(Acknowledgment(id="AwsSolutions-SMG4", reason=SMG4_CA_REASON))
         return secret

@@ -16,6 +16,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from runtime import names
+from runtime.lifecycle import CA_IDENTITY
 
 MTLS_SERVER_SERVICE = names.MLFLOW_SERVICE
 """The service that terminates mTLS: it publishes handshakes, failures, latency and plain-port counts."""
@@ -28,6 +29,11 @@ EXPIRY_PERIOD = Duration.days(1)
 """The days-to-expiry gauge changes once a day; a daily Minimum tolerates any publisher that
 publishes at least once a day without the alarm dropping to INSUFFICIENT_DATA in between (which
 would send a fresh OK/ALARM notification every time data returns)."""
+CHECK_FAILURES_PERIOD = Duration.hours(3)
+"""The expiry check runs every hour (constructs_lib.certificate_lifecycle.EXPIRY_SCHEDULE) and always
+publishes CertificateCheckFailures (0 or 1) per identity and `ca`: a 3-hour window holds two or
+three runs however EventBridge's start time drifts, so an empty window means the check is down."""
+CHECK_FAILURE_IDENTITIES: tuple[str, ...] = (CA_IDENTITY, *(identity.name for identity in names.IDENTITIES))
 FAILURE_RATE_EVALUATION_PERIODS = 3
 FAILURE_RATE_DATAPOINTS_TO_ALARM = 2
 """2 of 3 five-minute periods: a deploy's single bad window does not page, a broken certificate does."""
@@ -157,6 +163,10 @@ class MtlsAlarms(Construct):
             {identity.name: self._certificate_expiry(identity) for identity in names.IDENTITIES}
         )
 
+        self.certificate_check_failures: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
+            {identity: self._certificate_check_failures(identity) for identity in CHECK_FAILURE_IDENTITIES}
+        )
+
         self.failure_rate_expression = mtls_failure_rate(environment, min_requests=mtls_failure_min_requests)
         self.mtls_failure_rate = self._alarm(
             "MtlsFailureRate",
@@ -183,7 +193,12 @@ class MtlsAlarms(Construct):
 
     @property
     def all_alarms(self) -> tuple[cloudwatch.Alarm, ...]:
-        return (*self.certificate_expiry.values(), self.mtls_failure_rate, *self.internal_api_key.values())
+        return (
+            *self.certificate_expiry.values(),
+            *self.certificate_check_failures.values(),
+            self.mtls_failure_rate,
+            *self.internal_api_key.values(),
+        )
 
     def _certificate_expiry(self, identity: names.Identity) -> cloudwatch.Alarm:
         days = self.certificate_expiry_alarm_days
@@ -194,15 +209,44 @@ class MtlsAlarms(Construct):
             threshold=days,
             comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
             evaluation_periods=1,
-            # MISSING, deliberately, for now: nothing publishes the gauge yet (the expiry publisher
-            # comes with a later issue), so BREACHING would page every environment, every day,
-            # about certificates that are fine, and teach people to ignore this alarm. Without data
-            # the alarm sits in INSUFFICIENT_DATA, visible on the dashboard, silent on the topic.
-            # When the publisher lands, an unreadable secret gets its own alarm; then revisit this.
+            # MISSING, deliberately, now that the expiry check publishes: the gauge is missing exactly
+            # when the check could not read the certificate (it then publishes CertificateCheckFailures
+            # = 1) or did not run at all (then CertificateCheckFailures is missing too). Both page
+            # through the check-failure alarm below, which names the real problem; BREACHING here
+            # would page twice for one cause, under a message that says "expires soon" about a
+            # certificate nobody could read. Without data this alarm waits in INSUFFICIENT_DATA.
             treat_missing_data=cloudwatch.TreatMissingData.MISSING,
             description=(
                 f"The {identity.name} certificate of {self._environment} expires in fewer than {days} "
-                "days: issue and upload a new one with `hokusai-mtls certs upload`."
+                "days: its rotation (Secrets Manager, every rotationDays) has not replaced it; check the "
+                "rotation function's logs, or rotate it now with `aws secretsmanager rotate-secret`."
+            ),
+        )
+
+    def _certificate_check_failures(self, identity: str) -> cloudwatch.Alarm:
+        return self._alarm(
+            f"{identity.capitalize()}CertificateCheckFailures",
+            f"certificate-check-failures-{identity}",
+            metric=mtls_metric(
+                names.METRIC_CERT_CHECK_FAILURES,
+                environment=self._environment,
+                statistic=cloudwatch.Stats.MAXIMUM,
+                period=CHECK_FAILURES_PERIOD,
+                **{names.DIM_IDENTITY: identity},
+            ),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            # BREACHING: unlike the request counters, this metric has a publisher that writes a value
+            # (0 or 1) for every identity on every hourly run, so no data means the check itself is
+            # broken (function failing, schedule or permissions gone) and nothing watches expiry any
+            # more: that must page. The cost: right after the first deploy the alarm may fire once
+            # until the first run (within the hour), then return to OK.
+            treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
+            description=(
+                f"The certificate check of {self._environment} could not read, parse or verify the "
+                f"{identity} secret, or did not run: see the expiry function's logs "
+                "(hokusai-mtls Secrets stack, Lifecycle/Expiry)."
             ),
         )
 

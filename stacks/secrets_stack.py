@@ -1,4 +1,6 @@
-"""The `Secrets` stack: the KMS key and the (empty) mTLS certificate secrets of one environment."""
+"""The `Secrets` stack: the KMS key, the mTLS certificate secrets of one environment and their
+lifecycle (issuance custom resource, rotation schedules, expiry check): rotation must live in the
+secrets' stack (cdk-nag SMG4 looks for the RotationSchedule there)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 from aws_cdk import RemovalPolicy, Stack
 from constructs import Construct
 
+from constructs_lib.certificate_lifecycle import CertificateLifecycle
 from constructs_lib.certificate_secrets import CertificateSecrets
 from stacks.settings import EnvironmentSettings
 
@@ -18,12 +21,22 @@ class SecretsStack(Stack):
         super().__init__(
             scope,
             construct_id,
-            description=f"hokusai-mtls {settings.environment}: KMS key and mTLS certificate secrets",
+            description=f"hokusai-mtls {settings.environment}: mTLS certificate secrets, issuance, rotation, expiry check",
             **kwargs,
         )
+        removal_policy = RemovalPolicy.RETAIN if settings.retain else RemovalPolicy.DESTROY
         self.certificates = CertificateSecrets(
+            self, "Certificates", environment=settings.environment, removal_policy=removal_policy
+        )
+        self.lifecycle = CertificateLifecycle(
             self,
-            "Certificates",
+            "Lifecycle",
+            certificates=self.certificates,
             environment=settings.environment,
-            removal_policy=RemovalPolicy.RETAIN if settings.retain else RemovalPolicy.DESTROY,
+            leaf_lifetime_days=settings.leaf_lifetime_days,
+            rotation_days=settings.rotation_days,
+            key_type=settings.key_type,
+            server_sans=settings.server_sans,
+            log_retention_days=settings.log_retention_days,
+            removal_policy=removal_policy,
         )

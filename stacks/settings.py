@@ -56,6 +56,10 @@ MAX_MIN_REQUESTS = 1_000_000
 _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
+_SAN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
+
+KEY_TYPES = ("ecdsa-p256", "rsa-2048", "rsa-3072", "rsa-4096")
+"""`runtime.issuance.KeyType` values (a test keeps them equal; this module does not import cryptography)."""
 
 _Parser = Callable[[object, Where, str], Any]
 
@@ -100,6 +104,9 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
         lambda raw, where, env: parse_secret_name(raw, where, environment=env),
     ),
     "serviceScopes": ("service_scopes", lambda raw, where, _: parse_service_scopes(raw, where)),
+    "rotationDays": ("rotation_days", _as_is),
+    "keyType": ("key_type", _as_is),
+    "serverSans": ("server_sans", lambda raw, where, _: where.strings(raw, _SAN, "a DNS name or IP address")),
 }
 _REQUIRED = ("leafLifetimeDays", "logRetentionDays", "removalPolicy", "vpc", "mlflow")
 
@@ -155,6 +162,13 @@ class EnvironmentSettings:
     service_scopes: Mapping[str, tuple[str, ...]] | None = None
     """[serviceScopes] HOKUSAI_MTLS_SERVICE_SCOPES of mlflow and api: service -> scopes of its
     certificate. None: the runtime's default (api and worker read and write MLflow)."""
+    rotation_days: int = 30
+    """[rotationDays] Secrets Manager rotates every identity secret this often (a fresh key and leaf);
+    below leafLifetimeDays - certificateExpiryAlarmDays, so a working rotation never trips the alarm."""
+    key_type: str = "ecdsa-p256"
+    """[keyType] Key algorithm of issued leaves: one of `KEY_TYPES`."""
+    server_sans: tuple[str, ...] = ()
+    """[serverSans] Extra DNS names or IPs in the MLflow server's leaf, beyond mlflow.hokusai-<env>.local."""
 
     def __post_init__(self) -> None:
         try:
@@ -179,6 +193,10 @@ class EnvironmentSettings:
         self._at("certificateExpiryAlarmDays").whole_number(
             self.certificate_expiry_alarm_days, 1, self.leaf_lifetime_days - 1
         )
+        self._at("rotationDays").whole_number(
+            self.rotation_days, 1, self.leaf_lifetime_days - self.certificate_expiry_alarm_days - 1
+        )
+        self._at("keyType").choice(self.key_type, KEY_TYPES)
         self._at("mtlsFailureRatePercent").number(self.mtls_failure_rate_percent, above=0, at_most=100)
         self._at("mtlsFailureMinRequests").whole_number(self.mtls_failure_min_requests, 1, MAX_MIN_REQUESTS)
         if self.namespace is not None and not isinstance(self.vpc, ImportVpc):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 from cdk_nag import AwsSolutionsChecks
 
-from runtime import names
+from runtime import lifecycle, names
 
 pytestmark = pytest.mark.infra
 
@@ -291,7 +291,9 @@ def test_every_alarm_notifies_the_topic_on_alarm_and_on_ok(stacks, templates, en
     template = templates[env]
     topic_id, _ = only(template, "AWS::SNS::Topic")
     alarms = resources(template, "AWS::CloudWatch::Alarm")
-    assert len(alarms) == len(names.IDENTITIES) + 1 + len(AUTH_SERVICES) == len(stacks[env].alarms.all_alarms)
+    # expiry and check failures per identity, check failures of `ca`, failure rate, internal API key
+    expected = 2 * len(names.IDENTITIES) + 1 + 1 + len(AUTH_SERVICES)
+    assert len(alarms) == expected == len(stacks[env].alarms.all_alarms)
     for logical_id, alarm in alarms.items():
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}], logical_id
         assert alarm["Properties"]["OKActions"] == [{"Ref": topic_id}], logical_id
@@ -318,6 +320,27 @@ def test_alarm_attributes_name_the_right_alarms(stacks, templates, env):
             service,
         )
     assert properties(stack.alarms.mtls_failure_rate) == failure_rate_alarm(templates[env], env)
+
+
+@ENVIRONMENTS
+def test_certificate_check_failures_alarm_per_identity_and_ca_breaches_on_missing_data(
+    stacks, templates, env
+):
+    """The expiry check publishes 0 or 1 every hour: no data means the check is down, which pages."""
+    stack = stacks[env]
+    alarms = resources(templates[env], "AWS::CloudWatch::Alarm")
+    expected = [lifecycle.CA_IDENTITY, *(identity.name for identity in names.IDENTITIES)]
+    assert list(stack.alarms.certificate_check_failures) == expected
+    for identity, alarm in stack.alarms.certificate_check_failures.items():
+        properties = alarms[stack.get_logical_id(alarm.node.default_child)]["Properties"]
+        metric = single_metric(properties)
+        assert metric["MetricName"] == names.METRIC_CERT_CHECK_FAILURES
+        assert metric["Namespace"] == names.METRIC_NAMESPACE
+        assert dimensions(metric) == {names.DIM_ENVIRONMENT: env, names.DIM_IDENTITY: identity}
+        assert (metric["Statistic"], metric["Period"]) == ("Maximum", 3 * 3600)
+        assert (properties["Threshold"], properties["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+        assert properties["TreatMissingData"] == "breaching"
+        assert properties["AlarmName"] == f"hokusai-mtls-{env}-certificate-check-failures-{identity}"
 
 
 # --- dashboard ----------------------------------------------------------------------------

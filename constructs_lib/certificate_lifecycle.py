@@ -1,0 +1,306 @@
+"""The AWS side of the certificate lifecycle: first issuance, rotation and the expiry check.
+
+Three kinds of Lambda share one code asset (`lambda_bundle`), each with a role of its own that
+holds exactly what its handler calls (no managed policy, no wildcard beyond what an API forces):
+
+- issuance   (`runtime.lifecycle.issuance.handler`): a custom resource (cr.Provider) that fills
+             the empty secrets on deploy; Get/PutSecretValue on ca-key, ca-cert and every identity.
+             The only function that can write `ca-key`.
+- rotation   (`runtime.lifecycle.rotation.handler`): one function PER IDENTITY, so a rotation
+             function can read and write its own `<identity>-identity` secret only (plus read the
+             CA it issues from); Secrets Manager may invoke it for that secret only.
+- expiry     (`runtime.lifecycle.expiry.handler`): on a schedule, reads ca-cert and the identities
+             and publishes CertificateDaysToExpiry and CertificateCheckFailures (Hokusai/mTLS only).
+
+Every secret call is on a customer-managed key: kms:Decrypt (and GenerateDataKey for a write)
+through Secrets Manager only (`kms:ViaService`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+from aws_cdk import Acknowledgment, CfnResource, CustomResource, Duration, RemovalPolicy, Stack, Validations
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import custom_resources as cr
+from constructs import Construct
+
+from constructs_lib import lambda_bundle
+from constructs_lib.certificate_secrets import CertificateSecrets
+from constructs_lib.log_encryption_key import _RETENTION
+from runtime import lifecycle, names
+
+ISSUANCE_HANDLER = "runtime.lifecycle.issuance.handler"
+ROTATION_HANDLER = "runtime.lifecycle.rotation.handler"
+EXPIRY_HANDLER = "runtime.lifecycle.expiry.handler"
+
+EXPIRY_SCHEDULE = Duration.hours(1)
+"""How often the expiry check runs; the CertificateCheckFailures alarm's period is a multiple of it."""
+
+SECRETS_MANAGER = iam.ServicePrincipal("secretsmanager.amazonaws.com")
+READ = ("secretsmanager:GetSecretValue",)
+ISSUE = ("secretsmanager:GetSecretValue", "secretsmanager:PutSecretValue")
+ROTATE = (
+    "secretsmanager:DescribeSecret",
+    "secretsmanager:GetSecretValue",
+    "secretsmanager:PutSecretValue",
+    "secretsmanager:UpdateSecretVersionStage",
+)
+
+L1_REASON = (
+    "The lifecycle Lambdas run Python 3.13, the version their cryptography wheels are bundled for "
+    "(manylinux2014_x86_64 cp313, constructs_lib/lambda_bundle.py); moving to 3.14 is a change of "
+    "the bundle's --python-version together with the runtime, not a drive-by"
+)
+PROVIDER_IAM5_REASON = (
+    "cr.Provider's framework function may invoke the issuance function and its versions "
+    "(`<arn>:*`); the wildcard is the version qualifier of that one function"
+)
+PROVIDER_L1_REASON = "cr.Provider's framework function: its Node.js runtime is chosen by aws-cdk-lib"
+PUT_METRIC_REASON = (
+    "cloudwatch:PutMetricData has no resource type (it needs Resource *); the statement is limited "
+    f"to the {names.METRIC_NAMESPACE} namespace by the cloudwatch:namespace condition"
+)
+
+
+class CertificateLifecycle(Construct):
+    """Issuance custom resource, per-identity rotation with a schedule on every identity secret,
+    and the scheduled expiry check, all for `certificates` (same stack: cdk-nag SMG4).
+
+    Attributes:
+        issuance: the issuance function; `certificates_resource`: the custom resource (the
+            rotation schedules depend on it, so nothing rotates an empty secret).
+        rotation: identity name -> its rotation function.
+        rotation_schedules: identity name -> its CfnRotationSchedule.
+        expiry: the expiry-check function; `expiry_rule`: its EventBridge schedule.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        certificates: CertificateSecrets,
+        environment: str,
+        leaf_lifetime_days: int,
+        rotation_days: int,
+        key_type: str,
+        server_sans: Sequence[str],
+        log_retention_days: int,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        if not 1 <= rotation_days < leaf_lifetime_days:
+            raise ValueError(
+                f"rotation_days ({rotation_days}) must be at least 1 and below "
+                f"leaf_lifetime_days ({leaf_lifetime_days})"
+            )
+        self._certificates = certificates
+        self._environment = names.check_environment(environment)
+        self._retention = _RETENTION[log_retention_days]
+        self._removal_policy = removal_policy
+        self._code = lambda_bundle.lifecycle_code()
+        identities = [certificates.identity(identity) for identity in names.IDENTITIES]
+
+        # --- issuance -------------------------------------------------------------------
+        self.issuance = self._function(
+            "Issuance",
+            ISSUANCE_HANDLER,
+            "first issuance of the CA and every identity (custom resource)",
+            timeout=Duration.minutes(5),
+        )
+        self._allow_secrets(
+            self.issuance, ISSUE, [certificates.ca_key, certificates.ca_bundle, *identities], write=True
+        )
+        provider_role = iam.Role(
+            self, "ProviderRole", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com")
+        )
+        provider_logs = self._log_group("ProviderLogs")
+        provider_logs.grant_write(provider_role)
+        provider = cr.Provider(
+            self,
+            "IssuanceProvider",
+            on_event_handler=self.issuance,
+            framework_on_event_role=provider_role,
+            log_group=provider_logs,
+        )
+        _depend_on_policy_only(
+            provider.node.find_child("framework-onEvent").node.default_child, provider_role
+        )
+        stack = Stack.of(self)
+        issuance_id = stack.resolve(stack.get_logical_id(self.issuance.node.default_child))
+        Validations.of(provider_role).acknowledge(
+            Acknowledgment(
+                id=f"AwsSolutions-IAM5[Resource::<{issuance_id}.Arn>:*]", reason=PROVIDER_IAM5_REASON
+            )
+        )
+        Validations.of(provider).acknowledge(Acknowledgment(id="AwsSolutions-L1", reason=PROVIDER_L1_REASON))
+        self.certificates_resource = CustomResource(
+            self,
+            "Certificates",
+            service_token=provider.service_token,
+            resource_type="Custom::HokusaiMtlsCertificates",
+            properties={
+                "Environment": environment,
+                "LeafLifetimeDays": str(leaf_lifetime_days),
+                "ServerSans": list(server_sans),
+                "KeyType": key_type,
+            },
+        )
+        for secret in certificates.all_secrets:
+            self.certificates_resource.node.add_dependency(secret)
+
+        # --- rotation: one function per identity ----------------------------------------
+        rotation_environment = {
+            lifecycle.ENV_LEAF_LIFETIME_DAYS: str(leaf_lifetime_days),
+            lifecycle.ENV_KEY_TYPE: key_type,
+        }
+        if server_sans:
+            rotation_environment[lifecycle.ENV_SERVER_SANS] = ",".join(server_sans)
+        rotation: dict[str, lambda_.Function] = {}
+        schedules: dict[str, secretsmanager.CfnRotationSchedule] = {}
+        for identity in names.IDENTITIES:
+            secret = certificates.identity(identity)
+            label = identity.name.capitalize()
+            function = self._function(
+                f"{label}Rotation",
+                ROTATION_HANDLER,
+                f"rotates {names.identity_secret_name(environment, identity)}",
+                timeout=Duration.minutes(2),
+                environment=rotation_environment,
+            )
+            self._allow_secrets(function, ROTATE, [secret], write=True)
+            self._allow_secrets(function, READ, [certificates.ca_key, certificates.ca_bundle])
+            permission = lambda_.CfnPermission(
+                self,
+                f"{label}RotationInvoke",
+                action="lambda:InvokeFunction",
+                function_name=function.function_arn,
+                principal=SECRETS_MANAGER.service,
+                source_arn=secret.secret_arn,
+                source_account=Stack.of(self).account,
+            )
+            schedule = secretsmanager.CfnRotationSchedule(
+                self,
+                f"{label}RotationSchedule",
+                secret_id=secret.secret_arn,
+                rotation_lambda_arn=function.function_arn,
+                rotation_rules=secretsmanager.CfnRotationSchedule.RotationRulesProperty(
+                    automatically_after_days=rotation_days
+                ),
+                # The first rotation waits for the schedule: the issuance custom resource has just
+                # filled the secret with a fresh leaf.
+                rotate_immediately_on_update=False,
+            )
+            schedule.node.add_dependency(permission, self.certificates_resource)
+            rotation[identity.name] = function
+            schedules[identity.name] = schedule
+        self.rotation: Mapping[str, lambda_.Function] = MappingProxyType(rotation)
+        self.rotation_schedules: Mapping[str, secretsmanager.CfnRotationSchedule] = MappingProxyType(
+            schedules
+        )
+
+        # --- expiry check ------------------------------------------------------------------
+        self.expiry = self._function(
+            "Expiry",
+            EXPIRY_HANDLER,
+            "publishes days to expiry and check failures of every certificate",
+            timeout=Duration.minutes(1),
+            environment={names.ENV_ENVIRONMENT: environment},
+        )
+        self._allow_secrets(self.expiry, READ, [certificates.ca_bundle, *identities])
+        self.expiry.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["cloudwatch:PutMetricData"],
+                resources=["*"],
+                conditions={"StringEquals": {"cloudwatch:namespace": names.METRIC_NAMESPACE}},
+            )
+        )
+        Validations.of(self.expiry.role).acknowledge(
+            Acknowledgment(id="AwsSolutions-IAM5[Resource::*]", reason=PUT_METRIC_REASON)
+        )
+        self.expiry_rule = events.Rule(
+            self,
+            "ExpirySchedule",
+            description=f"hokusai-mtls {environment}: certificate expiry check",
+            schedule=events.Schedule.rate(EXPIRY_SCHEDULE),
+            targets=[targets.LambdaFunction(self.expiry, retry_attempts=2)],
+        )
+
+    def _log_group(self, construct_id: str) -> logs.LogGroup:
+        return logs.LogGroup(
+            self, construct_id, retention=self._retention, removal_policy=self._removal_policy
+        )
+
+    def _function(
+        self,
+        construct_id: str,
+        handler: str,
+        purpose: str,
+        *,
+        timeout: Duration,
+        environment: Mapping[str, str] | None = None,
+    ) -> lambda_.Function:
+        role = iam.Role(
+            self,
+            f"{construct_id}Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"hokusai-mtls {self._environment}: {purpose}",
+        )
+        log_group = self._log_group(f"{construct_id}Logs")
+        log_group.grant_write(role)
+        function = lambda_.Function(
+            self,
+            construct_id,
+            description=f"hokusai-mtls {self._environment}: {purpose}",
+            runtime=lambda_bundle.PYTHON_RUNTIME,
+            architecture=lambda_bundle.ARCHITECTURE,
+            code=self._code,
+            handler=handler,
+            role=role,
+            log_group=log_group,
+            timeout=timeout,
+            memory_size=512,
+            environment=dict(environment or {}),
+        )
+        Validations.of(function).acknowledge(Acknowledgment(id="AwsSolutions-L1", reason=L1_REASON))
+        _depend_on_policy_only(function.node.default_child, role)
+        return function
+
+    def _allow_secrets(
+        self,
+        function: lambda_.Function,
+        actions: Sequence[str],
+        secrets: Sequence[secretsmanager.ISecret],
+        *,
+        write: bool = False,
+    ) -> None:
+        function.add_to_role_policy(
+            iam.PolicyStatement(actions=list(actions), resources=[secret.secret_arn for secret in secrets])
+        )
+        kms_actions = ["kms:Decrypt", "kms:GenerateDataKey"] if write else ["kms:Decrypt"]
+        function.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=kms_actions,
+                resources=[self._certificates.key.key_arn],
+                conditions={
+                    "StringEquals": {
+                        "kms:ViaService": f"secretsmanager.{Stack.of(self).region}.amazonaws.com"
+                    }
+                },
+            )
+        )
+
+
+def _depend_on_policy_only(function: CfnResource, role: iam.Role) -> None:
+    """Keep cfn-lint clean (W3005): a Function with a given role renders `DependsOn: [Role,
+    DefaultPolicy]` next to `Role: !GetAtt Role.Arn`; the GetAtt already orders the role, only
+    the policy (its log permissions) needs the DependsOn."""
+    policy = role.node.find_child("DefaultPolicy").node.default_child
+    function.add_override("DependsOn", [Stack.of(function).get_logical_id(policy)])
