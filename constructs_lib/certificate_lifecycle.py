@@ -153,8 +153,8 @@ class CertificateLifecycle(Construct):
                 "KeyType": key_type,
             },
         )
-        for secret in certificates.all_secrets:
-            self.certificates_resource.node.add_dependency(secret)
+        for secret in (certificates.ca_bundle, certificates.ca_key, *certificates.identities.values()):
+            self.certificates_resource.node.add_dependency(secret)  # what issuance writes
 
         # --- rotation: one function per identity ----------------------------------------
         rotation_environment = {

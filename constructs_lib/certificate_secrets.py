@@ -38,6 +38,8 @@ class CertificateSecrets(Construct):
         key: the KMS key that encrypts every secret below.
         ca_bundle: `hokusai/<env>/mlflow/ca-cert`, the PEM trust bundle every service reads.
         ca_key: `hokusai/<env>/mlflow/ca-key`, the issuing CA; only the issuer may read it.
+        ca_key_next: `hokusai/<env>/mlflow/ca-key-next`, the next CA while a rollover runs (the
+            operator's `certs rollover` writes it; no task role or Lambda reads it).
         identities: identity name (`server`, `api`, `worker`) -> its `<name>-identity` secret.
     """
 
@@ -71,6 +73,12 @@ class CertificateSecrets(Construct):
             "CaKey",
             names.secret_name(environment, names.CA_KEY_SECRET),
             "Issuing CA certificate and private key; readable only by the issuer",
+            rotated=False,
+        )
+        self.ca_key_next = self._secret(
+            "CaKeyNext",
+            names.secret_name(environment, names.CA_NEXT_SECRET),
+            "The next CA during a rollover (`hokusai-mtls certs rollover begin`); empty otherwise",
             rotated=False,
         )
         self.identities: Mapping[str, secretsmanager.Secret] = MappingProxyType(
@@ -115,7 +123,7 @@ class CertificateSecrets(Construct):
 
     @property
     def all_secrets(self) -> tuple[secretsmanager.Secret, ...]:
-        return (self.ca_bundle, self.ca_key, *self.identities.values())
+        return (self.ca_bundle, self.ca_key, self.ca_key_next, *self.identities.values())
 
     def _secret(
         self, construct_id: str, secret_name: str, description: str, *, rotated: bool = True

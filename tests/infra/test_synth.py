@@ -17,6 +17,7 @@ def expected_secret_names(env: str) -> set[str]:
     return {
         names.secret_name(env, names.CA_BUNDLE_SECRET),
         names.secret_name(env, names.CA_KEY_SECRET),
+        names.secret_name(env, names.CA_NEXT_SECRET),
         *(names.identity_secret_name(env, identity) for identity in names.IDENTITIES),
     }
 
