@@ -79,6 +79,19 @@ class ClientTLS:
             ) from exc
         return cls(level, _verifying(context), ca_bundle, certificate)
 
+    def reload(self) -> None:
+        """Take up the files the loader has just rewritten, in the live context.
+
+        New handshakes present the new certificate (`load_cert_chain` replaces it) and trust
+        the bundle's CAs (`load_verify_locations` adds; a CA removed after a rollover stays
+        trusted by this client until it restarts, which only widens whom it trusts as server
+        during the last rollover step). Open keep-alive connections keep their handshake.
+        """
+        if self.ca_bundle is not None:
+            self.context.load_verify_locations(cafile=str(self.ca_bundle))
+        if self.client_certificate is not None:
+            self.context.load_cert_chain(self.client_certificate)
+
     def describe(self) -> str:
         if self.level is SecurityLevel.MTLS:
             return f"client certificate {self.client_certificate}, CA bundle {self.ca_bundle}"
@@ -164,14 +177,19 @@ def _options(tls: ClientTLS, base_url: str, httpx_options: dict) -> dict:
 
 
 def create_adaptive_client(
-    *, environ: Mapping[str, str | None] = os.environ, base_url: str = "", **httpx_options
+    *,
+    environ: Mapping[str, str | None] = os.environ,
+    base_url: str = "",
+    tls: ClientTLS | None = None,
+    **httpx_options,
 ) -> httpx.AsyncClient:
     """An `httpx.AsyncClient` whose TLS follows the loader's security level (module docstring).
 
     `httpx_options` go to httpx (e.g. `timeout=`, `limits=`, `headers=`); the caller owns the
-    client and closes it (`await client.aclose()`) at shutdown. Raises `ClientConfigError`.
+    client and closes it (`await client.aclose()`) at shutdown. Pass your own `tls`
+    (`ClientTLS.from_environ`) to `reload()` it after a rotation. Raises `ClientConfigError`.
     """
-    tls = ClientTLS.from_environ(environ)
+    tls = tls or ClientTLS.from_environ(environ)
     return httpx.AsyncClient(**_options(tls, base_url, httpx_options))
 
 

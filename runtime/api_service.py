@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from runtime import names, pem
-from runtime.adaptive_client import create_adaptive_client
+from runtime.adaptive_client import ClientTLS, create_adaptive_client
 from runtime.api_keys import ApiKeyValidator, AuthServiceClient
 from runtime.client_address import AddressPolicy
 from runtime.inspection import days_left
@@ -66,7 +66,9 @@ class ApiService:
         self.loaded = configure_internal_mtls(role=names.API.role, environ=writable, store=store, reload=True)
         environment = self.loaded.settings.environment
         self.upstream = mlflow_url(writable, self.loaded.level)
-        self.client = create_adaptive_client(environ=writable)
+        self.environ = writable
+        self.client_tls = ClientTLS.from_environ(writable)
+        self.client = create_adaptive_client(environ=writable, tls=self.client_tls)
         self.metrics = Metrics(environment=environment, service=names.API_SERVICE)
         routes = [
             Route("/health", self.health),
@@ -94,16 +96,30 @@ class ApiService:
         path = self.loaded.files.get(names.CA_BUNDLE_FILE)
         return pem.load_certificates(path.read_bytes(), str(path)) if path else []
 
+    def refresh(self) -> None:
+        """Load the rotated identity (the loader verifies it, then swaps the files) and use it
+        for the next connections to MLflow; the previous set stays if anything is wrong."""
+        self.loaded = configure_internal_mtls(role=names.API.role, environ=self.environ, reload=True)
+        self.client_tls.reload()
+
     async def health(self, request: Request) -> JSONResponse:
         report = {"status": "ok", "security_level": self.loaded.level.value, "mlflow": self.upstream}
         if self.loaded.identity is not None:
-            report["certificate"] = {"days_left": days_left(self.loaded.identity.certificate)}
+            certificate = self.loaded.identity.certificate
+            report["certificate"] = {
+                "serial": f"{certificate.serial_number:x}",
+                "days_left": days_left(certificate),
+            }
         return JSONResponse(report)
 
     def serving(self, host: str, port: int) -> Serving:
         return Serving(
             [Listener("api", host, port, self.app)],
-            background=[lambda: every(60, self.metrics.flush), self._close_client_at_exit],
+            background=[
+                lambda: every(60, self.metrics.flush),
+                lambda: every(float(self.environ.get(names.ENV_REFRESH_SECONDS, 300)), self.refresh),
+                self._close_client_at_exit,
+            ],
         )
 
     async def _close_client_at_exit(self) -> None:

@@ -9,8 +9,10 @@ session per process.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,7 @@ from runtime.loader import LoaderSettings, LoadResult, load_certificates
 if TYPE_CHECKING:
     from runtime.secret_store import SecretStore
 
+log = logging.getLogger("hokusai_mtls")
 _lock = threading.Lock()
 _result: LoadResult | None = None
 
@@ -63,3 +66,26 @@ def reset_for_tests() -> None:
     global _result
     with _lock:
         _result = None
+
+
+def start_certificate_refresh(
+    interval_seconds: float = 300, *, role: str | None = None, environ: MutableMapping[str, str] = os.environ
+) -> threading.Thread:
+    """Re-run `configure_internal_mtls(reload=True)` every `interval_seconds` in a daemon thread.
+
+    For long-running clients (workers): the loader rewrites the files atomically at the same
+    paths, and MLflow's client reads them for every new connection, so a rotated certificate
+    is used without a restart. A failed refresh is logged and the previous files stay.
+    """
+
+    def refresh_forever() -> None:
+        while True:
+            time.sleep(interval_seconds)
+            try:
+                configure_internal_mtls(role=role, environ=environ, reload=True)
+            except Exception:  # keep the good files; try again next time
+                log.exception("certificate refresh failed; keeping the current files")
+
+    thread = threading.Thread(target=refresh_forever, name="hokusai-mtls-refresh", daemon=True)
+    thread.start()
+    return thread

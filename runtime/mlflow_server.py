@@ -43,9 +43,6 @@ from runtime.tls_context import ReloadableServerContext, ServerFiles
 
 log = logging.getLogger("hokusai_mtls")
 
-ENV_REFRESH_SECONDS = "HOKUSAI_MTLS_REFRESH_SECONDS"
-ENV_METRICS_SECONDS = "HOKUSAI_MTLS_METRICS_SECONDS"
-
 
 @dataclass(frozen=True)
 class MlflowServerSettings:
@@ -82,8 +79,8 @@ class MlflowServerSettings:
             "mode": mode,
             "backend_store_uri": environ.get(names.ENV_MLFLOW_BACKEND_STORE_URI, ""),
             "artifacts_destination": environ.get(names.ENV_MLFLOW_ARTIFACTS_DESTINATION) or None,
-            "refresh_seconds": float(environ.get(ENV_REFRESH_SECONDS, 300)),
-            "metrics_seconds": float(environ.get(ENV_METRICS_SECONDS, 60)),
+            "refresh_seconds": float(environ.get(names.ENV_REFRESH_SECONDS, 300)),
+            "metrics_seconds": float(environ.get(names.ENV_METRICS_SECONDS, 60)),
         }
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 

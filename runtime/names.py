@@ -37,6 +37,10 @@ ENV_REDIS_URL = "REDIS_URL"
 ENV_SERVICE_SCOPES = "HOKUSAI_MTLS_SERVICE_SCOPES"
 """JSON object service -> list of scopes, e.g. {"api": ["mlflow:read", "mlflow:write"]}; unset: the
 runtime's default (`runtime.peer_identity.DEFAULT_SERVICE_SCOPES`)."""
+ENV_REFRESH_SECONDS = "HOKUSAI_MTLS_REFRESH_SECONDS"
+"""How often (default 300 s) the servers and the API re-load their certificates from Secrets Manager."""
+ENV_METRICS_SECONDS = "HOKUSAI_MTLS_METRICS_SECONDS"
+"""How often (default 60 s) the servers write their aggregated EMF metric lines."""
 ENV_SECURITY_LEVEL = "HOKUSAI_MTLS_SECURITY_LEVEL"
 """Exported by the loader so the serving process can report what it runs with."""
 

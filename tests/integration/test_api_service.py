@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -31,6 +32,7 @@ def api(aws, mlflow_server, auth_service, tmp_path_factory):
             names.ENV_CERT_DIR: str(root / "certs"),
             names.ENV_AUTH_SERVICE_URL: auth_service.base_url,
             "MLFLOW_TRACKING_URI": f"https://127.0.0.1:{mlflow_server['port']}",
+            names.ENV_REFRESH_SECONDS: "1",
         },
     )
     log = root / "api.log"
@@ -97,3 +99,18 @@ def test_mlflow_still_refuses_direct_callers_without_a_certificate(mlflow_server
             verify=context,
             timeout=10,
         )
+
+
+def test_zz_a_rotated_api_identity_is_used_without_a_restart(api, aws):
+    """Runs last in this module: it rotates the API's certificate in Secrets Manager."""
+    rotated = aws["set"].ca.issue_client("staging", "api")
+    aws["client"].put_secret_value(
+        SecretId=names.identity_secret_name("staging", names.API), SecretString=rotated.to_secret_string()
+    )
+    expected, deadline, serial = f"{rotated.certificate.serial_number:x}", time.monotonic() + 20, None
+    while time.monotonic() < deadline and serial != expected:
+        time.sleep(0.3)
+        serial = httpx.get(f"{api['url']}/health", timeout=10).json()["certificate"]["serial"]
+    assert serial == expected
+    answer = httpx.get(f"{api['url']}{SEARCH}", headers={"X-API-Key": ACTIVE_KEY}, timeout=30)
+    assert answer.status_code == 200  # MLflow (strict mTLS) accepts the new certificate

@@ -230,3 +230,41 @@ def test_permissive_closes_a_connection_that_never_speaks(permissive_server, mon
     with socket.create_connection(("127.0.0.1", permissive_server), timeout=5) as silent:
         silent.settimeout(12)
         assert silent.recv(1) == b""  # closed by the server, not left hanging
+
+
+def test_a_client_context_takes_up_a_rotated_certificate_without_a_restart(
+    tls_server, tmp_path, development_set
+):
+    """What the API service does every refresh: the loader rewrites the files, the context reloads."""
+    from runtime.adaptive_client import ClientTLS
+
+    directory = tmp_path / "api-client"
+    old = development_set.identities["api"]
+
+    def publish(identity) -> None:
+        publish_files(
+            directory,
+            {
+                "ca.crt": (pem.bundle_pem(development_set.trust_bundle), 0o644),
+                "tls.pem": (identity.combined_pem(), 0o600),
+            },
+        )
+
+    publish(old)
+    environ = {
+        "HOKUSAI_MTLS_SECURITY_LEVEL": "MTLS",
+        "MLFLOW_TRACKING_SERVER_CERT_PATH": str(directory / "ca.crt"),
+        "MLFLOW_TRACKING_CLIENT_CERT_PATH": str(directory / "tls.pem"),
+    }
+    tls = ClientTLS.from_environ(environ)
+
+    def presented_serial() -> int:
+        with httpx.Client(verify=tls.context) as client:  # a new connection: a new handshake
+            chain = get(client, tls_server["port"])["tls"]["client_cert_chain"]
+        return x509.load_pem_x509_certificate(chain[0].encode()).serial_number
+
+    assert presented_serial() == old.certificate.serial_number
+    rotated = development_set.ca.issue_client("development", "api")
+    publish(rotated)
+    tls.reload()
+    assert presented_serial() == rotated.certificate.serial_number
