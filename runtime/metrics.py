@@ -89,7 +89,17 @@ class Metrics:
             ("environment", "identity"),
             registry=self.registry,
         )
+        # Label lookups cost microseconds per request: resolve the per-request children once.
+        self._latency_child = self._prom_latency.labels(self.environment, self.service)
+        self._auth_children: dict[tuple[str, str], object] = {}
         self._reset_interval()
+
+    def _auth_child(self, auth_path: str, outcome: str):
+        child = self._auth_children.get((auth_path, outcome))
+        if child is None:
+            child = self._prom_auth.labels(self.environment, self.service, auth_path, outcome)
+            self._auth_children[(auth_path, outcome)] = child
+        return child
 
     def _reset_interval(self) -> None:
         self._auth: Counter[str] = Counter()
@@ -102,7 +112,7 @@ class Metrics:
 
     # --- recording (cheap, in memory) ------------------------------------------------------
     def auth(self, auth_path: str, outcome: str) -> None:
-        self._prom_auth.labels(self.environment, self.service, auth_path, outcome).inc()
+        self._auth_child(auth_path, outcome).inc()
         if outcome == "success":
             with self._lock:
                 self._auth[auth_path] += 1
@@ -128,7 +138,7 @@ class Metrics:
             self._plain += 1
 
     def internal_latency(self, seconds: float) -> None:
-        self._prom_latency.labels(self.environment, self.service).observe(seconds)
+        self._latency_child.observe(seconds)
         with self._lock:
             self._latency_ms[round(seconds * 1000, 1)] += 1
 

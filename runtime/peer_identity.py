@@ -9,6 +9,7 @@ SANs (imported CAs). Scopes come from configuration, so an unknown service gets 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,13 @@ def peer_certificate(scope: Mapping) -> x509.Certificate | None:
     chain = tls.get("client_cert_chain") if isinstance(tls, Mapping) else None
     if not chain:
         return None
-    return x509.load_pem_x509_certificate(chain[0].encode())
+    return _parse(chain[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(certificate_pem: str) -> x509.Certificate:
+    """Every request of a keep-alive connection carries the same PEM: parse it once."""
+    return x509.load_pem_x509_certificate(certificate_pem.encode())
 
 
 def _service_from_certificate(certificate: x509.Certificate) -> tuple[str | None, str | None, str | None]:

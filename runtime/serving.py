@@ -185,6 +185,9 @@ async def _sniff(listener: Listener, tls_server: _ListenerServer, plain_server: 
     try:
         while True:
             connection, _ = await loop.sock_accept(sock)
+            # asyncio sets TCP_NODELAY only on sockets it accepts itself; without it every
+            # keep-alive response waits for the client's delayed ACK (~40 ms).
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.create_task(_route(connection, listener, tls_server, plain_server))
             routing.add(task)
             task.add_done_callback(routing.discard)
