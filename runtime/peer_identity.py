@@ -77,6 +77,8 @@ class IdentityPolicy:
             if not isinstance(granted, list | tuple) or not all(isinstance(s, str) for s in granted):
                 raise ValueError(f"{ENV_SERVICE_SCOPES}: scopes of {service!r} must be a list of strings")
         self.service_scopes = {service: tuple(granted) for service, granted in scopes.items()}
+        # A keep-alive connection presents one certificate for every request: decide once.
+        self.identify = functools.lru_cache(maxsize=256)(self._identify)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> IdentityPolicy:
@@ -89,7 +91,7 @@ class IdentityPolicy:
             raise ValueError(f"{ENV_SERVICE_SCOPES} must be a JSON object of service -> scopes")
         return cls(environ.get(names.ENV_ENVIRONMENT, ""), scopes)
 
-    def identify(self, certificate: x509.Certificate) -> ServiceIdentity | None:
+    def _identify(self, certificate: x509.Certificate) -> ServiceIdentity | None:
         """The service, or None when the certificate names no service we grant anything to.
 
         A certificate of another environment (its SPIFFE ID says so) is not ours either, even
