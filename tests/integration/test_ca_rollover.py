@@ -26,22 +26,11 @@ from runtime.loader import LoaderSettings, load_certificates
 from runtime.rollover import RolloverStore
 from runtime.serving import Listener, Serving
 from runtime.tls_context import ReloadableServerContext, ServerFiles
-from tests.support.servers import free_port, running
+from tests.support.servers import echo_tls, free_port, running
 
 pytestmark = pytest.mark.integration
 ENV = "staging"
 HOST = names.mlflow_hostname(ENV)
-
-
-async def hello(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 class Fleet:
@@ -147,7 +136,7 @@ def test_a_whole_ca_rollover_refuses_no_handshake(secretsmanager, staging_set, t
     old_ca = staging_set.ca.certificate
     fleet = Fleet(store, tmp_path)
     port = free_port()
-    with running(Serving([Listener("mtls", "127.0.0.1", port, hello, fleet.tls)])):
+    with running(Serving([Listener("mtls", "127.0.0.1", port, echo_tls, fleet.tls)])):
         traffic = Traffic(fleet, port)
         for thread in traffic.threads:
             thread.start()

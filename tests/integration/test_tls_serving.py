@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import threading
@@ -13,32 +12,15 @@ import pytest
 from cryptography import x509
 
 from runtime import pem
-from runtime.asgi_tls import TLS_EXTENSION
 from runtime.certset import CertificateSet
 from runtime.files import publish_files
 from runtime.identity import TLSIdentity
 from runtime.serving import Listener, Serving
 from runtime.tls_context import ReloadableServerContext, ServerFiles
-from tests.support.servers import free_port, running
+from tests.support.servers import echo_tls, free_port, running
 
 pytestmark = pytest.mark.integration
 HOST = "mlflow.hokusai-development.local"
-
-
-async def echo_tls(scope, receive, send):
-    """Answers with what the app sees of TLS: the extension, or null."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
-    tls = (scope.get("extensions") or {}).get(TLS_EXTENSION)
-    body = json.dumps({"tls": tls}).encode()
-    await send(
-        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def bundle_pem(certificates) -> bytes:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from contextlib import contextmanager
 
+from runtime.asgi_tls import TLS_EXTENSION
 from runtime.serving import Serving
 
 
@@ -28,3 +30,18 @@ def running(serving: Serving, timeout: float = 20):
     finally:
         serving.stop()
         thread.join(timeout)
+
+
+async def echo_tls(scope, receive, send):
+    """A test app that answers with what it sees of TLS: the ASGI TLS extension, or null."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    body = json.dumps({"tls": (scope.get("extensions") or {}).get(TLS_EXTENSION)}).encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+    )
+    await send({"type": "http.response.body", "body": body})
