@@ -10,9 +10,9 @@ import json
 from dataclasses import dataclass
 
 import pytest
-from cdk_nag import AwsSolutionsChecks
 
 from runtime import lifecycle, names
+from tests.support.nag import nag_findings
 
 pytestmark = pytest.mark.infra
 
@@ -486,14 +486,7 @@ def test_one_email_subscription_per_address(templates, env):
 
 @ENVIRONMENTS
 def test_cdk_nag_reports_no_unacknowledged_violations(stacks, env):
-    report = AwsSolutionsChecks(stacks[env]).validate_scope(stacks[env])
-    findings = [
-        f"{violation.rule_name} at "
-        + ", ".join(r.construct_path or r.resource_logical_id or "?" for r in violation.violating_resources)
-        for violation in report.violations
-    ]
-    assert findings == []
-    assert report.success
+    assert nag_findings(stacks[env], stacks[env]) == []
 
 
 # --- settings -----------------------------------------------------------------------------

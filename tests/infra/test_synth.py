@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from cdk_nag import AwsSolutionsChecks
 
 from runtime import names
 from stacks.settings import RETAINED_ENVIRONMENTS
+from tests.support.nag import nag_findings
 
 pytestmark = pytest.mark.infra
 
@@ -109,11 +109,4 @@ def test_removal_policy_retains_production_only(secrets_templates, env):
 @ENVIRONMENTS
 @pytest.mark.parametrize("stack", ["secrets", "network", "services"])
 def test_cdk_nag_reports_no_unacknowledged_violations(cdk_app, stages, env, stack):
-    report = AwsSolutionsChecks(cdk_app).validate_scope(getattr(stages[env], stack))
-    findings = [
-        f"{violation.rule_name} at "
-        + ", ".join(r.construct_path or r.resource_logical_id or "?" for r in violation.violating_resources)
-        for violation in report.violations
-    ]
-    assert findings == []
-    assert report.success
+    assert nag_findings(cdk_app, getattr(stages[env], stack)) == []
