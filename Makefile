@@ -4,6 +4,8 @@
 #                synthesize every environment's stage into cdk.out/ (offline; no AWS calls)
 #   make test    set up, then ruff check + ruff format --check + pytest (tests/unit, tests/infra, tests/integration)
 #   make lint    ruff check + cfn-lint over the synthesized templates
+#   make local   the whole system on loopback (moto, MLflow over mTLS, API, Redis, auth double, worker)
+#   make bench   every benchmark, one run; figures into benchmarks/RESULTS.md
 #   make clean   remove what the targets build
 #
 # Set-up steps are keyed on stamp files, so a second run costs nothing:
@@ -33,7 +35,7 @@ export NPM_CONFIG_FUND := false
 export NPM_CONFIG_AUDIT := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup synth test lint clean
+.PHONY: setup synth test lint local bench clean
 
 setup: $(VENV_STAMP) $(NODE_STAMP)
 
@@ -70,6 +72,16 @@ test: setup
 lint: synth
 	ruff check .
 	cfn-lint $(CDK_OUT)/assembly-*/*.template.json
+
+# Foreground until Ctrl-C, which stops everything it started (LOCAL_ARGS="--help" lists options).
+LOCAL_ARGS ?=
+local: setup
+	@python -m local_stack up $(LOCAL_ARGS)
+
+# Reports, never gates: a missed target prints MISS and exits 0; an error exits non-zero.
+BENCH_ARGS ?=
+bench: setup
+	@python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules $(CDK_OUT) .pytest_cache .ruff_cache *.egg-info

@@ -263,10 +263,10 @@ def bench_mlflow(workdir: Path, repeat: int, ops: int, metrics_seconds: float) -
     import boto3
     from moto.server import ThreadedMotoServer
 
+    from local_stack.auth_service import FakeAuthService, key_record
     from runtime import names
     from runtime.certset import CertificateSet
     from runtime.secret_store import SecretStore
-    from tests.support.auth_service import FakeAuthService, key_record
 
     root = workdir / "mlflow"
     root.mkdir()

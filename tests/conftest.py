@@ -82,7 +82,7 @@ def moto_server(monkeypatch):
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server on 127.0.0.1 (no persistence) for the session; FAILS if it is missing."""
-    from tests.support.redis_server import RedisServer
+    from local_stack.redis_server import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     problem = None

@@ -14,10 +14,10 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from local_stack.auth_service import FakeAuthService
 from runtime import names
 from runtime.certset import CertificateSet
 from runtime.secret_store import SecretStore
-from tests.support.auth_service import FakeAuthService
 from tests.support.servers import free_port
 
 ENV = "staging"

@@ -1,6 +1,6 @@
 """The API-key path for real: the fake auth service over HTTP on the loopback, a real redis-server.
 
-The auth service is a test double (tests/support/auth_service.py) of a service we do not own;
+The auth service is a test double (local_stack/auth_service.py) of a service we do not own;
 Redis is Debian's redis-server, started once per session by tests/conftest.py.
 """
 
@@ -13,13 +13,8 @@ import httpx
 import pytest
 import redis.asyncio
 
-from runtime.api_keys import ApiKeyValidator, AuthServiceClient, Validation, fingerprint
-from runtime.errors import AuthServiceUnavailable
-from runtime.key_cache import NEGATIVE, MemoryKeyCache, RedisKeyCache
-from runtime.rate_limit import UNLIMITED, RedisRateLimiter
-from runtime.redis_client import redis_from_environ
-from tests.support import auth_service
-from tests.support.auth_service import (
+from local_stack import auth_service
+from local_stack.auth_service import (
     ACTIVE_KEY,
     EXPIRED_KEY,
     INACTIVE_KEY,
@@ -27,6 +22,11 @@ from tests.support.auth_service import (
     UNKNOWN_KEY,
     FakeAuthService,
 )
+from runtime.api_keys import ApiKeyValidator, AuthServiceClient, Validation, fingerprint
+from runtime.errors import AuthServiceUnavailable
+from runtime.key_cache import NEGATIVE, MemoryKeyCache, RedisKeyCache
+from runtime.rate_limit import UNLIMITED, RedisRateLimiter
+from runtime.redis_client import redis_from_environ
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

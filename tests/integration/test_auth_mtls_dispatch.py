@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from local_stack.auth_service import ACTIVE_KEY, LIMITED_KEY, FakeAuthService
 from runtime import names, pem
 from runtime.api_keys import ApiKeyValidator, AuthServiceClient
 from runtime.client_address import AddressPolicy
@@ -32,7 +33,6 @@ from runtime.peer_identity import IdentityPolicy
 from runtime.rate_limit import MemoryRateLimiter
 from runtime.serving import Listener, Serving
 from runtime.tls_context import ReloadableServerContext, ServerFiles
-from tests.support.auth_service import ACTIVE_KEY, LIMITED_KEY, FakeAuthService
 from tests.support.servers import free_port, running
 
 pytestmark = pytest.mark.integration

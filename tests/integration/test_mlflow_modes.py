@@ -9,9 +9,9 @@ import urllib.request
 import httpx
 import pytest
 
+from local_stack.auth_service import ACTIVE_KEY
 from runtime import names, pem
 from tests.integration.conftest import container_command, server_environment, wait_healthy
-from tests.support.auth_service import ACTIVE_KEY
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

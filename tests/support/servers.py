@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from contextlib import contextmanager
 
+from local_stack.ports import free_port  # noqa: F401  (re-exported for the tests)
 from runtime.asgi_tls import TLS_EXTENSION
 from runtime.serving import Serving
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from local_stack.auth_service import key_record
 from runtime.api_keys import (
     NEGATIVE,
     ApiKeyInfo,
@@ -23,7 +24,6 @@ from runtime.api_keys import (
 )
 from runtime.errors import AuthServiceUnavailable, MtlsError
 from runtime.key_cache import MemoryKeyCache, RedisKeyCache, cache_from_environ
-from tests.support.auth_service import key_record
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support.servers import free_port
+from local_stack.ports import free_port
 
 INSTALL_HINT = "redis-server is not installed: apt-get install -y redis-server (.ci/run does it)"
 

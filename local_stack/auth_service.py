@@ -4,7 +4,7 @@ It implements the contract `runtime.api_keys` documents (POST /api/v1/keys/valid
 dict of keys, and lets a test count calls, slow it down, take it down or script a raw answer.
 Only Starlette and uvicorn are needed, so a local demo stack can run it too:
 
-    python -m tests.support.auth_service --port 8081     # serves EXAMPLE_KEYS until Ctrl-C
+    python -m local_stack.auth_service --port 8081     # serves EXAMPLE_KEYS until Ctrl-C
 
 >>> service = FakeAuthService()
 >>> with service.serving() as base_url:
