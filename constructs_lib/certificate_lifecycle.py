@@ -1,23 +1,28 @@
 """The AWS side of the certificate lifecycle: first issuance, rotation and the expiry check.
 
-Three kinds of Lambda share one code asset (`lambda_bundle`), each with a role of its own that
+Four kinds of Lambda share one code asset (`lambda_bundle`), each with a role of its own that
 holds exactly what its handler calls (no managed policy, no wildcard beyond what an API forces):
 
-- issuance   (`runtime.lifecycle.issuance.handler`): a custom resource (cr.Provider) that fills
-             the empty secrets on deploy; Get/PutSecretValue on ca-key, ca-cert and every identity.
-             The only function that can write `ca-key`.
-- rotation   (`runtime.lifecycle.rotation.handler`): one function PER IDENTITY, so a rotation
-             function can read and write its own `<identity>-identity` secret only (plus read the
-             CA it issues from); Secrets Manager may invoke it for that secret only.
-- expiry     (`runtime.lifecycle.expiry.handler`): on a schedule, reads ca-cert and the identities
-             and publishes CertificateDaysToExpiry and CertificateCheckFailures (Hokusai/mTLS only).
+- issuance     (`runtime.lifecycle.issuance.handler`): a custom resource (cr.Provider) that fills
+               the empty secrets on deploy; Get/PutSecretValue on the CA secrets and every identity.
+- rotation     (`runtime.lifecycle.rotation.handler`): one function PER IDENTITY, so a rotation
+               function can read and write its own `<identity>-identity` secret only (plus read the
+               CA it issues from); Secrets Manager may invoke it for that secret only.
+- CA rotation  (`runtime.lifecycle.ca_rotation.handler`): rotates ca-key-next, ca-key and ca-cert,
+               each rotation one step of the CA rollover when it is due (begin, switch, finish);
+               rotates those three and re-issues the identities at a switch.
+- expiry       (`runtime.lifecycle.expiry.handler`): on a schedule, reads ca-cert and the identities
+               and publishes CertificateDaysToExpiry and CertificateCheckFailures (Hokusai/mTLS only).
 
-Every secret call is on a customer-managed key: kms:Decrypt (and GenerateDataKey for a write)
-through Secrets Manager only (`kms:ViaService`).
+So every secret has a rotation schedule (cdk-nag SMG4, no acknowledgment). Every secret call is on
+a customer-managed key: kms:Decrypt (and GenerateDataKey for a write) through Secrets Manager only
+(`kms:ViaService`). Every log group is encrypted with a key of its own (`LogEncryptionKey`, usable
+for `/hokusai/<env>/lifecycle/*` only): a failed rotation's log names secrets and serials.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
@@ -33,11 +38,12 @@ from constructs import Construct
 
 from constructs_lib import lambda_bundle
 from constructs_lib.certificate_secrets import CertificateSecrets
-from constructs_lib.log_encryption_key import _RETENTION
+from constructs_lib.log_encryption_key import LogEncryptionKey
 from runtime import lifecycle, names
 
 ISSUANCE_HANDLER = "runtime.lifecycle.issuance.handler"
 ROTATION_HANDLER = "runtime.lifecycle.rotation.handler"
+CA_ROTATION_HANDLER = "runtime.lifecycle.ca_rotation.handler"
 EXPIRY_HANDLER = "runtime.lifecycle.expiry.handler"
 
 EXPIRY_SCHEDULE = Duration.hours(1)
@@ -92,6 +98,9 @@ class CertificateLifecycle(Construct):
         rotation_days: int,
         key_type: str,
         server_sans: Sequence[str],
+        ca_source: str,
+        ca_rollover_start_days: int,
+        ca_rollover_wait_days: int,
         log_retention_days: int,
         removal_policy: RemovalPolicy,
     ) -> None:
@@ -101,10 +110,18 @@ class CertificateLifecycle(Construct):
                 f"rotation_days ({rotation_days}) must be at least 1 and below "
                 f"leaf_lifetime_days ({leaf_lifetime_days})"
             )
+        if ca_source not in lifecycle.CA_SOURCES:
+            raise ValueError(f"ca_source {ca_source!r}: expected one of {', '.join(lifecycle.CA_SOURCES)}")
         self._certificates = certificates
         self._environment = names.check_environment(environment)
-        self._retention = _RETENTION[log_retention_days]
-        self._removal_policy = removal_policy
+        self._log_retention_days = log_retention_days
+        self.log_key = LogEncryptionKey(
+            self,
+            "LogKey",
+            log_group_prefix=f"/hokusai/{environment}/lifecycle/",
+            description=f"hokusai-mtls {environment}: encrypts the certificate lifecycle Lambdas' logs",
+            removal_policy=removal_policy,
+        )
         self._code = lambda_bundle.lifecycle_code()
         identities = [certificates.identity(identity) for identity in names.IDENTITIES]
 
@@ -115,13 +132,12 @@ class CertificateLifecycle(Construct):
             "first issuance of the CA and every identity (custom resource)",
             timeout=Duration.minutes(5),
         )
-        self._allow_secrets(
-            self.issuance, ISSUE, [certificates.ca_key, certificates.ca_bundle, *identities], write=True
-        )
+        ca_secrets = [certificates.ca_key_next, certificates.ca_key, certificates.ca_bundle]
+        self._allow_secrets(self.issuance, ISSUE, [*ca_secrets, *identities], write=True)
         provider_role = iam.Role(
             self, "ProviderRole", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com")
         )
-        provider_logs = self._log_group("ProviderLogs")
+        provider_logs = self._log_group("ProviderLogs", "issuance-provider")
         provider_logs.grant_write(provider_role)
         provider = cr.Provider(
             self,
@@ -151,9 +167,10 @@ class CertificateLifecycle(Construct):
                 "LeafLifetimeDays": str(leaf_lifetime_days),
                 "ServerSans": list(server_sans),
                 "KeyType": key_type,
+                "CaSource": ca_source,
             },
         )
-        for secret in (certificates.ca_bundle, certificates.ca_key, *certificates.identities.values()):
+        for secret in (*ca_secrets, *certificates.identities.values()):
             self.certificates_resource.node.add_dependency(secret)  # what issuance writes
 
         # --- rotation: one function per identity ----------------------------------------
@@ -177,33 +194,38 @@ class CertificateLifecycle(Construct):
             )
             self._allow_secrets(function, ROTATE, [secret], write=True)
             self._allow_secrets(function, READ, [certificates.ca_key, certificates.ca_bundle])
-            permission = lambda_.CfnPermission(
-                self,
-                f"{label}RotationInvoke",
-                action="lambda:InvokeFunction",
-                function_name=function.function_arn,
-                principal=SECRETS_MANAGER.service,
-                source_arn=secret.secret_arn,
-                source_account=Stack.of(self).account,
-            )
-            schedule = secretsmanager.CfnRotationSchedule(
-                self,
-                f"{label}RotationSchedule",
-                secret_id=secret.secret_arn,
-                rotation_lambda_arn=function.function_arn,
-                rotation_rules=secretsmanager.CfnRotationSchedule.RotationRulesProperty(
-                    automatically_after_days=rotation_days
-                ),
-                # The first rotation waits for the schedule: the issuance custom resource has just
-                # filled the secret with a fresh leaf.
-                rotate_immediately_on_update=False,
-            )
-            schedule.node.add_dependency(permission, self.certificates_resource)
+            schedule = self._rotate(label, secret, function, rotation_days)
             rotation[identity.name] = function
             schedules[identity.name] = schedule
         self.rotation: Mapping[str, lambda_.Function] = MappingProxyType(rotation)
         self.rotation_schedules: Mapping[str, secretsmanager.CfnRotationSchedule] = MappingProxyType(
             schedules
+        )
+
+        # --- CA rotation: the rollover, one step per CA secret ---------------------------------
+        self.ca_rotation = self._function(
+            "CaRotation",
+            CA_ROTATION_HANDLER,
+            "rolls the CA over, a step per rotation of ca-key-next, ca-key, ca-cert",
+            timeout=Duration.minutes(5),
+            environment={
+                lifecycle.ENV_CA_SOURCE: ca_source,
+                lifecycle.ENV_CA_ROLLOVER_START_DAYS: str(ca_rollover_start_days),
+                lifecycle.ENV_CA_ROLLOVER_WAIT_DAYS: str(ca_rollover_wait_days),
+                lifecycle.ENV_LEAF_LIFETIME_DAYS: str(leaf_lifetime_days),
+            },
+        )
+        self._allow_secrets(self.ca_rotation, ROTATE, ca_secrets, write=True)
+        self._allow_secrets(self.ca_rotation, ISSUE, identities, write=True)  # a switch re-issues them
+        self.ca_rotation_schedules: Mapping[str, secretsmanager.CfnRotationSchedule] = MappingProxyType(
+            {
+                suffix: self._rotate(label, secret, self.ca_rotation, ca_rollover_wait_days)
+                for suffix, label, secret in (
+                    (names.CA_NEXT_SECRET, "CaKeyNext", certificates.ca_key_next),
+                    (names.CA_KEY_SECRET, "CaKey", certificates.ca_key),
+                    (names.CA_BUNDLE_SECRET, "CaBundle", certificates.ca_bundle),
+                )
+            }
         )
 
         # --- expiry check ------------------------------------------------------------------
@@ -233,10 +255,36 @@ class CertificateLifecycle(Construct):
             targets=[targets.LambdaFunction(self.expiry, retry_attempts=2)],
         )
 
-    def _log_group(self, construct_id: str) -> logs.LogGroup:
-        return logs.LogGroup(
-            self, construct_id, retention=self._retention, removal_policy=self._removal_policy
+    def _log_group(self, construct_id: str, name: str) -> logs.LogGroup:
+        return self.log_key.log_group(self, construct_id, name=name, retention_days=self._log_retention_days)
+
+    def _rotate(
+        self, label: str, secret: secretsmanager.ISecret, function: lambda_.Function, days: int
+    ) -> secretsmanager.CfnRotationSchedule:
+        """Let Secrets Manager invoke `function` for `secret` only, every `days` days."""
+        permission = lambda_.CfnPermission(
+            self,
+            f"{label}RotationInvoke",
+            action="lambda:InvokeFunction",
+            function_name=function.function_arn,
+            principal=SECRETS_MANAGER.service,
+            source_arn=secret.secret_arn,
+            source_account=Stack.of(self).account,
         )
+        schedule = secretsmanager.CfnRotationSchedule(
+            self,
+            f"{label}RotationSchedule",
+            secret_id=secret.secret_arn,
+            rotation_lambda_arn=function.function_arn,
+            rotation_rules=secretsmanager.CfnRotationSchedule.RotationRulesProperty(
+                automatically_after_days=days
+            ),
+            # The first rotation waits for the schedule: the issuance custom resource has just
+            # filled the secret.
+            rotate_immediately_on_update=False,
+        )
+        schedule.node.add_dependency(permission, self.certificates_resource)
+        return schedule
 
     def _function(
         self,
@@ -253,7 +301,7 @@ class CertificateLifecycle(Construct):
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description=f"hokusai-mtls {self._environment}: {purpose}",
         )
-        log_group = self._log_group(f"{construct_id}Logs")
+        log_group = self._log_group(f"{construct_id}Logs", _kebab(construct_id))
         log_group.grant_write(role)
         function = lambda_.Function(
             self,
@@ -304,3 +352,8 @@ def _depend_on_policy_only(function: CfnResource, role: iam.Role) -> None:
     the policy (its log permissions) needs the DependsOn."""
     policy = role.node.find_child("DefaultPolicy").node.default_child
     function.add_override("DependsOn", [Stack.of(function).get_logical_id(policy)])
+
+
+def _kebab(construct_id: str) -> str:
+    """`CaRotation` -> `ca-rotation`: a log group name from a construct id."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", construct_id).lower()

@@ -12,21 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from aws_cdk import Acknowledgment, RemovalPolicy, Stack, Validations
+from aws_cdk import RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from runtime import names
-
-SMG4_CA_REASON = (
-    "The CA is not rotated by Secrets Manager: replacing it breaks trust for every running service "
-    "unless the bundle trusts old and new first. CA rotation is the rollover runbook "
-    "(`hokusai-mtls certs rollover`, docs/MTLS_CERTIFICATE_MANAGEMENT.md); the identity secrets "
-    "rotate automatically (CertificateLifecycle)"
-)
-
 
 SECRET_READ_ACTIONS = ("secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret")
 
@@ -39,7 +31,7 @@ class CertificateSecrets(Construct):
         ca_bundle: `hokusai/<env>/mlflow/ca-cert`, the PEM trust bundle every service reads.
         ca_key: `hokusai/<env>/mlflow/ca-key`, the issuing CA; only the issuer may read it.
         ca_key_next: `hokusai/<env>/mlflow/ca-key-next`, the next CA while a rollover runs (the
-            operator's `certs rollover` writes it; no task role or Lambda reads it).
+            CA rotation or the operator's `certs rollover` writes it; no task role reads it).
         identities: identity name (`server`, `api`, `worker`) -> its `<name>-identity` secret.
     """
 
@@ -67,19 +59,16 @@ class CertificateSecrets(Construct):
             "CaBundle",
             names.secret_name(environment, names.CA_BUNDLE_SECRET),
             "PEM trust bundle (one or more CA certificates) for mTLS",
-            rotated=False,
         )
         self.ca_key = self._secret(
             "CaKey",
             names.secret_name(environment, names.CA_KEY_SECRET),
             "Issuing CA certificate and private key; readable only by the issuer",
-            rotated=False,
         )
         self.ca_key_next = self._secret(
             "CaKeyNext",
             names.secret_name(environment, names.CA_NEXT_SECRET),
-            "The next CA during a rollover (`hokusai-mtls certs rollover begin`); empty otherwise",
-            rotated=False,
+            "The next CA during a rollover (its `begin`); a no-rollover marker otherwise",
         )
         self.identities: Mapping[str, secretsmanager.Secret] = MappingProxyType(
             {
@@ -125,11 +114,8 @@ class CertificateSecrets(Construct):
     def all_secrets(self) -> tuple[secretsmanager.Secret, ...]:
         return (self.ca_bundle, self.ca_key, self.ca_key_next, *self.identities.values())
 
-    def _secret(
-        self, construct_id: str, secret_name: str, description: str, *, rotated: bool = True
-    ) -> secretsmanager.Secret:
-        """`rotated`: a RotationSchedule in this stack covers it (CertificateLifecycle), else SMG4 is
-        acknowledged (the CA: rotated by the rollover runbook)."""
+    def _secret(self, construct_id: str, secret_name: str, description: str) -> secretsmanager.Secret:
+        """An empty secret; `CertificateLifecycle`, in the same stack, gives it a rotation schedule."""
         secret = secretsmanager.Secret(
             self,
             construct_id,
@@ -144,6 +130,4 @@ class CertificateSecrets(Construct):
         if not isinstance(cfn_secret, secretsmanager.CfnSecret):
             raise TypeError(f"{secret.node.path}: expected a CfnSecret, got {type(cfn_secret).__name__}")
         cfn_secret.add_property_deletion_override("GenerateSecretString")
-        if not rotated:
-            Validations.of(secret).acknowledge(Acknowledgment(id="AwsSolutions-SMG4", reason=SMG4_CA_REASON))
         return secret

@@ -22,7 +22,7 @@ from runtime.errors import LifetimeError, NotACertificateAuthorityError
 from runtime.identity import TLSIdentity
 from runtime.inspection import extension, is_ca
 
-DEFAULT_CA_LIFETIME_DAYS = 5 * 365
+DEFAULT_CA_LIFETIME_DAYS = names.CA_LIFETIME_DAYS
 """Long enough for many leaf rotations; CA rollover (docs) replaces it well before the end."""
 DEFAULT_LEAF_LIFETIME_DAYS: dict[str, int] = {"development": 365, "staging": 90, "production": 90}
 """The PRD: one year in development, 90 days in production; staging rehearses production."""

@@ -17,6 +17,9 @@ ENVIRONMENTS: tuple[str, ...] = ("development", "staging", "production")
 
 DEGRADABLE_ENVIRONMENTS: frozenset[str] = frozenset({"development"})
 
+CA_LIFETIME_DAYS = 5 * 365
+"""Lifetime of a CA we make (first issuance, rollover); the stacks check rollover settings against it."""
+
 # --- environment variables -------------------------------------------------------
 ENV_ENVIRONMENT = "ENVIRONMENT"
 ENV_ENABLE_MTLS = "ENABLE_MTLS_AUTH"

@@ -192,16 +192,8 @@ def status(store: RolloverStore) -> State:
     return read_state(store)
 
 
-def begin(
-    store: RolloverStore,
-    *,
-    ca_lifetime_days: int = DEFAULT_CA_LIFETIME_DAYS,
-    now: dt.datetime | None = None,
-) -> list[str]:
-    """Create the new CA and trust it next to the old one. Returns what was done, line by line."""
-    now = now or dt.datetime.now(dt.UTC)
-    state = read_state(store, now)
-    done: list[str] = []
+def check_begin(store: RolloverStore, state: State, now: dt.datetime) -> None:
+    """Refuse a `begin` that would start a second rollover, or roll over broken identities."""
     if state.phase == SWITCHED:
         raise RolloverError(
             f"a rollover is already in progress ({PHASES[SWITCHED]}): the bundle holds "
@@ -216,14 +208,34 @@ def begin(
     if broken:
         raise RolloverError("fix these identities before a rollover: " + "; ".join(broken))
     check_validity(state.issuer.certificate, store.name(names.CA_KEY_SECRET), now)
+
+
+def new_ca(
+    store: RolloverStore, state: State, *, ca_lifetime_days: int, now: dt.datetime
+) -> CertificateAuthority:
+    """The next CA: same key algorithm as the issuer, named after the day it was made."""
+    return CertificateAuthority.create(
+        store.environment,
+        key_type=_key_type(state.issuer.certificate),
+        lifetime_days=ca_lifetime_days,
+        common_name=f"Hokusai MLflow CA {store.environment} {now:%Y-%m-%d}",
+        now=now,
+    )
+
+
+def begin(
+    store: RolloverStore,
+    *,
+    ca_lifetime_days: int = DEFAULT_CA_LIFETIME_DAYS,
+    now: dt.datetime | None = None,
+) -> list[str]:
+    """Create the new CA and trust it next to the old one. Returns what was done, line by line."""
+    now = now or dt.datetime.now(dt.UTC)
+    state = read_state(store, now)
+    done: list[str] = []
+    check_begin(store, state, now)
     if state.next_ca is None:
-        new = CertificateAuthority.create(
-            store.environment,
-            key_type=_key_type(state.issuer.certificate),
-            lifetime_days=ca_lifetime_days,
-            common_name=f"Hokusai MLflow CA {store.environment} {now:%Y-%m-%d}",
-            now=now,
-        )
+        new = new_ca(store, state, ca_lifetime_days=ca_lifetime_days, now=now)
         # The key first: a crash after this leaves a resumable begin, never a trusted CA without a key.
         store.write(names.CA_NEXT_SECRET, new.identity.to_secret_string(), "ca-key-next", new.certificate)
         done.append(f"created the new CA {label(new.certificate)} in {store.name(names.CA_NEXT_SECRET)}")
@@ -290,17 +302,13 @@ def switch(
     return done
 
 
-def finish(store: RolloverStore, *, now: dt.datetime | None = None) -> list[str]:
-    """Remove every CA but the issuer from the bundle, once no identity depends on another."""
-    now = now or dt.datetime.now(dt.UTC)
-    state = read_state(store, now)
+def final_bundle(store: RolloverStore, state: State, now: dt.datetime) -> list[x509.Certificate]:
+    """The bundle `finish` publishes (the issuer alone), once no identity depends on another CA."""
     if state.phase == BEGUN:
         raise RolloverError(
             f"too early to finish: {store.name(names.CA_NEXT_SECRET)} still holds the new CA "
             f"{label(state.next_ca.certificate)}, which does not issue yet; run `switch` first"
         )
-    if state.phase == STEADY:
-        return [f"nothing to finish: {store.name(names.CA_BUNDLE_SECRET)} holds only the issuing CA"]
     issuer = state.issuer.certificate
     dependent = [
         f"{i.secret_id} ({i.problem or 'issued by ' + label(i.issuer)})"
@@ -315,6 +323,16 @@ def finish(store: RolloverStore, *, now: dt.datetime | None = None) -> list[str]
     bundle = [issuer]
     for identity in names.IDENTITIES:
         verify_for(identity, store.fetch_identity(identity), bundle, store.environment, now)
+    return bundle
+
+
+def finish(store: RolloverStore, *, now: dt.datetime | None = None) -> list[str]:
+    """Remove every CA but the issuer from the bundle, once no identity depends on another."""
+    now = now or dt.datetime.now(dt.UTC)
+    state = read_state(store, now)
+    if state.phase == STEADY:
+        return [f"nothing to finish: {store.name(names.CA_BUNDLE_SECRET)} holds only the issuing CA"]
+    bundle = final_bundle(store, state, now)
     store.write(names.CA_BUNDLE_SECRET, pem.bundle_pem(bundle).decode(), "trust-bundle", None)
     removed = ", ".join(label(c) for c in state.old)
     return [f"published {store.name(names.CA_BUNDLE_SECRET)} with the new CA only; removed {removed}"]

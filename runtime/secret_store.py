@@ -97,7 +97,9 @@ class SecretStore:
     # --- reading ----------------------------------------------------------------------
     def _get(self, secret_id: str) -> str:
         try:
-            response = self._client.get_secret_value(SecretId=secret_id)
+            # AWSCURRENT is GetSecretValue's default; named, so a read during a rotation's
+            # finishSecret sees the version just promoted in moto too (it keeps its own default).
+            response = self._client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
         except (ClientError, BotoCoreError) as exc:
             raise translate(secret_id, exc) from exc
         if "SecretString" not in response:

@@ -37,6 +37,9 @@ class SecretsStack(Stack):
             rotation_days=settings.rotation_days,
             key_type=settings.key_type,
             server_sans=settings.server_sans,
+            ca_source=settings.ca_source,
+            ca_rollover_start_days=settings.ca_rollover_start_days,
+            ca_rollover_wait_days=settings.ca_rollover_wait_days,
             log_retention_days=settings.log_retention_days,
             removal_policy=removal_policy,
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime import names
+from runtime.lifecycle import CA_SOURCE_ISSUED, CA_SOURCES
 from stacks.settings_checks import SettingsError, Where
 from stacks.settings_network import (
     CreateVpc,
@@ -52,6 +53,7 @@ LOG_RETENTION_DAYS = (
 
 MAX_LEAF_LIFETIME_DAYS = 397
 MAX_MIN_REQUESTS = 1_000_000
+MAX_CA_ROLLOVER_WAIT_DAYS = 90
 
 _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
@@ -107,6 +109,9 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "rotationDays": ("rotation_days", _as_is),
     "keyType": ("key_type", _as_is),
     "serverSans": ("server_sans", lambda raw, where, _: where.strings(raw, _SAN, "a DNS name or IP address")),
+    "caSource": ("ca_source", _as_is),
+    "caRolloverStartDays": ("ca_rollover_start_days", _as_is),
+    "caRolloverWaitDays": ("ca_rollover_wait_days", _as_is),
 }
 _REQUIRED = ("leafLifetimeDays", "logRetentionDays", "removalPolicy", "vpc", "mlflow")
 
@@ -169,6 +174,17 @@ class EnvironmentSettings:
     """[keyType] Key algorithm of issued leaves: one of `KEY_TYPES`."""
     server_sans: tuple[str, ...] = ()
     """[serverSans] Extra DNS names or IPs in the MLflow server's leaf, beyond mlflow.hokusai-<env>.local."""
+    ca_source: str = CA_SOURCE_ISSUED
+    """[caSource] `issued`: the first deploy makes the environment's CA. `imported`: the platform's CA,
+    uploaded with `hokusai-mtls certs upload` before the first deploy, which fails without it; never
+    rolled over automatically."""
+    ca_rollover_wait_days: int = 7
+    """[caRolloverWaitDays] Days between the automatic CA rollover's steps (every service loads the
+    two-CA bundle, then its new leaf, meanwhile); the CA secrets' rotation schedule, too."""
+    ca_rollover_start_days: int | None = None
+    """[caRolloverStartDays] The automatic CA rollover begins when the CA has this many days left.
+    None: leafLifetimeDays + 90. At least leafLifetimeDays + 3 x caRolloverWaitDays + 1, so the new
+    CA issues before the old one is too short-lived to cover a leaf."""
 
     def __post_init__(self) -> None:
         try:
@@ -197,6 +213,20 @@ class EnvironmentSettings:
             self.rotation_days, 1, self.leaf_lifetime_days - self.certificate_expiry_alarm_days - 1
         )
         self._at("keyType").choice(self.key_type, KEY_TYPES)
+        self._at("caSource").choice(self.ca_source, CA_SOURCES)
+        self._at("caRolloverWaitDays").whole_number(self.ca_rollover_wait_days, 1, MAX_CA_ROLLOVER_WAIT_DAYS)
+        if self.ca_rollover_start_days is None:
+            object.__setattr__(self, "ca_rollover_start_days", self.leaf_lifetime_days + 90)
+        lowest = self.leaf_lifetime_days + 3 * self.ca_rollover_wait_days + 1
+        start = self._at("caRolloverStartDays").whole_number(
+            self.ca_rollover_start_days, 1, names.CA_LIFETIME_DAYS - 1
+        )
+        if start < lowest:
+            self._at("caRolloverStartDays").fail(
+                f"{start} is too late: a rollover takes up to 3 x caRolloverWaitDays "
+                f"({3 * self.ca_rollover_wait_days}) before the new CA issues, and the old one must still "
+                f"outlive a leaf of leafLifetimeDays ({self.leaf_lifetime_days}); use at least {lowest}"
+            )
         self._at("mtlsFailureRatePercent").number(self.mtls_failure_rate_percent, above=0, at_most=100)
         self._at("mtlsFailureMinRequests").whole_number(self.mtls_failure_min_requests, 1, MAX_MIN_REQUESTS)
         if self.namespace is not None and not isinstance(self.vpc, ImportVpc):

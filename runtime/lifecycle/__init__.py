@@ -2,6 +2,8 @@
 
 - `runtime.lifecycle.issuance.handler`  CloudFormation custom resource (CDK Provider `onEvent`)
 - `runtime.lifecycle.rotation.handler`  Secrets Manager rotation Lambda for `<identity>-identity`
+- `runtime.lifecycle.ca_rotation.handler`  Secrets Manager rotation Lambda for `ca-key-next`,
+                                         `ca-key` and `ca-cert`: the CA rollover, step by step
 - `runtime.lifecycle.expiry.handler`    scheduled: days to expiry and check failures to CloudWatch
 
 This module holds only the settings the CDK half sets on those Lambdas, and imports nothing
@@ -17,6 +19,17 @@ ENV_KEY_TYPE = "HOKUSAI_MTLS_KEY_TYPE"
 ENV_SERVER_SANS = "HOKUSAI_MTLS_SERVER_SANS"
 """Rotation: comma-separated extra DNS names or IPs for the MLflow server's leaf (the custom
 resource's `ServerSans`); unset: none beyond `mlflow.hokusai-<env>.local`."""
+
+ENV_CA_SOURCE = "HOKUSAI_MTLS_CA_SOURCE"
+"""Issuance and CA rotation: `issued` (we make the environment's CA) or `imported` (the platform's
+CA, uploaded with `hokusai-mtls certs upload`: never created, never rolled over automatically)."""
+CA_SOURCE_ISSUED, CA_SOURCE_IMPORTED = "issued", "imported"
+CA_SOURCES = (CA_SOURCE_ISSUED, CA_SOURCE_IMPORTED)
+ENV_CA_ROLLOVER_START_DAYS = "HOKUSAI_MTLS_CA_ROLLOVER_START_DAYS"
+"""CA rotation: begin a rollover once the issuing CA has at most this many days left."""
+ENV_CA_ROLLOVER_WAIT_DAYS = "HOKUSAI_MTLS_CA_ROLLOVER_WAIT_DAYS"
+"""CA rotation: at least this many days between rollover steps (every service loads the new
+bundle, then its new leaf, in that time); also how often the CA secrets' rotation checks."""
 
 CA_IDENTITY = "ca"
 """The `Identity` dimension value under which the expiry check reports the trust bundle."""

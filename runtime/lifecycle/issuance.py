@@ -7,7 +7,11 @@ valid: a second Create/Update adds no secret version. Delete does nothing; the s
 policy decides about the secrets.
 
 Importing a CA: an operator uploads `ca-key` and `ca-cert` (`hokusai-mtls certs upload`) before
-the first deploy; the handler finds a CA there and issues from it.
+the first deploy; the handler finds a CA there and issues from it. With `CaSource: imported` (the
+stack's `caSource` setting) an empty `ca-key` fails the deployment instead of getting a CA of
+ours: the platform's CA is expected, and a self-made one would be trusted by nobody else.
+
+`ca-key-next` gets the "no rollover" marker if empty, so the CA rotation has a current value.
 
 A CA that is present but unreadable, expired or not in `ca-cert` fails the deployment instead of
 being replaced: a new CA silently breaks trust for every running service, and a tampered or
@@ -17,12 +21,14 @@ Event (ResourceProperties arrive as strings, as CloudFormation sends them)::
 
     {"RequestType": "Create" | "Update" | "Delete",
      "ResourceProperties": {"Environment": "staging", "LeafLifetimeDays": "90",
-                            "ServerSans": ["localhost"], "KeyType": "ecdsa-p256"}}
+                            "ServerSans": ["localhost"], "KeyType": "ecdsa-p256",
+                            "CaSource": "issued"}}
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +41,9 @@ from runtime.certset import check_ca_environment, verify_for
 from runtime.errors import CertificateError, CertificateSetError, SecretContentError, SecretNotFoundError
 from runtime.identity import TLSIdentity
 from runtime.issuance import CertificateAuthority, KeyType
+from runtime.lifecycle import CA_SOURCE_IMPORTED, CA_SOURCE_ISSUED, CA_SOURCES
 from runtime.lifecycle.clients import secrets_client
+from runtime.rollover import NO_NEXT_CA
 from runtime.secret_store import SecretStore, translate
 from runtime.verification import check_validity
 
@@ -50,6 +58,7 @@ class Settings:
     leaf_lifetime_days: int | None = None
     server_sans: tuple[str, ...] = ()
     key_type: KeyType = KeyType.ECDSA_P256
+    ca_source: str = CA_SOURCE_ISSUED
 
     @classmethod
     def from_properties(cls, properties: Mapping) -> Settings:
@@ -59,6 +68,11 @@ class Settings:
             raise ValueError("ResourceProperties.Environment is required") from None
         lifetime = properties.get("LeafLifetimeDays")
         sans = properties.get("ServerSans") or ()
+        ca_source = properties.get("CaSource") or CA_SOURCE_ISSUED
+        if ca_source not in CA_SOURCES:
+            raise ValueError(
+                f"invalid ResourceProperties: CaSource {ca_source!r}; expected one of {', '.join(CA_SOURCES)}"
+            )
         if isinstance(sans, str):
             raise ValueError("ResourceProperties.ServerSans must be a list of names, not a string")
         try:
@@ -67,6 +81,7 @@ class Settings:
                 int(lifetime) if lifetime not in (None, "") else None,
                 tuple(str(s) for s in sans),
                 KeyType(properties.get("KeyType") or KeyType.ECDSA_P256.value),
+                ca_source,
             )
         except ValueError as exc:
             raise ValueError(f"invalid ResourceProperties: {exc}") from exc
@@ -97,6 +112,7 @@ def ensure_certificates(client, settings: Settings, *, now: dt.datetime | None =
     store = _Store(settings.environment, client=client)
     ca, ca_action = _ensure_ca(store, settings, now)
     bundle = _ensure_bundle(store, ca)
+    store.fill_if_empty(store.name(names.CA_NEXT_SECRET), json.dumps(NO_NEXT_CA))
     data = {"CaSerial": f"{ca.certificate.serial_number:x}", "CaAction": ca_action}
     data["CaNotAfter"] = _iso(ca.certificate.not_valid_after_utc)
     for identity in names.IDENTITIES:
@@ -113,6 +129,13 @@ def _ensure_ca(store: _Store, settings: Settings, now: dt.datetime) -> tuple[Cer
     try:
         ca = store.fetch_ca()
     except SecretNotFoundError:
+        if settings.ca_source == CA_SOURCE_IMPORTED:
+            raise SecretContentError(
+                secret_id,
+                "is empty, and this environment's CA is imported (caSource: imported): upload the "
+                "platform's CA first (`hokusai-mtls certs upload --env "
+                f"{settings.environment} --dir DIR`, docs/MTLS_CERTIFICATE_MANAGEMENT.md), then deploy again",
+            ) from None
         ca = CertificateAuthority.create(settings.environment, key_type=settings.key_type, now=now)
         store.put(secret_id, ca.identity.to_secret_string())
         log.info("issued a new CA %s into %s", ca.certificate.subject.rfc4514_string(), secret_id)
@@ -177,6 +200,12 @@ class _Store(SecretStore):
             self._client.put_secret_value(SecretId=secret_id, SecretString=value)
         except (ClientError, BotoCoreError) as exc:
             raise translate(secret_id, exc) from exc
+
+    def fill_if_empty(self, secret_id: str, value: str) -> None:
+        try:
+            self._get(secret_id)
+        except SecretNotFoundError:
+            self.put(secret_id, value)
 
 
 def _iso(moment: dt.datetime) -> str:

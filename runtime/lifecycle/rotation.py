@@ -1,18 +1,11 @@
 """Secrets Manager rotation for one `hokusai/<env>/mlflow/<identity>-identity` secret.
 
-Secrets Manager calls `handler` four times per rotation with the same ClientRequestToken:
+The four steps (`runtime.lifecycle.rotation_steps`), for a leaf:
 
-- createSecret  issue a fresh key and certificate from the CA in `ca-key`; store it as AWSPENDING
-                under the token (once: a retried step finds it there and does nothing)
-- setSecret     nothing: unlike a database password, a certificate has no second copy elsewhere to
-                change. Services pick the new version up from the secret itself (loader, reload).
+- createSecret  issue a fresh key and certificate from the CA in `ca-key` (AWSPENDING)
 - testSecret    the pending pair must verify (`verify_for`) against the current `ca-cert` bundle and
-                complete a real mutual TLS handshake with a throwaway peer from the same CA;
-                any failure raises, and Secrets Manager stops with AWSCURRENT untouched
-- finishSecret  move AWSCURRENT to the token's version and take AWSPENDING off it
-
-Checks follow the AWS rotation template: rotation enabled, the token is a version of the secret,
-the version is AWSPENDING (or already AWSCURRENT: a retried step that has nothing left to do).
+                complete a real mutual TLS handshake with a throwaway peer from the same CA
+- finishSecret  AWSCURRENT moves to it; services load it within their refresh interval
 
 Environment: `runtime.lifecycle.ENV_LEAF_LIFETIME_DAYS`, `ENV_KEY_TYPE`, `ENV_SERVER_SANS`.
 """
@@ -28,33 +21,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from botocore.exceptions import BotoCoreError, ClientError
 from cryptography import x509
 
 from runtime import names, pem
 from runtime.certset import verify_for
-from runtime.errors import CertificateError, MtlsError, SecretStoreError
+from runtime.errors import CertificateError, SecretStoreError
 from runtime.files import PRIVATE_FILE_MODE, write_file_atomic
 from runtime.identity import TLSIdentity
 from runtime.issuance import CertificateAuthority, KeyType
 from runtime.lifecycle import ENV_KEY_TYPE, ENV_LEAF_LIFETIME_DAYS, ENV_SERVER_SANS
 from runtime.lifecycle.clients import secrets_client
-from runtime.secret_store import SecretStore, translate
+from runtime.lifecycle.rotation_steps import STEPS, RotationError, run_step
+from runtime.secret_store import SecretStore
+
+__all__ = ["STEPS", "RotationError", "handler", "handshake", "leaf_lifetime_days"]
 
 log = logging.getLogger("hokusai_mtls")
 
-CURRENT, PENDING = "AWSCURRENT", "AWSPENDING"
-STEPS = ("createSecret", "setSecret", "testSecret", "finishSecret")
 _IDENTITY_SECRET = re.compile(
     rf"^hokusai/(?P<environment>[a-z]+)/mlflow/(?P<name>[a-z0-9-]+){names.IDENTITY_SECRET_SUFFIX}$"
 )
 _HANDSHAKE_ROUNDS = 10
-
-
-class RotationError(MtlsError):
-    """A rotation step refused or failed; Secrets Manager stops the rotation on it."""
-
-    code = "rotation-failed"
 
 
 @dataclass(frozen=True)
@@ -83,88 +70,43 @@ class Target:
 
 def handler(event, context, *, client=None) -> None:
     """Secrets Manager's rotation entry point: {"Step", "SecretId", "ClientRequestToken"}."""
-    step, secret_arn, token = event["Step"], event["SecretId"], event["ClientRequestToken"]
-    if step not in STEPS:
-        raise RotationError(f"unknown rotation step {step!r}; expected one of {', '.join(STEPS)}")
     client = client or secrets_client()
-    metadata = _call(secret_arn, client.describe_secret, SecretId=secret_arn)
-    target = Target.from_name(metadata["Name"])
-    if not metadata.get("RotationEnabled"):
-        raise RotationError(f"secret {target.secret_id}: rotation is not enabled")
-    versions = metadata.get("VersionIdsToStages", {})
-    if token not in versions:
-        raise RotationError(f"secret {target.secret_id}: version {token} has no stage for rotation")
-    if CURRENT in versions[token]:
-        log.info("%s %s: version %s is already AWSCURRENT", step, target.secret_id, token)
-        if step == "finishSecret" and PENDING in versions[token]:
-            _remove_pending(client, target, token)
-        return
-    if PENDING not in versions[token]:
-        raise RotationError(f"secret {target.secret_id}: version {token} is not AWSPENDING")
-    store = SecretStore(target.environment, client=client)
-    if step == "createSecret":
-        create_secret(client, store, target, token)
-    elif step == "testSecret":
-        test_secret(client, store, target, token)
-    elif step == "finishSecret":
-        finish_secret(client, target, token, versions)
-    # setSecret: nothing to set (module docstring).
-    log.info("%s %s: done for version %s", step, target.secret_id, token)
+    run_step(event, client, lambda name: IdentityRotation(Target.from_name(name), client))
 
 
-# --- the steps ---------------------------------------------------------------------------
-def create_secret(client, store: SecretStore, target: Target, token: str) -> None:
-    if _pending_value(client, target, token) is not None:
-        log.info("createSecret %s: version %s already holds a value", target.secret_id, token)
-        return
-    ca = store.fetch_ca()
-    options = {"key_type": _key_type(), "lifetime_days": _lifetime_days()}
-    if target.identity.kind is names.Kind.SERVER:
-        options["extra_sans"] = _server_sans()
-    tls = ca.issue(target.environment, target.identity, **options)
-    _call(
-        target.secret_id,
-        client.put_secret_value,
-        SecretId=target.secret_id,
-        ClientRequestToken=token,
-        SecretString=tls.to_secret_string(),
-        VersionStages=[PENDING],
-    )
-    log.info(
-        "createSecret %s: issued serial %x, valid until %s",
-        target.secret_id,
-        tls.certificate.serial_number,
-        tls.certificate.not_valid_after_utc.isoformat(),
-    )
+class IdentityRotation:
+    """A fresh key and leaf for one identity, issued by the CA in `ca-key`."""
 
+    def __init__(self, target: Target, client) -> None:
+        self.target = target
+        self.secret_id = target.secret_id
+        self._store = SecretStore(target.environment, client=client)
 
-def test_secret(client, store: SecretStore, target: Target, token: str) -> None:
-    value = _pending_value(client, target, token)
-    if value is None:
-        raise RotationError(f"secret {target.secret_id}: version {token} holds no value to test")
-    try:
-        pending = TLSIdentity.from_secret_string(value, f"{target.secret_id} (AWSPENDING {token})")
-        bundle = store.fetch_trust_bundle()
-        verify_for(target.identity, pending, bundle, target.environment)
-        handshake(target.identity, pending, store.fetch_ca(), bundle, target.environment)
-    except (CertificateError, SecretStoreError, ssl.SSLError) as exc:
-        raise RotationError(f"testSecret {target.secret_id}: the new certificate fails: {exc}") from exc
+    def create(self) -> str:
+        ca = self._store.fetch_ca()
+        options = {"key_type": _key_type(), "lifetime_days": leaf_lifetime_days()}
+        if self.target.identity.kind is names.Kind.SERVER:
+            options["extra_sans"] = _server_sans()
+        tls = ca.issue(self.target.environment, self.target.identity, **options)
+        log.info(
+            "createSecret %s: issued serial %x, valid until %s",
+            self.secret_id,
+            tls.certificate.serial_number,
+            tls.certificate.not_valid_after_utc.isoformat(),
+        )
+        return tls.to_secret_string()
 
+    def test(self, value: str, token: str) -> None:
+        try:
+            pending = TLSIdentity.from_secret_string(value, f"{self.secret_id} (AWSPENDING {token})")
+            bundle = self._store.fetch_trust_bundle()
+            verify_for(self.target.identity, pending, bundle, self.target.environment)
+            handshake(self.target.identity, pending, self._store.fetch_ca(), bundle, self.target.environment)
+        except (CertificateError, SecretStoreError, ssl.SSLError) as exc:
+            raise RotationError(f"testSecret {self.secret_id}: the new certificate fails: {exc}") from exc
 
-def finish_secret(client, target: Target, token: str, versions: dict[str, list[str]]) -> None:
-    current = next((v for v, stages in versions.items() if CURRENT in stages), None)
-    moves = {"MoveToVersionId": token}
-    if current is not None:
-        moves["RemoveFromVersionId"] = current
-    _call(
-        target.secret_id,
-        client.update_secret_version_stage,
-        SecretId=target.secret_id,
-        VersionStage=CURRENT,
-        **moves,
-    )
-    _remove_pending(client, target, token)
-    log.info("finishSecret %s: version %s is AWSCURRENT (was %s)", target.secret_id, token, current)
+    def after_finish(self) -> None:
+        """Nothing follows: the leaf is the whole change."""
 
 
 # --- the handshake ------------------------------------------------------------------------
@@ -239,45 +181,9 @@ def _pump(client: _End, server: _End) -> None:
     client.incoming.write(server.outgoing.read())
 
 
-# --- helpers -------------------------------------------------------------------------------
-def _bios(end: ssl.SSLObject) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO]:
-    return _BIOS[id(end)]
-
-
-_BIOS: dict[int, tuple[ssl.MemoryBIO, ssl.MemoryBIO]] = {}
-
-
-def _pending_value(client, target: Target, token: str) -> str | None:
-    """The token's AWSPENDING value, or None while the version has none (as rotate_secret leaves it)."""
-    try:
-        response = client.get_secret_value(SecretId=target.secret_id, VersionId=token, VersionStage=PENDING)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
-            return None
-        raise translate(target.secret_id, exc) from exc
-    except BotoCoreError as exc:
-        raise translate(target.secret_id, exc) from exc
-    return response.get("SecretString")
-
-
-def _remove_pending(client, target: Target, token: str) -> None:
-    _call(
-        target.secret_id,
-        client.update_secret_version_stage,
-        SecretId=target.secret_id,
-        VersionStage=PENDING,
-        RemoveFromVersionId=token,
-    )
-
-
-def _call(secret_id: str, method, **arguments):
-    try:
-        return method(**arguments)
-    except (ClientError, BotoCoreError) as exc:
-        raise translate(secret_id, exc) from exc
-
-
-def _lifetime_days() -> int | None:
+# --- settings from the environment -----------------------------------------------------
+def leaf_lifetime_days() -> int | None:
+    """ENV_LEAF_LIFETIME_DAYS, or None for the runtime's per-environment default."""
     value = os.environ.get(ENV_LEAF_LIFETIME_DAYS, "").strip()
     if not value:
         return None  # the runtime's per-environment default

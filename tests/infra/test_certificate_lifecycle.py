@@ -20,6 +20,7 @@ ENVIRONMENTS = pytest.mark.parametrize("env", names.ENVIRONMENTS)
 HANDLERS = {
     "issuance": "runtime.lifecycle.issuance.handler",
     "rotation": "runtime.lifecycle.rotation.handler",
+    "ca_rotation": "runtime.lifecycle.ca_rotation.handler",
     "expiry": "runtime.lifecycle.expiry.handler",
 }
 
@@ -63,7 +64,11 @@ def granted(statements: list[dict]) -> dict[str, set[str]]:
 
 def secret_ids(stage) -> dict[str, str]:
     certificates = stage.secrets.certificates
-    ids = {"ca-key": logical_id(certificates.ca_key), "ca-cert": logical_id(certificates.ca_bundle)}
+    ids = {
+        "ca-key": logical_id(certificates.ca_key),
+        "ca-cert": logical_id(certificates.ca_bundle),
+        "ca-key-next": logical_id(certificates.ca_key_next),
+    }
     ids.update({name: logical_id(secret) for name, secret in certificates.identities.items()})
     return ids
 
@@ -75,7 +80,13 @@ def test_functions_run_python_3_13_with_the_runtime_handlers(secrets_templates, 
         k: f["Properties"] for k, f in functions.items() if f["Properties"]["Runtime"].startswith("python")
     }
     handlers = sorted(p["Handler"] for p in python.values())
-    assert handlers == sorted([HANDLERS["expiry"], HANDLERS["issuance"], *[HANDLERS["rotation"]] * 3])
+    expected = [
+        HANDLERS["expiry"],
+        HANDLERS["issuance"],
+        HANDLERS["ca_rotation"],
+        *[HANDLERS["rotation"]] * 3,
+    ]
+    assert handlers == sorted(expected)
     for properties in python.values():
         assert properties["Runtime"] == "python3.13"
         assert properties["Architectures"] == ["x86_64"]
@@ -94,6 +105,7 @@ def test_issuance_custom_resource_gets_the_settings_and_waits_for_every_secret(
         "LeafLifetimeDays": str(settings.leaf_lifetime_days),
         "ServerSans": list(settings.server_sans),
         "KeyType": settings.key_type,
+        "CaSource": settings.ca_source,
     }
     assert sorted(resource["DependsOn"]) == sorted(secret_ids(stages[env]).values())
 
@@ -105,7 +117,7 @@ def test_every_identity_secret_has_a_rotation_schedule_with_its_own_function(sta
     schedules = by_type(template, "AWS::SecretsManager::RotationSchedule")
     ids = secret_ids(stage)
     by_secret = {s["Properties"]["SecretId"]["Ref"]: s for s in schedules.values()}
-    assert set(by_secret) == {ids[identity.name] for identity in names.IDENTITIES}
+    assert set(by_secret) == set(ids.values())  # every secret, the CA's too: no SMG4 acknowledgment
     custom_id = logical_id(lifecycle_construct.certificates_resource)
     permissions = by_type(template, "AWS::Lambda::Permission")
     for identity in names.IDENTITIES:
@@ -130,6 +142,51 @@ def test_every_identity_secret_has_a_rotation_schedule_with_its_own_function(sta
 
 
 @ENVIRONMENTS
+def test_the_ca_secrets_rotate_every_wait_period_with_the_ca_rotation_function(
+    stages, secrets_templates, env
+):
+    stage, template = stages[env], secrets_templates[env]
+    lc = stage.secrets.lifecycle
+    ids = secret_ids(stage)
+    function_id = logical_id(lc.ca_rotation)
+    schedules = {
+        s["Properties"]["SecretId"]["Ref"]: s["Properties"]
+        for s in by_type(template, "AWS::SecretsManager::RotationSchedule").values()
+    }
+    invokes = {
+        p["Properties"]["SourceArn"]["Ref"]
+        for p in by_type(template, "AWS::Lambda::Permission").values()
+        if p["Properties"]["FunctionName"] == {"Fn::GetAtt": [function_id, "Arn"]}
+    }
+    ca_secrets = {ids["ca-key-next"], ids["ca-key"], ids["ca-cert"]}
+    assert invokes == ca_secrets
+    for secret_id in ca_secrets:
+        assert schedules[secret_id]["RotationLambdaARN"] == {"Fn::GetAtt": [function_id, "Arn"]}
+        assert schedules[secret_id]["RotationRules"] == {
+            "AutomaticallyAfterDays": stage.settings.ca_rollover_wait_days
+        }
+    variables = template.to_json()["Resources"][function_id]["Properties"]["Environment"]["Variables"]
+    assert variables == {
+        lifecycle.ENV_CA_SOURCE: stage.settings.ca_source,
+        lifecycle.ENV_CA_ROLLOVER_START_DAYS: str(stage.settings.ca_rollover_start_days),
+        lifecycle.ENV_CA_ROLLOVER_WAIT_DAYS: str(stage.settings.ca_rollover_wait_days),
+        lifecycle.ENV_LEAF_LIFETIME_DAYS: str(stage.settings.leaf_lifetime_days),
+    }
+
+
+@ENVIRONMENTS
+def test_every_lifecycle_log_group_is_encrypted_with_its_own_key(stages, secrets_templates, env):
+    template = secrets_templates[env].to_json()
+    log_key = logical_id(stages[env].secrets.lifecycle.log_key.key)
+    groups = [r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Logs::LogGroup"]
+    assert len(groups) == 7  # issuance, its provider, expiry, CA rotation, three identity rotations
+    for group in groups:
+        assert group["KmsKeyId"] == {"Fn::GetAtt": [log_key, "Arn"]}
+        assert group["LogGroupName"].startswith(f"/hokusai/{env}/lifecycle/")
+        assert group["RetentionInDays"] == stages[env].settings.log_retention_days
+
+
+@ENVIRONMENTS
 def test_each_function_holds_exactly_its_secrets(stages, secrets_templates, env):
     stage = stages[env]
     template = secrets_templates[env].to_json()
@@ -144,6 +201,10 @@ def test_each_function_holds_exactly_its_secrets(stages, secrets_templates, env)
         "secretsmanager:UpdateSecretVersionStage",
     }
     assert granted(role_statements(template, lc.issuance)) == dict.fromkeys(ids.values(), issue)
+    assert granted(role_statements(template, lc.ca_rotation)) == {
+        **{ids[ca]: rotate for ca in ("ca-key-next", "ca-key", "ca-cert")},
+        **{ids[identity.name]: issue for identity in names.IDENTITIES},
+    }
     for identity in names.IDENTITIES:
         assert granted(role_statements(template, lc.rotation[identity.name])) == {
             ids[identity.name]: rotate,
@@ -157,7 +218,7 @@ def test_each_function_holds_exactly_its_secrets(stages, secrets_templates, env)
 
 
 @ENVIRONMENTS
-def test_only_the_issuance_function_writes_ca_key(stages, secrets_templates, env):
+def test_only_issuance_and_ca_rotation_write_ca_key(stages, secrets_templates, env):
     stage = stages[env]
     template = secrets_templates[env].to_json()
     ca_key = secret_ids(stage)["ca-key"]
@@ -171,14 +232,15 @@ def test_only_the_issuance_function_writes_ca_key(stages, secrets_templates, env
             if ca_key in resources and any(a != "secretsmanager:GetSecretValue" for a in actions):
                 writers.update(r["Ref"] for r in resource["Properties"]["Roles"])
             assert statement["Resource"] != "*" or actions == ["cloudwatch:PutMetricData"], policy_id
-    assert writers == {logical_id(stage.secrets.lifecycle.issuance.role)}
+    lc = stage.secrets.lifecycle
+    assert writers == {logical_id(lc.issuance.role), logical_id(lc.ca_rotation.role)}
 
 
 @ENVIRONMENTS
 def test_kms_through_secrets_manager_only_and_metrics_in_our_namespace_only(stages, secrets_templates, env):
     template = secrets_templates[env].to_json()
     lc = stages[env].secrets.lifecycle
-    for function in (lc.issuance, lc.expiry, *lc.rotation.values()):
+    for function in (lc.issuance, lc.expiry, lc.ca_rotation, *lc.rotation.values()):
         for statement in role_statements(template, function):
             actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
             if any(a.startswith("kms:") for a in actions):
@@ -208,6 +270,33 @@ def test_rotation_days_must_leave_room_before_the_expiry_alarm(cdk_json_settings
     raw["staging"]["rotationDays"] = 60  # 90-day leaves, alarm at 30 days left
     with pytest.raises(SettingsError, match=r"staging\.rotationDays: 60 is outside 1\.\.59"):
         load_settings(raw)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"caSource": "borrowed"}, r"staging\.caSource: .*borrowed"),
+        ({"caRolloverWaitDays": 0}, r"staging\.caRolloverWaitDays: 0 is outside 1\.\.90"),
+        ({"caRolloverStartDays": 100}, r"staging\.caRolloverStartDays: 100 is too late.*at least 112"),
+        ({"caRolloverStartDays": 1825}, r"staging\.caRolloverStartDays: 1825 is outside 1\.\.1824"),
+    ],
+)
+def test_ca_rollover_settings_are_checked(cdk_json_settings, changes, message):
+    from stacks.settings import SettingsError, load_settings
+
+    raw = json.loads(json.dumps(cdk_json_settings))
+    raw["staging"].update(changes)  # 90-day leaves, 7-day wait: a rollover must begin >= 112 days out
+    with pytest.raises(SettingsError, match=message):
+        load_settings(raw)
+
+
+def test_ca_rollover_starts_a_quarter_before_a_leaf_lifetime_by_default(cdk_json_settings):
+    from stacks.settings import load_settings
+
+    settings = load_settings(cdk_json_settings)
+    for env in names.ENVIRONMENTS:
+        assert settings[env].ca_rollover_start_days == settings[env].leaf_lifetime_days + 90
+        assert settings[env].ca_source == lifecycle.CA_SOURCE_ISSUED
 
 
 def test_key_types_are_the_runtime_key_types():

@@ -342,7 +342,7 @@ def test_defaults_of_the_optional_settings():
 def test_cdk_json_sets_every_setting_and_strict_mode_everywhere(cdk_json_settings):
     from stacks.settings import _KEYS
 
-    optional = {"account", "region", "redisUrlSecretName", "serviceScopes"}
+    optional = {"account", "region", "redisUrlSecretName", "serviceScopes", "caRolloverStartDays"}
     for env, raw in cdk_json_settings.items():
         unset_here = optional | ({"authServiceUrl"} if env == "development" else set())
         assert set(raw) == set(_KEYS) - unset_here, env

@@ -26,10 +26,12 @@ def secrets(template) -> dict:
     return template.find_resources("AWS::SecretsManager::Secret")
 
 
-def only_key(template) -> tuple[str, dict]:
+def secrets_key(template) -> tuple[str, dict]:
+    """The key of the certificate secrets (the stack's other key encrypts the lifecycle's logs)."""
     keys = template.find_resources("AWS::KMS::Key")
-    assert len(keys) == 1, f"expected one KMS key, found {sorted(keys)}"
-    return next(iter(keys.items()))
+    assert len(keys) == 2, f"expected the secrets' and the logs' KMS keys, found {sorted(keys)}"
+    (found,) = [(k, v) for k, v in keys.items() if "certificate secrets" in v["Properties"]["Description"]]
+    return found
 
 
 def test_one_stage_per_environment(cdk_app, stages):
@@ -79,7 +81,7 @@ def test_construct_exposes_each_secret_under_its_identity(stages, env):
 @ENVIRONMENTS
 def test_secrets_are_encrypted_with_the_rotating_customer_key(secrets_templates, env):
     template = secrets_templates[env]
-    key_id, key = only_key(template)
+    key_id, key = secrets_key(template)
     assert key["Properties"]["EnableKeyRotation"] is True
     for logical_id, secret in secrets(template).items():
         assert secret["Properties"]["KmsKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}, logical_id
@@ -99,8 +101,9 @@ def test_secrets_are_empty_shells(secrets_templates, env):
 def test_removal_policy_retains_production_only(secrets_templates, env):
     expected = "Retain" if env in RETAINED_ENVIRONMENTS else "Delete"
     template = secrets_templates[env]
-    resources = {**secrets(template), **dict([only_key(template)])}
-    assert len(resources) == len(expected_secret_names(env)) + 1
+    resources = {**secrets(template), **template.find_resources("AWS::KMS::Key")}
+    resources.update(template.find_resources("AWS::Logs::LogGroup"))
+    assert len(resources) == len(expected_secret_names(env)) + 2 + 7
     for logical_id, resource in resources.items():
         assert resource.get("DeletionPolicy") == expected, logical_id
         assert resource.get("UpdateReplacePolicy") == expected, logical_id

@@ -1,6 +1,19 @@
-"""Secrets as the CDK half creates them (empty shells), and reading them back, for the lifecycle tests."""
+"""Secrets as the CDK half creates them (empty shells), reading them back, and rotating them
+with our handler as the Lambda, for the lifecycle tests.
+
+moto invokes a rotation Lambda only through Docker (DESIGN.md), so `rotate` patches
+`LambdaBackend.invoke` to call our handler with the events Secrets Manager sends.
+"""
 
 from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from unittest import mock
+
+import boto3
 
 from runtime import names
 from runtime.secret_store import SecretStore
@@ -9,6 +22,7 @@ ENVIRONMENT = "staging"
 CERTIFICATE_SUFFIXES = (
     names.CA_KEY_SECRET,
     names.CA_BUNDLE_SECRET,
+    names.CA_NEXT_SECRET,
     *(identity.secret_suffix for identity in names.IDENTITIES),
 )
 
@@ -34,3 +48,58 @@ def version_counts(client, environment: str = ENVIRONMENT) -> dict[str, int]:
 
 def store(client, environment: str = ENVIRONMENT) -> SecretStore:
     return SecretStore(environment, client=client)
+
+
+def rotation_function(region: str) -> str:
+    """A Lambda function moto knows of (its code never runs: `rotate` runs ours in-process)."""
+    role = boto3.client("iam", region_name=region).create_role(
+        RoleName="rotation",
+        AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": []}),
+    )["Role"]["Arn"]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("index.py", "def handler(event, context):\n    pass\n")
+    return boto3.client("lambda", region_name=region).create_function(
+        FunctionName="rotation",
+        Runtime="python3.13",
+        Role=role,
+        Handler="index.handler",
+        Code={"ZipFile": archive.getvalue()},
+    )["FunctionArn"]
+
+
+def rotate(
+    client,
+    function: str,
+    secret_id: str,
+    handler: Callable,
+    *,
+    before_step: Callable[[str], None] | None = None,
+    **handler_options,
+) -> dict[str, dict]:
+    """rotate_secret with `handler` as the Lambda; returns, in the order run, each step's event
+    and the secret's stages right after it (moto itself moves AWSCURRENT after the last step, so
+    the stages after finishSecret show what our handler did)."""
+    steps = {}
+
+    def invoke(backend, function_name, qualifier, body, headers, response_headers):
+        event = json.loads(body)
+        if before_step:
+            before_step(event["Step"])
+        handler(event, None, client=client, **handler_options)
+        steps[event["Step"]] = {"event": event, "stages": stages(client, secret_id)}
+        return b""
+
+    with mock.patch("moto.awslambda.models.LambdaBackend.invoke", invoke):
+        client.rotate_secret(
+            SecretId=secret_id, RotationLambdaARN=function, RotationRules={"AutomaticallyAfterDays": 30}
+        )
+    return steps
+
+
+def stages(client, secret_id: str) -> dict[str, list[str]]:
+    return client.describe_secret(SecretId=secret_id)["VersionIdsToStages"]
+
+
+def current_version(client, secret_id: str) -> str:
+    return next(v for v, s in stages(client, secret_id).items() if "AWSCURRENT" in s)

@@ -11,6 +11,7 @@ from runtime.certset import CertificateSet, verify_for
 from runtime.errors import CertificateSetError, SecretContentError
 from runtime.issuance import CertificateAuthority
 from runtime.lifecycle import issuance
+from runtime.rollover import NO_NEXT_CA
 from tests.support.lifecycle import ENVIRONMENT, create_shells, store, version_counts
 
 
@@ -71,7 +72,8 @@ def test_a_second_create_or_update_changes_nothing(secretsmanager, second):
             assert again["Data"][key] == value
 
 
-def test_an_imported_ca_is_used_and_kept(secretsmanager):
+@pytest.mark.parametrize("ca_source", ["issued", "imported"])
+def test_an_imported_ca_is_used_and_kept(secretsmanager, ca_source):
     create_shells(secretsmanager)
     imported = CertificateAuthority.create(ENVIRONMENT, common_name="Imported Corp CA")
     secretsmanager.put_secret_value(
@@ -83,7 +85,7 @@ def test_an_imported_ca_is_used_and_kept(secretsmanager):
         SecretString=pem.bundle_pem([imported.certificate]).decode(),
     )
 
-    data = issuance.handler(event(), None, client=secretsmanager)["Data"]
+    data = issuance.handler(event(CaSource=ca_source), None, client=secretsmanager)["Data"]
 
     assert data["CaAction"] == "kept"
     assert data["CaSerial"] == f"{imported.certificate.serial_number:x}"
@@ -104,7 +106,12 @@ def test_a_complete_uploaded_set_is_left_alone(secretsmanager):
 
     data = issuance.handler(event(), None, client=secretsmanager)["Data"]
 
-    assert version_counts(secretsmanager) == before
+    # `certs upload` does not write ca-key-next: issuance gives it the "no rollover" marker, and
+    # adds no version to any certificate secret.
+    assert version_counts(secretsmanager) == {**before, names.CA_NEXT_SECRET: 1}
+    next_ca = secretsmanager.get_secret_value(SecretId=names.secret_name(ENVIRONMENT, names.CA_NEXT_SECRET))
+    assert json.loads(next_ca["SecretString"]) == NO_NEXT_CA
+    assert store(secretsmanager).fetch_ca().certificate == uploaded.ca.certificate
     assert data["ApiSerial"] == f"{uploaded.identities['api'].certificate.serial_number:x}"
 
 
@@ -163,6 +170,16 @@ def test_delete_touches_nothing(secretsmanager):
     assert version_counts(secretsmanager) == before
 
 
+def test_an_imported_ca_that_was_not_uploaded_fails_the_deployment(secretsmanager):
+    create_shells(secretsmanager)
+
+    with pytest.raises(SecretContentError, match=r"ca-key.*is empty.*caSource: imported.*certs upload"):
+        issuance.handler(event(CaSource="imported"), None, client=secretsmanager)
+
+    # Nothing was issued: no CA of ours, no leaf from one.
+    assert set(version_counts(secretsmanager).values()) == {0}
+
+
 @pytest.mark.parametrize(
     ("properties", "message"),
     [
@@ -170,6 +187,7 @@ def test_delete_touches_nothing(secretsmanager):
         ({"LeafLifetimeDays": "ninety"}, "invalid ResourceProperties"),
         ({"KeyType": "dsa-1024"}, "invalid ResourceProperties"),
         ({"ServerSans": "localhost"}, "must be a list"),
+        ({"CaSource": "borrowed"}, "CaSource 'borrowed'"),
     ],
 )
 def test_bad_properties_are_refused_with_their_name(secretsmanager, properties, message):

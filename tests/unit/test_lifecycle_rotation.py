@@ -1,86 +1,22 @@
-"""Secrets Manager rotation of an identity secret against moto, the Lambda run in-process.
-
-moto invokes a rotation Lambda only through Docker (DESIGN.md), so `rotate` patches
-`LambdaBackend.invoke` to call our handler with the events Secrets Manager sends.
-"""
+"""Secrets Manager rotation of an identity secret against moto, the Lambda run in-process
+(`tests.support.lifecycle.rotate`; the `deployed` fixture is in tests/unit/conftest.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import ssl
-import zipfile
-from unittest import mock
 
-import boto3
 import pytest
 
 from runtime import names, pem
 from runtime.certset import verify_for
 from runtime.issuance import CertificateAuthority
-from runtime.lifecycle import ENV_LEAF_LIFETIME_DAYS, issuance, rotation
+from runtime.lifecycle import ENV_LEAF_LIFETIME_DAYS, rotation
 from runtime.lifecycle.rotation import RotationError
-from tests.conftest import REGION
-from tests.support.lifecycle import ENVIRONMENT, create_shells, store
+from tests.support.lifecycle import ENVIRONMENT, current_version, rotate, stages, store
 
 API_SECRET = names.identity_secret_name(ENVIRONMENT, names.API)
 SERVER_SECRET = names.identity_secret_name(ENVIRONMENT, names.SERVER)
-
-
-@pytest.fixture
-def deployed(secretsmanager):
-    """The shells, filled by first issuance, and a rotation function moto knows of."""
-    create_shells(secretsmanager)
-    issuance.handler(
-        {"RequestType": "Create", "ResourceProperties": {"Environment": ENVIRONMENT}},
-        None,
-        client=secretsmanager,
-    )
-    iam = boto3.client("iam", region_name=REGION)
-    role = iam.create_role(
-        RoleName="rotation",
-        AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": []}),
-    )["Role"]["Arn"]
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("index.py", "def handler(event, context):\n    pass\n")
-    function = boto3.client("lambda", region_name=REGION).create_function(
-        FunctionName="rotation",
-        Runtime="python3.13",
-        Role=role,
-        Handler="index.handler",
-        Code={"ZipFile": archive.getvalue()},
-    )["FunctionArn"]
-    return secretsmanager, function
-
-
-def rotate(client, function: str, secret_id: str, *, before_step=None) -> dict[str, dict]:
-    """rotate_secret with our handler as the Lambda; returns, in the order run, each step's event
-    and the secret's stages right after it (moto itself moves AWSCURRENT after the last step, so
-    the stages after finishSecret show what our handler did)."""
-    steps = {}
-
-    def invoke(backend, function_name, qualifier, body, headers, response_headers):
-        event = json.loads(body)
-        if before_step:
-            before_step(event["Step"])
-        rotation.handler(event, None, client=client)
-        steps[event["Step"]] = {"event": event, "stages": stages(client, secret_id)}
-        return b""
-
-    with mock.patch("moto.awslambda.models.LambdaBackend.invoke", invoke):
-        client.rotate_secret(
-            SecretId=secret_id, RotationLambdaARN=function, RotationRules={"AutomaticallyAfterDays": 30}
-        )
-    return steps
-
-
-def stages(client, secret_id: str) -> dict[str, list[str]]:
-    return client.describe_secret(SecretId=secret_id)["VersionIdsToStages"]
-
-
-def current_version(client, secret_id: str) -> str:
-    return next(v for v, s in stages(client, secret_id).items() if "AWSCURRENT" in s)
 
 
 @pytest.mark.parametrize("identity", [names.API, names.WORKER, names.SERVER], ids=lambda i: i.name)
@@ -92,7 +28,7 @@ def test_the_four_steps_in_order_make_a_new_current_that_verifies(deployed, iden
     old = secrets.fetch_identity(identity)
     old_version = current_version(client, secret_id)
 
-    steps = rotate(client, function, secret_id)
+    steps = rotate(client, function, secret_id, rotation.handler)
 
     assert list(steps) == ["createSecret", "setSecret", "testSecret", "finishSecret"]
     token = steps["createSecret"]["event"]["ClientRequestToken"]
@@ -130,7 +66,7 @@ def test_a_foreign_ca_between_create_and_test_stops_the_rotation(deployed):
             )
 
     with pytest.raises(RotationError, match="testSecret"):
-        rotate(client, function, API_SECRET, before_step=swap_ca)
+        rotate(client, function, API_SECRET, rotation.handler, before_step=swap_ca)
 
     assert current_version(client, API_SECRET) == old_version
     assert store(client).fetch_identity(names.API).certificate == old.certificate
@@ -155,7 +91,7 @@ def test_a_corrupted_pending_value_stops_the_rotation(deployed):
             )
 
     with pytest.raises(RotationError, match="testSecret"):
-        rotate(client, function, API_SECRET, before_step=corrupt)
+        rotate(client, function, API_SECRET, rotation.handler, before_step=corrupt)
     assert current_version(client, API_SECRET) == old_version
 
 
@@ -174,7 +110,7 @@ def test_a_pending_pair_that_names_another_service_fails_the_test(deployed):
             )
 
     with pytest.raises(RotationError, match="spiffe://hokusai/staging/api"):
-        rotate(client, function, API_SECRET, before_step=swap_identity)
+        rotate(client, function, API_SECRET, rotation.handler, before_step=swap_identity)
 
 
 def test_handshake_refuses_a_server_certificate_used_as_a_client():
@@ -187,7 +123,7 @@ def test_handshake_refuses_a_server_certificate_used_as_a_client():
 
 def test_steps_retried_after_finish_change_nothing(deployed):
     client, function = deployed
-    rotate(client, function, API_SECRET)
+    rotate(client, function, API_SECRET, rotation.handler)
     token = current_version(client, API_SECRET)
     before = stages(client, API_SECRET)
     for step in rotation.STEPS:
@@ -218,7 +154,7 @@ def test_rotation_must_be_enabled_and_the_token_a_version(deployed):
 
 def test_a_token_that_is_no_version_is_refused(deployed):
     client, function = deployed
-    rotate(client, function, API_SECRET)  # rotation is enabled from now on
+    rotate(client, function, API_SECRET, rotation.handler)  # rotation is enabled from now on
     event = {"Step": "createSecret", "SecretId": API_SECRET, "ClientRequestToken": "no-such-version"}
     with pytest.raises(RotationError, match="no stage for rotation"):
         rotation.handler(event, None, client=client)
