@@ -28,36 +28,42 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10) -> None:
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "redis.log"
+
+    def command(self) -> list[str]:
+        """redis-server on 127.0.0.1:`self.port`, no persistence; RuntimeError (the apt-get hint) if missing."""
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError(INSTALL_HINT)
-        log_file = self.directory / "redis.log"
+        return [
+            executable,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--logfile", str(self.log_file),
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 10) -> None:
         for _attempt in range(3):  # another process may take the free port before redis binds it
             self.port = free_port()
             self._process = subprocess.Popen(
-                [
-                    executable,
-                    "--bind", "127.0.0.1",
-                    "--port", str(self.port),
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", str(self.directory),
-                    "--logfile", str(log_file),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self._process.poll() is None:
-                if self._answers():
+                if self.answers():
                     return
                 time.sleep(0.05)
             self.stop()
-        log = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+        log = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
         raise RuntimeError(f"redis-server did not start on 127.0.0.1; its log ends:\n{log}")
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
+        """PING answered on 127.0.0.1:`self.port`."""
         try:
             with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1) as client:
                 return bool(client.ping())

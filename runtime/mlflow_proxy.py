@@ -274,13 +274,17 @@ async def _relay(response: httpx.Response, receive, send, request_id: bytes) -> 
     Returns None when complete, the upstream's error, or `_ClientGone`.
     """
     outcome: BaseException | None = None
+    complete = False
     async with anyio.create_task_group() as watch:
 
         async def cancel_on_disconnect() -> None:
             nonlocal outcome
             while (await receive())["type"] != "http.disconnect":
                 pass
-            outcome = _ClientGone()
+            # uvicorn answers `receive()` with http.disconnect as soon as the last body message is
+            # sent; if the watcher runs before the cancellation below, that is no departed client.
+            if not complete:
+                outcome = _ClientGone()
             watch.cancel_scope.cancel()
 
         watch.start_soon(cancel_on_disconnect)
@@ -295,6 +299,7 @@ async def _relay(response: httpx.Response, receive, send, request_id: bytes) -> 
             async for chunk in response.aiter_raw():  # raw: Content-Encoding passes through untouched
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            complete = True
         except httpx.HTTPError as exc:
             outcome = exc
         except OSError:  # ASGI spec 2.4 servers raise it from send() after a disconnect

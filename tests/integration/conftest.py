@@ -1,13 +1,13 @@
-"""Fixtures for the integration tests that run our servers as the containers do."""
+"""Fixtures for the integration tests that run our servers as the containers do.
+
+The commands and the task environment come from `local_stack.environment`, shared with
+`make local`, so the local stack runs exactly what these tests run.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import boto3
@@ -15,6 +15,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from local_stack.auth_service import FakeAuthService
+from local_stack.environment import NotHealthy, container_command, service_environment
+from local_stack.environment import wait_healthy as _wait_healthy
 from runtime import names
 from runtime.certset import CertificateSet
 from runtime.secret_store import SecretStore
@@ -26,53 +28,28 @@ SCOPES = {
     "worker": ["mlflow:read", "mlflow:write"],
     "reporter": ["mlflow:read"],
 }
-DOCKER = Path(__file__).resolve().parents[2] / "docker"
-BIN = Path(sys.executable).parent
-
-
-def container_command(dockerfile: str) -> list[str]:
-    """ENTRYPOINT + CMD of one of our images, run here with the virtualenv's executables."""
-    entrypoint: list[str] = []
-    command: list[str] = []
-    for line in (DOCKER / dockerfile).read_text().splitlines():
-        if line.startswith("ENTRYPOINT "):
-            entrypoint = json.loads(line.removeprefix("ENTRYPOINT "))
-        elif line.startswith("CMD "):
-            command = json.loads(line.removeprefix("CMD "))
-    argv = entrypoint + command
-    return [str(BIN / argv[0]), *argv[1:]]
 
 
 def wait_healthy(process: subprocess.Popen, port: int, log: Path, seconds: float = 90) -> dict:
-    deadline = time.monotonic() + seconds
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"{process.args} exited {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                return json.load(response)
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(
-                    f"{process.args} did not become healthy in {seconds:.0f} s:\n{log.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
+    """`local_stack.environment.wait_healthy`, failing the test (and killing the server) instead."""
+    try:
+        return _wait_healthy(process, port, log, seconds)
+    except NotHealthy as exc:
+        process.kill()
+        pytest.fail(str(exc))
 
 
 def server_environment(aws: dict, **extra: str) -> dict[str, str]:
-    """What an ECS task of ours gets, pointed at moto's Secrets Manager."""
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_", "AWS_"))},
-        "ENVIRONMENT": ENV,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": aws["endpoint"],
-        names.ENV_INTERNAL_CIDRS: "127.0.0.0/8",
-        "HOKUSAI_MTLS_SERVICE_SCOPES": json.dumps(SCOPES),
-        **extra,
-    }
+    """What an ECS task of ours gets in the staging tests, pointed at moto's Secrets Manager."""
+    return service_environment(
+        ENV,
+        aws["endpoint"],
+        **{
+            names.ENV_INTERNAL_CIDRS: "127.0.0.0/8",
+            names.ENV_SERVICE_SCOPES: json.dumps(SCOPES),
+            **extra,
+        },
+    )
 
 
 @pytest.fixture(scope="module")

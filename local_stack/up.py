@@ -1,0 +1,467 @@
+"""`python -m local_stack up`: the whole system on loopback, started in dependency order.
+
+What starts, and why this way:
+
+1. moto's server as Secrets Manager, redis-server and the auth-service test double start at
+   once (nothing depends on them at start); meanwhile `hokusai-mtls certs issue` issues a
+   development set (CA, MLflow server, api, worker), and once moto answers,
+   `hokusai-mtls certs upload` stores it: the documented workflow, against moto.
+2. MLflow (`hokusai-mtls serve-mlflow`, Dockerfile.mlflow's command) in strict mTLS and the
+   API (`hokusai-mtls serve-api`, Dockerfile.api's command) start together; each loads its
+   own identity from Secrets Manager through the loader, as in ECS. MLflow takes ~10 s.
+3. The worker (`docker/entrypoint.sh python -m local_stack.worker`, the worker image's
+   entrypoint) starts with them and waits for MLflow's port, then logs a run over mTLS.
+4. Each service's security level comes from its own /health; the certificate serials it
+   reports must be the uploaded ones (a development loader would otherwise fall back to a
+   local CA and the demonstration would prove nothing). Then the commands to try are run
+   once, and shown with what they really printed.
+
+Everything is `ENVIRONMENT=development` (the only environment allowed to degrade; the checks
+above make sure nothing did) with `HOKUSAI_MTLS_MODE=strict` for MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from local_stack import commands
+from local_stack.auth_service import VALIDATE_PATH
+from local_stack.environment import (
+    BIN,
+    DOCKER,
+    LOCAL_ENVIRONMENT,
+    REPO,
+    NotHealthy,
+    container_command,
+    log_tail,
+)
+from local_stack.environment import service_environment as _service_environment
+from local_stack.environment import wait_healthy as _wait_healthy
+from local_stack.ports import free_port
+from local_stack.redis_server import RedisServer
+from local_stack.stack import (
+    Child,
+    StateFile,
+    Stop,
+    Supervisor,
+    ignore_signals_while_stopping,
+    install_signal_handlers,
+    is_alive,
+    remove_tree,
+    stop_recorded,
+)
+from runtime import names
+from runtime.certset import CertificateSet
+
+ENVIRONMENT = LOCAL_ENVIRONMENT
+INTERNAL_CIDRS = "10.0.0.0/8"
+"""A stand-in VPC. Not 127.0.0.0/8: on loopback the demo's own curl would count as an internal
+caller without a certificate, and the middleware logs a warning for each of those."""
+START_SECONDS = 120.0
+"""How long any one service may take to become ready (MLflow needs ~10 s on a quiet machine)."""
+
+
+class StartError(RuntimeError):
+    """The stack could not start; the message says which part and ends with its log."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The run directory (`.local/` by default, git-ignored), 0700: it holds private keys.
+
+    state.json  the supervisor and every process it started (`down` reads it)
+    logs/       one log per process, kept after a stop
+    certs/      issued/ (the set, with the CA key), server/, api/, worker/ (what each loader wrote)
+    data/       MLflow's database and artifacts (kept across runs with --keep-data)
+    scratch/    the loaders' development-CA directory (unused while Secrets Manager answers)
+    """
+
+    root: Path
+
+    @property
+    def state(self) -> StateFile:
+        return StateFile(self.root / "state.json")
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def scratch(self) -> Path:
+        return self.root / "scratch"
+
+    def prepare(self, keep_data: bool) -> None:
+        """Start afresh: a new certificate set and empty logs each run; MLflow's data if asked."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.clean(keep_data)
+        remove_tree(self.logs)
+        for directory in (self.logs, self.certs, self.data, self.scratch):
+            directory.mkdir(mode=0o700, exist_ok=True)
+
+    def clean(self, keep_data: bool) -> None:
+        """After a stop: no state, no private keys; the logs stay for a look afterwards."""
+        self.state.remove()
+        remove_tree(self.certs)
+        remove_tree(self.scratch)
+        if not keep_data:
+            remove_tree(self.data)
+
+
+class Progress:
+    """One line per step with the time since `up` began."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, text: str) -> None:
+        print(f"[{self.elapsed:5.1f}s] {text}", flush=True)
+
+
+@dataclass
+class Stack:
+    """What `up` started, and what the summary and the tests need to know about it."""
+
+    run: RunDir
+    supervisor: Supervisor
+    ports: dict[str, int] = field(default_factory=dict)
+    health: dict[str, dict] = field(default_factory=dict)
+    worker: dict = field(default_factory=dict)
+    children: dict[str, Child] = field(default_factory=dict)
+
+    @property
+    def secrets_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['secrets-manager']}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports['mlflow']}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['api']}"
+
+    @property
+    def auth_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['auth-service']}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports['redis']}/0"
+
+    def cert_dir(self, identity: names.Identity) -> Path:
+        return self.run.certs / identity.name
+
+    def environment(self, **extra: str) -> dict[str, str]:
+        """The task environment of every service here (the venv's executables first on PATH)."""
+        base = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+        }
+        return _service_environment(
+            ENVIRONMENT,
+            self.secrets_url,
+            base=base,
+            **{
+                names.ENV_DEV_CA_DIR: str(self.run.scratch / "dev-ca"),
+                names.ENV_INTERNAL_CIDRS: INTERNAL_CIDRS,
+                names.ENV_AUTH_SERVICE_URL: self.auth_url,
+                names.ENV_REDIS_URL: self.redis_url,
+                **extra,
+            },
+        )
+
+    def spawn(self, name: str, argv: list[str], *, long_running: bool = True, **env: str) -> Child:
+        child = self.supervisor.spawn(
+            name,
+            argv,
+            env=self.environment(**env),
+            log=self.run.logs / f"{name}.log",
+            cwd=REPO,
+            long_running=long_running,
+        )
+        self.children[name] = child
+        return child
+
+    def details(self) -> dict:
+        """What the state file records besides the processes (for `down`, the tests, a curious user)."""
+        return {
+            "run_dir": str(self.run.root),
+            "environment": ENVIRONMENT,
+            "urls": {
+                "secrets-manager": self.secrets_url,
+                "redis": self.redis_url,
+                "auth-service": self.auth_url,
+                "mlflow": self.mlflow_url,
+                "mlflow-health": f"http://127.0.0.1:{self.ports['mlflow-health']}/health",
+                "api": self.api_url,
+            },
+            "cert_dirs": {i.name: str(self.cert_dir(i)) for i in names.IDENTITIES},
+            "health": self.health,
+            "worker": self.worker,
+        }
+
+
+# --- waiting --------------------------------------------------------------------------------
+def _wait(child: Child, check: Callable[[], object], what: str, seconds: float = START_SECONDS):
+    """Poll `check` until it returns something truthy; StartError if `child` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if child.process is not None and child.process.poll() is not None:
+            raise StartError(f"{child.name} exited {child.process.returncode}:\n{log_tail(Path(child.log))}")
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise StartError(f"{child.name}: {what} not within {seconds:.0f} s:\n{log_tail(Path(child.log))}")
+        time.sleep(0.1)
+
+
+def _answers_http(url: str) -> Callable[[], bool]:
+    """Any HTTP answer (even 404 or 405) means the server is up."""
+
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - our own loopback URL
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    return check
+
+
+def _healthy(child: Child, port: int) -> dict:
+    try:
+        return _wait_healthy(child.process, port, Path(child.log), seconds=START_SECONDS)
+    except NotHealthy as exc:
+        raise StartError(f"{child.name}: {exc}") from None
+
+
+def _cli(stack: Stack, *args: str) -> str:
+    """One `hokusai-mtls` command to completion (not supervised: it ends on its own)."""
+    argv = [str(BIN / "hokusai-mtls"), *args]
+    result = subprocess.run(argv, env=stack.environment(), capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise StartError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+# --- the steps ------------------------------------------------------------------------------
+def start(stack: Stack, progress: Progress) -> None:
+    """Start everything; returns once every service is ready and the worker's run is logged."""
+    ports = stack.ports
+    ports.update({n: free_port() for n in ("secrets-manager", "redis", "auth-service", "mlflow", "api")})
+    ports["mlflow-health"] = free_port()
+    stack.supervisor.save(**stack.details())
+
+    moto = stack.spawn(
+        "secrets-manager", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(ports["secrets-manager"])]
+    )
+    redis = RedisServer(stack.run.logs)  # its --dir (no persistence) and its log file
+    redis.port = ports["redis"]
+    try:
+        redis_child = stack.spawn("redis", redis.command())
+    except RuntimeError as exc:  # redis-server missing: the apt-get hint
+        raise StartError(str(exc)) from None
+    auth = stack.spawn(
+        "auth-service",
+        [
+            str(BIN / "python"),
+            "-m",
+            "local_stack.auth_service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(ports["auth-service"]),
+        ],
+    )
+    progress(
+        f"starting moto's Secrets Manager, redis-server and the auth-service double (pids {moto.pid}, {redis_child.pid}, {auth.pid})"
+    )
+
+    issued = stack.run.certs / "issued"
+    _cli(stack, "certs", "issue", "--env", ENVIRONMENT, "--out", str(issued), "--server-san", "localhost", "--server-san", "127.0.0.1")  # fmt: skip
+    progress(
+        f"issued the {ENVIRONMENT} set: CA, MLflow server (also localhost, 127.0.0.1), api, worker (hokusai-mtls certs issue)"
+    )
+    _wait(moto, _answers_http(f"{stack.secrets_url}/moto-api/"), "answering HTTP")
+    uploaded = _cli(stack, "certs", "upload", "--env", ENVIRONMENT, "--dir", str(issued), "--no-ca-key")
+    progress(
+        f"uploaded {len(uploaded.splitlines())} secrets to Secrets Manager (moto, {stack.secrets_url}) under "
+        f"{names.secret_prefix(ENVIRONMENT)} (hokusai-mtls certs upload; no service reads the CA key here)"
+    )
+
+    mlflow = stack.spawn(
+        "mlflow",
+        [*container_command("Dockerfile.mlflow"), "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--health-port", str(ports["mlflow-health"])],
+        **{
+            names.ENV_MTLS_MODE: names.MTLS_MODE_STRICT,
+            names.ENV_ENABLE_MTLS: "true",
+            names.ENV_CERT_DIR: str(stack.cert_dir(names.SERVER)),
+            names.ENV_MLFLOW_BACKEND_STORE_URI: f"sqlite:///{stack.run.data / 'mlflow.db'}",
+            names.ENV_MLFLOW_ARTIFACTS_DESTINATION: str(stack.run.data / "artifacts"),
+        },
+    )  # fmt: skip
+    api = stack.spawn(
+        "api",
+        [*container_command("Dockerfile.api"), "--host", "127.0.0.1", "--port", str(ports["api"])],
+        **{names.ENV_CERT_DIR: str(stack.cert_dir(names.API)), "MLFLOW_TRACKING_URI": stack.mlflow_url},
+    )
+    worker = stack.spawn(
+        "worker",
+        ["sh", str(DOCKER / "entrypoint.sh"), "python", "-m", "local_stack.worker"],
+        long_running=False,
+        **{
+            names.ENV_ROLE: names.WORKER.role,
+            names.ENV_CERT_DIR: str(stack.cert_dir(names.WORKER)),
+            "MLFLOW_TRACKING_URI": stack.mlflow_url,
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # a TLS refusal surfaces at once, not after minutes
+            "PYTHONPATH": str(REPO),
+        },
+    )
+    progress(
+        f"starting MLflow (strict mTLS, pid {mlflow.pid}), the API (pid {api.pid}) and the worker (pid {worker.pid})"
+    )
+
+    _wait(redis_child, redis.answers, "answering PING")
+    _wait(auth, _answers_http(f"{stack.auth_url}{VALIDATE_PATH}"), "answering HTTP")
+    progress(f"redis-server ({stack.redis_url}) and the auth-service double ({stack.auth_url}) ready")
+    stack.health["api"] = _healthy(api, ports["api"])
+    progress(f"API ready on {stack.api_url} (security level {stack.health['api']['security_level']})")
+    stack.health["mlflow"] = _healthy(mlflow, ports["mlflow-health"])
+    report = stack.health["mlflow"]
+    progress(
+        f"MLflow ready on {stack.mlflow_url} (security level {report['security_level']}, mode {report['mode']})"
+    )
+    stack.worker = _worker_result(worker)
+    progress(f"worker logged run {stack.worker['run_id']} over mTLS and exited 0")
+    _check_levels(stack, CertificateSet.read_from_dir(issued, ENVIRONMENT))
+    stack.supervisor.save(**stack.details())
+
+
+def _worker_result(worker: Child) -> dict:
+    try:
+        code = worker.process.wait(START_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise StartError(
+            f"worker: no run logged within {START_SECONDS:.0f} s:\n{log_tail(Path(worker.log))}"
+        ) from None
+    lines = Path(worker.log).read_text(errors="replace").strip().splitlines()
+    if code != 0 or not lines:
+        raise StartError(f"worker exited {code}:\n{log_tail(Path(worker.log))}")
+    try:
+        return {**json.loads(lines[-1]), "exit_code": code}
+    except ValueError:
+        raise StartError(
+            f"worker: its last line is not its JSON result:\n{log_tail(Path(worker.log))}"
+        ) from None
+
+
+def _check_levels(stack: Stack, issued: CertificateSet) -> None:
+    """Every service at MTLS, holding the certificate that was uploaded (not a fallback)."""
+    served = {
+        "mlflow": (stack.health["mlflow"]["security_level"], stack.health["mlflow"].get("certificate", {}).get("serial"), names.SERVER),
+        "api": (stack.health["api"]["security_level"], stack.health["api"].get("certificate", {}).get("serial"), names.API),
+        "worker": (stack.worker.get("security_level"), stack.worker.get("serial"), names.WORKER),
+    }  # fmt: skip
+    for service, (level, serial, identity) in served.items():
+        expected = f"{issued.identities[identity.name].certificate.serial_number:x}"
+        if level != "MTLS" or serial != expected:
+            raise StartError(
+                f"{service}: security level {level}, certificate serial {serial}; expected MTLS with the "
+                f"uploaded {identity.name} certificate (serial {expected}). See {stack.run.logs / service}.log"
+            )
+    if stack.health["mlflow"].get("mode") != names.MTLS_MODE_STRICT:
+        raise StartError(f"mlflow: mode {stack.health['mlflow'].get('mode')}, expected strict")
+
+
+# --- up ---------------------------------------------------------------------------------------
+def up(root: Path, *, keep_data: bool = False) -> int:
+    """Start, print where everything runs and what to try, then wait for Ctrl-C or `down`."""
+    run = RunDir(root.resolve())
+    previous = run.state.read() if run.state.path.exists() else None
+    if previous is not None:
+        supervisor = previous.get("supervisor", {})
+        if supervisor.get("pid") and is_alive(supervisor["pid"], supervisor.get("marker")):
+            print(
+                f"a local stack already runs from {run.root} (pid {supervisor['pid']}): "
+                f"stop it with Ctrl-C there, or `python -m local_stack down --dir {run.root}`"
+            )
+            return 1
+        print("the previous local stack did not stop cleanly; stopping what it left behind:")
+        stop_recorded(run.state, lambda line: print(f"  {line}"))
+
+    progress = Progress()
+    run.prepare(keep_data)
+    supervisor = Supervisor(run.state, {"keep_data": keep_data})
+    stack = Stack(run, supervisor)
+    print(
+        f"local stack: starting in {commands.shown_path(run.root)} (logs in {commands.shown_path(run.logs)})",
+        flush=True,
+    )
+    status = 0
+    try:
+        install_signal_handlers()  # from here on, Ctrl-C, SIGTERM (`down`) and SIGHUP raise Stop
+        start(stack, progress)
+        examples = commands.examples(stack)
+        commands.run_examples(examples)
+        commands.print_summary(stack, examples, progress.elapsed)
+        status = _watch(stack)
+    except Stop as stop:
+        ignore_signals_while_stopping()
+        print(f"\n{stop}: stopping", flush=True)
+    except StartError as exc:
+        print(f"\nlocal stack: could not start: {exc}", flush=True)
+        status = 1
+    finally:
+        ignore_signals_while_stopping()
+        supervisor.stop_all(lambda line: print(f"  {line}", flush=True))
+        run.clean(keep_data)
+        print(f"local stack stopped; logs kept in {commands.shown_path(run.logs)}", flush=True)
+    return status
+
+
+def _watch(stack: Stack) -> int:
+    """Until a signal (Stop) arrives: a service that dies stops the whole stack, loudly."""
+    while True:
+        time.sleep(0.5)
+        if dead := stack.supervisor.exited_unexpectedly():
+            for child in dead:
+                print(
+                    f"\n{child.name} (pid {child.pid}) exited unexpectedly; its log ends:\n{log_tail(Path(child.log), 1500)}"
+                )
+            return 1
+
+
+def down(root: Path) -> int:
+    run = RunDir(root.resolve())
+    state = run.state.read()
+    if not stop_recorded(run.state, print):
+        print(f"no local stack recorded in {run.root} (no {run.state.path.name})")
+        return 0
+    run.clean(bool(state and state.get("keep_data")))
+    print("local stack stopped")
+    return 0
