@@ -24,9 +24,7 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
-import ssl
 import statistics
 import subprocess
 import sys
@@ -38,9 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-import cryptography  # noqa: E402  (after the path set-up, like the runtime import)
-from cryptography.hazmat.backends.openssl import backend  # noqa: E402
-
+from benchmarks.common import figure, machine  # noqa: E402  (after the path set-up)
 from runtime.certset import CertificateSet  # noqa: E402
 
 TARGET = 20.0
@@ -163,29 +159,6 @@ def measure(repeat: int) -> dict[str, dict]:
         }
 
 
-def machine() -> dict[str, str | int | None]:
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    openssl_cli = subprocess.run(
-        [shutil.which("openssl") or "openssl", "version"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return {
-        "cpu": model or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "openssl_cli": openssl_cli,
-        "python_ssl": ssl.OPENSSL_VERSION,
-        "cryptography": f"{cryptography.__version__} ({backend.openssl_version_text()})",
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (default 5)")
@@ -212,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "target_ratio": TARGET,
         "ratios_vs_ours_cli": ratios,
+        "figures": [
+            figure(
+                f"issuance, {results[key]['label']} / ours (CLI process)",
+                ratios[key]["ratio"],
+                f"{results[key]['median_s']:.3f}s vs {ours:.3f}s median, {args.repeat} runs each",
+                at_least=TARGET,
+            )
+            for key in ratios
+        ],
     }
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")

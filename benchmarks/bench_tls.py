@@ -34,14 +34,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
-import logging
-import os
-import platform
 import re
-import signal
 import socket
 import ssl
 import statistics
@@ -54,55 +49,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from benchmarks.common import (  # noqa: E402  (after the path set-up)
+    OPERATIONS,
+    SNI,
+    child_env,
+    cpu_snapshot,
+    figure,
+    free_port,
+    latency_row,
+    machine,
+    mlflow_client_environment,
+    mtls_credentials,
+    others_cores,
+    percentile,
+    process_cpu,
+    running_mlflow,
+    stop,
+    time_operations,
+    token_credentials,
+    use_credentials,
+    verdict,
+    write_set,
+)
+
 ENV = "development"
-MLFLOW_ENV = "staging"  # like tests/integration: a staging set in Secrets Manager (moto), no dev fallback
-SNI = "localhost"  # in the server certificate's SANs (with 127.0.0.1)
 BENCH_KEY = "hk_bench_mlflow_0123456789abcdef"
 CASES = ("mlflow", "handshake", "rps")
 TARGETS = {"mlflow": 1.10, "handshake": 4.0, "rps": 0.9}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- small helpers --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of another process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def cpu_snapshot() -> tuple[float, float, float]:
-    """(wall, machine-wide busy CPU seconds, this process's + its waited-for children's CPU seconds)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    own = os.times()
-    return (
-        time.monotonic(),
-        (user + nice + system + irq + softirq + steal) / CLK_TCK,
-        own.user + own.system + own.children_user + own.children_system,
-    )
-
-
-def others_cores(before: tuple[float, float, float]) -> float:
-    """Cores used on average by processes that are not this benchmark's since `before`.
-
-    The machine is shared: other jobs inflate latencies and cut throughput, so say how much.
-    Exact once the servers and load generators have exited (their CPU then counts as ours).
-    """
-    after = cpu_snapshot()
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
-
-
 def wait_for_ports(ports: list[int], process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     for port in ports:
@@ -116,23 +92,6 @@ def wait_for_ports(ports: list[int], process: subprocess.Popen, log: Path, timeo
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"port {port} not listening after {timeout:.0f} s") from None
                 time.sleep(0.1)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
-def child_env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
 
 
 def emf_totals(lines: list[str]) -> dict[str, float]:
@@ -155,27 +114,6 @@ def emf_totals(lines: list[str]) -> dict[str, float]:
             )
             totals[key] = totals.get(key, 0) + value
     return totals
-
-
-def write_set(directory: Path, certificates, client: str = "api") -> dict[str, Path]:
-    """The server's files (as the loader publishes them) and a client's combined PEM and CA bundle."""
-    from runtime import names, pem
-    from runtime.files import publish_files
-
-    server = certificates.identities["server"]
-    bundle = pem.bundle_pem(certificates.trust_bundle)
-    publish_files(
-        directory / "server",
-        {
-            names.CERT_FILE: (server.certificate_pem(), 0o644),
-            names.KEY_FILE: (server.private_key_pem(), 0o600),
-            names.CA_BUNDLE_FILE: (bundle, 0o644),
-        },
-    )
-    (directory / "client.pem").write_bytes(certificates.identities[client].combined_pem())
-    (directory / "client.pem").chmod(0o600)
-    (directory / "ca.pem").write_bytes(bundle)
-    return {"server": directory / "server", "client": directory / "client.pem", "ca": directory / "ca.pem"}
 
 
 def client_context(files: dict[str, Path]) -> ssl.SSLContext:
@@ -260,120 +198,37 @@ def start_server(workdir: Path, listeners: list[dict], metrics_seconds: float):
 
 # --- 1. MLflow client: mTLS port vs plain port of one serve-mlflow -------------------------------------
 def bench_mlflow(workdir: Path, repeat: int, ops: int, metrics_seconds: float) -> dict:
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from local_stack.auth_service import key_record
 
-    from local_stack.auth_service import FakeAuthService, key_record
-    from runtime import names
-    from runtime.certset import CertificateSet
-    from runtime.secret_store import SecretStore
-
-    root = workdir / "mlflow"
-    root.mkdir()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every call
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    auth = FakeAuthService(
-        {
-            BENCH_KEY: key_record(
-                "key-bench", scopes=["mlflow:read", "mlflow:write"], rate_limit_per_hour=10_000_000
-            )
-        }
-    )
-    auth_url = auth.start()
-    process = None
-    stack = contextlib.ExitStack()
-    try:
-        host, port = moto.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        certificates = CertificateSet.issue(MLFLOW_ENV, server_sans=(SNI, "127.0.0.1"))
-        secrets = boto3.client(
-            "secretsmanager",
-            region_name="us-east-1",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",  # noqa: S106 - moto's fake credentials
-        )
-        SecretStore(MLFLOW_ENV, client=secrets).upload(certificates)
-        files = write_set(root / "client", certificates)
-        # SQLite in memory-backed storage when there is some: disk flushes add latency spikes
-        # that have nothing to do with TLS (ECS runs MLflow against RDS, not a local file).
-        shm = Path("/dev/shm")  # noqa: S108 - a private TemporaryDirectory inside it
-        database = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else root)))
-
-        port, health_port = free_port(), free_port()
-        env = {
-            **{k: v for k, v in child_env().items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))},
-            names.ENV_ENVIRONMENT: MLFLOW_ENV,
-            names.ENV_MTLS_MODE: names.MTLS_MODE_PERMISSIVE,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_SECRETS_MANAGER": endpoint,
-            names.ENV_CERT_DIR: str(root / "certs"),
-            names.ENV_MLFLOW_BACKEND_STORE_URI: f"sqlite:///{database}/mlflow.db",
-            names.ENV_MLFLOW_ARTIFACTS_DESTINATION: str(root / "artifacts"),
-            # Loopback is NOT internal here: the plain-HTTP client plays an external API-key caller
-            # (an internal caller without a certificate gets a WARNING log line per request, by design).
-            names.ENV_INTERNAL_CIDRS: "10.0.0.0/8",
-            names.ENV_AUTH_SERVICE_URL: auth_url,
-            "HOKUSAI_MTLS_METRICS_SECONDS": str(metrics_seconds),
-        }
-        stdout, stderr = root / "server.stdout", root / "server.stderr"
-        with stdout.open("w") as out, stderr.open("w") as err:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "runtime.cli",
-                    "serve-mlflow",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--health-port",
-                    str(health_port),
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=err,
-            )
-        started = time.monotonic()
-        wait_for_health(health_port, process, stderr)
-        startup_s = time.monotonic() - started
-
-        for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
-            del os.environ[name]
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    keys = {
+        BENCH_KEY: key_record("key-bench", scopes=["mlflow:read", "mlflow:write"], rate_limit_per_hour=10**7)
+    }
+    with running_mlflow(workdir, keys=keys, metrics_seconds=metrics_seconds) as server:
+        stdout, stderr = server.stdout, server.stderr
+        mlflow_client_environment()
         from mlflow import MlflowClient
 
         targets = {
             "mtls": (
-                MlflowClient(tracking_uri=f"https://127.0.0.1:{port}"),
-                {
-                    names.ENV_MLFLOW_CLIENT_CERT: str(files["client"]),
-                    names.ENV_MLFLOW_SERVER_CERT: str(files["ca"]),
-                },
+                MlflowClient(tracking_uri=f"https://127.0.0.1:{server.port}"),
+                mtls_credentials(server.files),
             ),
+            # the same port; the key is sent as `Authorization: Bearer`
             "plain": (
-                MlflowClient(tracking_uri=f"http://127.0.0.1:{port}"),  # the same port
-                {"MLFLOW_TRACKING_TOKEN": BENCH_KEY},  # sent as `Authorization: Bearer`
+                MlflowClient(tracking_uri=f"http://127.0.0.1:{server.port}"),
+                token_credentials(BENCH_KEY),
             ),
         }
 
         def use(target: str):
-            """MLflow reads its credentials from the environment on every call: set one target's."""
-            for name in (names.ENV_MLFLOW_CLIENT_CERT, names.ENV_MLFLOW_SERVER_CERT, "MLFLOW_TRACKING_TOKEN"):
-                os.environ.pop(name, None)
             client, variables = targets[target]
-            os.environ.update(variables)
+            use_credentials(variables)
             return client
 
         setup = use("mtls")
         experiment_id = setup.create_experiment(f"bench-{time.time_ns()}")
         run_id = setup.create_run(experiment_id).info.run_id
-        latencies = {(op, t): [] for op in ("log_metric", "get_run") for t in targets}
+        latencies = {(op, t): [] for op in OPERATIONS for t in targets}
         requests_made = dict.fromkeys(targets, 0)
         step = 0
         lines_before = stderr_before = 0
@@ -387,48 +242,29 @@ def bench_mlflow(workdir: Path, repeat: int, ops: int, metrics_seconds: float) -
                 # Both targets in every iteration, in alternating order: drift (the database
                 # growing, other jobs on the machine) hits them alike.
                 for target in targets if index % 2 == 0 else reversed(list(targets)):
-                    client = use(target)
                     step += 1
-                    t0 = time.perf_counter()
-                    client.log_metric(run_id, "loss", 1.0 / step, step=step)
-                    t1 = time.perf_counter()
-                    fetched = client.get_run(run_id)
-                    t2 = time.perf_counter()
-                    if fetched.data.metrics["loss"] != 1.0 / step:
-                        raise RuntimeError(f"get_run over {target} returned a stale metric")
-                    requests_made[target] += 2
+                    seconds = time_operations(use(target), run_id, step)
+                    requests_made[target] += len(seconds)
                     if round_:
-                        latencies[("log_metric", target)].append(t1 - t0)
-                        latencies[("get_run", target)].append(t2 - t1)
+                        for op, value in seconds.items():
+                            latencies[(op, target)].append(value)
         timed_s = time.monotonic() - timed_started
         timed_lines = len(stdout.read_text().splitlines()) - lines_before
         timed_stderr = len(stderr.read_text().splitlines()) - stderr_before
         time.sleep(metrics_seconds + 1)  # let the last interval flush
         all_lines = stdout.read_text().splitlines()
         stderr_lines = len(stderr.read_text().splitlines())
-    finally:
-        if process is not None:
-            stop(process)
-        stack.close()
-        auth.stop()
-        moto.stop()
+        startup_s = server.startup_s
+        auth_calls = server.auth.calls
 
-    rows = {
-        f"{op}/{target}": {
-            "n": len(values),
-            "p50_ms": percentile(values, 50) * 1e3,
-            "p99_ms": percentile(values, 99) * 1e3,
-            "mean_ms": statistics.fmean(values) * 1e3,
-        }
-        for (op, target), values in latencies.items()
-    }
+    rows = {f"{op}/{target}": latency_row(values) for (op, target), values in latencies.items()}
     ratios = {
         op: {
             "p50": rows[f"{op}/mtls"]["p50_ms"] / rows[f"{op}/plain"]["p50_ms"],
             "p99": rows[f"{op}/mtls"]["p99_ms"] / rows[f"{op}/plain"]["p99_ms"],
             "mean": rows[f"{op}/mtls"]["mean_ms"] / rows[f"{op}/plain"]["mean_ms"],
         }
-        for op in ("log_metric", "get_run")
+        for op in OPERATIONS
     }
     timed_requests = sum(len(v) for v in latencies.values())
     return {
@@ -436,7 +272,7 @@ def bench_mlflow(workdir: Path, repeat: int, ops: int, metrics_seconds: float) -
         "rows": rows,
         "ratios": ratios,
         "pass": all(r["p50"] <= TARGETS["mlflow"] for r in ratios.values()),
-        "auth_service_calls": auth.calls,
+        "auth_service_calls": auth_calls,
         "log_lines": {
             "timed_requests": timed_requests,
             "timed_seconds": timed_s,
@@ -449,24 +285,6 @@ def bench_mlflow(workdir: Path, repeat: int, ops: int, metrics_seconds: float) -
             "metrics_seconds": metrics_seconds,
         },
     }
-
-
-def wait_for_health(port: int, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve-mlflow exited {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if json.load(response).get("status") == "ok":
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"serve-mlflow not healthy after {timeout:.0f} s: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
 
 
 # --- 2. full handshakes: ECDSA P-256 vs RSA-4096 -----------------------------------------------------
@@ -885,38 +703,6 @@ def bench_rps(workdir: Path, repeat: int, seconds: float, connections: int, metr
 
 
 # --- report ----------------------------------------------------------------------------------------------
-def machine() -> dict[str, str | int | None]:
-    import cryptography
-    import uvicorn
-
-    model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        from importlib.metadata import version
-
-        mlflow_version = version("mlflow")
-    except ImportError:  # PackageNotFoundError is one
-        mlflow_version = None
-    return {
-        "cpu": model or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "python_ssl": ssl.OPENSSL_VERSION,
-        "cryptography": cryptography.__version__,
-        "uvicorn": uvicorn.__version__,
-        "mlflow": mlflow_version,
-    }
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def print_report(report: dict) -> None:
     info = report["machine"]
     out = [
@@ -1032,6 +818,58 @@ def print_report(report: dict) -> None:
     sys.stdout.write("\n".join(out) + "\n")
 
 
+def figures(report: dict) -> list[dict]:
+    """The figures against their targets, for `run_all.py` (the issue's wording of each target)."""
+    out = []
+    if "mlflow" in report:
+        r = report["mlflow"]
+        for op, ratio in r["ratios"].items():
+            mtls, plain = r["rows"][f"{op}/mtls"], r["rows"][f"{op}/plain"]
+            out.append(
+                figure(
+                    f"MLflow {op}, keep-alive mTLS / plain HTTP, p50",
+                    ratio["p50"],
+                    f"{mtls['p50_ms']:.2f} ms vs {plain['p50_ms']:.2f} ms (p99 {ratio['p99']:.2f}x), "
+                    f"n={mtls['n']} each",
+                    at_most=TARGETS["mlflow"],
+                )
+            )
+    if "handshake" in report:
+        r = report["handshake"]
+        rows, memory = r["rows"], r["memory"]["rows"]
+        out.append(
+            figure(
+                "full mTLS handshakes/s, ECDSA P-256 / RSA-4096 (new connection each)",
+                r["ratio"],
+                f"{rows['ecdsa-p256']['per_s']:.1f}/s vs {rows['rsa-4096']['per_s']:.1f}/s, "
+                f"n={rows['ecdsa-p256']['handshakes']} and {rows['rsa-4096']['handshakes']}",
+                at_least=TARGETS["handshake"],
+            )
+        )
+        out.append(
+            figure(
+                "raw handshakes/s in memory, ECDSA P-256 / RSA-4096 (no sockets)",
+                r["memory"]["ratio"],
+                f"{memory['ecdsa-p256']['per_s']:.1f}/s vs {memory['rsa-4096']['per_s']:.1f}/s, "
+                f"n={memory['ecdsa-p256']['handshakes']} and {memory['rsa-4096']['handshakes']}",
+                at_least=TARGETS["handshake"],
+            )
+        )
+    if "rps" in report:
+        r = report["rps"]
+        rows = r["rows"]
+        out.append(
+            figure(
+                "requests/s, middleware mTLS path / bare app (trivial app)",
+                r["ratio"],
+                f"{rows['with_middleware']['per_s']:.0f} vs {rows['without']['per_s']:.0f} req/s, "
+                f"{r['connections']} keep-alive connections, {len(rows['without']['rounds'])} rounds",
+                at_least=TARGETS["rps"],
+            )
+        )
+    return out
+
+
 def others_line(result: dict) -> str:
     return f"   other processes on this machine used {result['others_cores']:.2f} cores on average meanwhile"
 
@@ -1082,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, subprocess.SubprocessError, ssl.SSLError) as exc:
         sys.stderr.write(f"bench_tls: error: {exc}\n")
         return 1
+    report["figures"] = figures(report)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

@@ -103,7 +103,9 @@ class FakeAuthService:
     # --- serving --------------------------------------------------------------------------
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve in a background thread; returns the base URL (port 0: a free one)."""
-        listener = socket.socket()
+        # IPPROTO_TCP named: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets of a
+        # listener created as TCP; with protocol 0 every answer waited ~40 ms for a delayed ACK.
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
