@@ -46,6 +46,16 @@ ROTATION_HANDLER = "runtime.lifecycle.rotation.handler"
 CA_ROTATION_HANDLER = "runtime.lifecycle.ca_rotation.handler"
 EXPIRY_HANDLER = "runtime.lifecycle.expiry.handler"
 
+ROTATION_PURPOSES: tuple[str, ...] = ("ca-rotation", *(f"{i.name}-rotation" for i in names.IDENTITIES))
+"""The rotation functions, by the purpose in their names (`lifecycle_function_name`); the
+Monitoring stack alarms on each one's errors by that name, without a cross-stack export."""
+
+
+def lifecycle_function_name(environment: str, purpose: str) -> str:
+    """`hokusai-mtls-<env>-<purpose>`, e.g. `hokusai-mtls-staging-ca-rotation`."""
+    return f"hokusai-mtls-{names.check_environment(environment)}-{purpose}"
+
+
 EXPIRY_SCHEDULE = Duration.hours(1)
 """How often the expiry check runs; the CertificateCheckFailures alarm's period is a multiple of it."""
 
@@ -301,11 +311,13 @@ class CertificateLifecycle(Construct):
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description=f"hokusai-mtls {self._environment}: {purpose}",
         )
-        log_group = self._log_group(f"{construct_id}Logs", _kebab(construct_id))
+        purpose = _kebab(construct_id)
+        log_group = self._log_group(f"{construct_id}Logs", purpose)
         log_group.grant_write(role)
         function = lambda_.Function(
             self,
             construct_id,
+            function_name=lifecycle_function_name(self._environment, purpose),
             description=f"hokusai-mtls {self._environment}: {purpose}",
             runtime=lambda_bundle.PYTHON_RUNTIME,
             architecture=lambda_bundle.ARCHITECTURE,

@@ -15,6 +15,7 @@ from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
+from constructs_lib.certificate_lifecycle import ROTATION_PURPOSES, lifecycle_function_name
 from runtime import names
 from runtime.lifecycle import CA_IDENTITY
 
@@ -34,6 +35,8 @@ CHECK_FAILURES_PERIOD = Duration.hours(3)
 publishes CertificateCheckFailures (0 or 1) per identity and `ca`: a 3-hour window holds two or
 three runs however EventBridge's start time drifts, so an empty window means the check is down."""
 CHECK_FAILURE_IDENTITIES: tuple[str, ...] = (CA_IDENTITY, *(identity.name for identity in names.IDENTITIES))
+ROTATION_ERRORS_PERIOD = Duration.hours(1)
+"""Rotations run days apart; an hour holds one rotation's four steps and Secrets Manager's retries."""
 FAILURE_RATE_EVALUATION_PERIODS = 3
 FAILURE_RATE_DATAPOINTS_TO_ALARM = 2
 """2 of 3 five-minute periods: a deploy's single bad window does not page, a broken certificate does."""
@@ -191,6 +194,10 @@ class MtlsAlarms(Construct):
             {service: self._internal_api_key(service) for service in AUTH_SERVICES}
         )
 
+        self.rotation_failures: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
+            {purpose: self._rotation_failures(purpose) for purpose in ROTATION_PURPOSES}
+        )
+
     @property
     def all_alarms(self) -> tuple[cloudwatch.Alarm, ...]:
         return (
@@ -198,6 +205,7 @@ class MtlsAlarms(Construct):
             *self.certificate_check_failures.values(),
             self.mtls_failure_rate,
             *self.internal_api_key.values(),
+            *self.rotation_failures.values(),
         )
 
     def _certificate_expiry(self, identity: names.Identity) -> cloudwatch.Alarm:
@@ -263,6 +271,32 @@ class MtlsAlarms(Construct):
             description=(
                 f"An internal caller authenticated to {service} with an API key instead of its client "
                 "certificate (fallback to the API-key path): check its certificate and mTLS settings."
+            ),
+        )
+
+    def _rotation_failures(self, purpose: str) -> cloudwatch.Alarm:
+        function_name = lifecycle_function_name(self._environment, purpose)
+        return self._alarm(
+            f"{''.join(part.capitalize() for part in purpose.split('-'))}Failures",
+            f"{purpose}-failures",
+            metric=cloudwatch.Metric(
+                namespace="AWS/Lambda",
+                metric_name="Errors",
+                dimensions_map={"FunctionName": function_name},
+                statistic=cloudwatch.Stats.SUM,
+                period=ROTATION_ERRORS_PERIOD,
+            ),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            # Errors is published only when the function runs: no data is no rotation, not a failure.
+            # A rotation that never runs at all shows as the certificate running out (expiry alarm).
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            description=(
+                f"A rotation step of {function_name} failed (a check refused, an error or a timeout): "
+                "Secrets Manager kept the current version. The log group "
+                f"/hokusai/{self._environment}/lifecycle/{purpose} says which step and why; the runbook is "
+                "docs/MTLS_CERTIFICATE_MANAGEMENT.md section 9."
             ),
         )
 

@@ -175,6 +175,23 @@ def test_the_ca_secrets_rotate_every_wait_period_with_the_ca_rotation_function(
 
 
 @ENVIRONMENTS
+def test_the_monitoring_stack_watches_every_rotation_function_by_its_deployed_name(
+    stages, secrets_templates, env
+):
+    """The rotation alarms name functions as strings (no cross-stack export): they must be these."""
+    template = secrets_templates[env].to_json()
+    lc = stages[env].secrets.lifecycle
+    deployed = {
+        resource["Properties"]["FunctionName"]
+        for logical, resource in template["Resources"].items()
+        if logical in {logical_id(f) for f in (lc.ca_rotation, *lc.rotation.values())}
+    }
+    alarms = stages[env].monitoring.alarms.rotation_failures.values()
+    watched = {alarm.node.default_child.dimensions[0].value for alarm in alarms}
+    assert watched == deployed and len(deployed) == len(names.IDENTITIES) + 1
+
+
+@ENVIRONMENTS
 def test_every_lifecycle_log_group_is_encrypted_with_its_own_key(stages, secrets_templates, env):
     template = secrets_templates[env].to_json()
     log_key = logical_id(stages[env].secrets.lifecycle.log_key.key)

@@ -291,8 +291,9 @@ def test_every_alarm_notifies_the_topic_on_alarm_and_on_ok(stacks, templates, en
     template = templates[env]
     topic_id, _ = only(template, "AWS::SNS::Topic")
     alarms = resources(template, "AWS::CloudWatch::Alarm")
-    # expiry and check failures per identity, check failures of `ca`, failure rate, internal API key
-    expected = 2 * len(names.IDENTITIES) + 1 + 1 + len(AUTH_SERVICES)
+    # expiry and check failures per identity, check failures of `ca`, failure rate, internal API key,
+    # a failed rotation per rotation function (one per identity, one for the CA)
+    expected = 2 * len(names.IDENTITIES) + 1 + 1 + len(AUTH_SERVICES) + len(names.IDENTITIES) + 1
     assert len(alarms) == expected == len(stacks[env].alarms.all_alarms)
     for logical_id, alarm in alarms.items():
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}], logical_id
@@ -320,6 +321,31 @@ def test_alarm_attributes_name_the_right_alarms(stacks, templates, env):
             service,
         )
     assert properties(stack.alarms.mtls_failure_rate) == failure_rate_alarm(templates[env], env)
+
+
+@ENVIRONMENTS
+def test_a_failed_rotation_alarms_per_rotation_function(stacks, templates, env):
+    from constructs_lib.certificate_lifecycle import ROTATION_PURPOSES
+
+    stack = stacks[env]
+    alarms = resources(templates[env], "AWS::CloudWatch::Alarm")
+    assert set(stack.alarms.rotation_failures) == set(ROTATION_PURPOSES)
+    assert {"ca-rotation", "server-rotation", "api-rotation", "worker-rotation"} == set(ROTATION_PURPOSES)
+    for purpose, alarm in stack.alarms.rotation_failures.items():
+        properties = alarms[stack.get_logical_id(alarm.node.default_child)]["Properties"]
+        assert properties["AlarmName"] == f"hokusai-mtls-{env}-{purpose}-failures"
+        assert (properties["Namespace"], properties["MetricName"], properties["Statistic"]) == (
+            "AWS/Lambda",
+            "Errors",
+            "Sum",
+        )
+        assert properties["Dimensions"] == [
+            {"Name": "FunctionName", "Value": f"hokusai-mtls-{env}-{purpose}"}
+        ]
+        assert (properties["Threshold"], properties["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+        assert properties["Period"] == 3600
+        assert properties["TreatMissingData"] == "notBreaching"
+        assert f"/hokusai/{env}/lifecycle/{purpose}" in properties["AlarmDescription"]
 
 
 @ENVIRONMENTS
