@@ -13,7 +13,6 @@ measured against a target, in the form `run_all.py` tabulates.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -36,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from local_stack.ports import free_port  # noqa: E402  (after the path set-up)
+from local_stack.environment import wait_healthy  # noqa: E402  (after the path set-up)
+from local_stack.ports import free_port  # noqa: E402
 
 __all__ = [
     "OPERATIONS",
@@ -317,22 +317,6 @@ def write_set(directory: Path, certificates, client: str = "api") -> dict[str, P
     return {"server": directory / "server", "client": directory / "client.pem", "ca": directory / "ca.pem"}
 
 
-def wait_for_health(port: int, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve-mlflow exited {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if json.load(response).get("status") == "ok":
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"serve-mlflow not healthy after {timeout:.0f} s: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
-
-
 @dataclass
 class MlflowServer:
     """A running `serve-mlflow` and what a bench needs to call it and read its side."""
@@ -472,7 +456,9 @@ def running_mlflow(
             )
         stack.callback(stop, process)
         started = time.monotonic()
-        wait_for_health(health_port, process, stderr)
+        report = wait_healthy(process, health_port, stderr, seconds=120)
+        if report.get("status") != "ok":
+            raise RuntimeError(f"serve-mlflow reports {report}")
         yield MlflowServer(
             port=port,
             health_port=health_port,
