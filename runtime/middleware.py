@@ -28,7 +28,7 @@ from runtime.api_keys import ApiKeyValidator, AuthServiceUnavailable, extract_ap
 from runtime.client_address import AddressPolicy
 from runtime.http_headers import REQUEST_ID, send_json, with_request_id
 from runtime.metrics import Metrics
-from runtime.peer_identity import IdentityPolicy, ServiceIdentity, peer_certificate
+from runtime.peer_identity import IdentityPolicy, ServiceIdentity, peer_certificate_pem
 from runtime.proxy_certificate import forwarded_certificate
 from runtime.rate_limit import RateDecision
 
@@ -92,7 +92,7 @@ class APIKeyAuthMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        scope, request_id = with_request_id(scope)
+        scope, request_id = with_request_id(scope)  # our own copy of the scope from here on
         send = self._sending_headers(send, [(REQUEST_ID, request_id)])
         if scope.get("method") == "OPTIONS" or scope["path"].startswith(self.excluded_paths):
             await self.app(scope, receive, send)
@@ -117,8 +117,11 @@ class APIKeyAuthMiddleware:
         """
         if not self.enable_mtls:
             return False, None
-        certificate = peer_certificate(scope)
-        if certificate is None and self.proxy_trust_bundle:
+        certificate_pem = peer_certificate_pem(scope)
+        if certificate_pem is not None:  # the common case: one cached lookup per request
+            return True, self.identities.identify_pem(certificate_pem)
+        certificate = None
+        if self.proxy_trust_bundle:
             peer = (scope.get("client") or (None, None))[0]
             if self.addresses.peer_is_trusted_proxy(peer):
                 certificate = forwarded_certificate(scope, self.proxy_trust_bundle)
@@ -127,8 +130,10 @@ class APIKeyAuthMiddleware:
         return True, self.identities.identify(certificate)
 
     async def dispatch(self, scope, receive, send, request_id: str) -> None:
-        state = {k: v for k, v in (scope.get("state") or {}).items() if k not in STATE_KEYS}
-        scope = {**scope, "state": state}
+        """`scope` is the middleware's own copy (`__call__` made it): its state is replaced here."""
+        planted = scope.get("state")
+        state = {k: v for k, v in planted.items() if k not in STATE_KEYS} if planted else {}
+        scope["state"] = state
         if self.count_plain and scope.get("scheme") in ("http", "ws"):
             self.metrics.plain_port_request()
 
@@ -152,12 +157,12 @@ class APIKeyAuthMiddleware:
                 auth_path=names.AUTH_PATH_MTLS,
                 service_identity=identity,
             )
-            self.metrics.auth(names.AUTH_PATH_MTLS, "success")
             started = time.perf_counter()
             try:
                 await self.app(scope, receive, send)
             finally:
-                self.metrics.internal_latency(time.perf_counter() - started)
+                # The success and its latency in one call (one lock), counted once the app is done.
+                self.metrics.internal_request(time.perf_counter() - started)
             return
 
         if self._is_internal_request(scope):
@@ -217,14 +222,19 @@ class APIKeyAuthMiddleware:
     # --- plumbing ------------------------------------------------------------------------------
     @staticmethod
     def _sending_headers(send, extra: list[tuple[bytes, bytes]]):
+        """`send` that adds `extra` headers to the response start, unless the app set them.
+
+        Only the start message is copied; the body messages pass as they are.
+        """
         if not extra:
             return send
 
         async def send_with_headers(message) -> None:
             if message["type"] == "http.response.start":
-                present = {k.lower() for k, _ in message.get("headers", [])}
-                added = [(k, v) for k, v in extra if k.lower() not in present]
-                message = {**message, "headers": [*message.get("headers", []), *added]}
+                headers = message.get("headers", ())
+                present = {k.lower() for k, _ in headers}
+                added = [h for h in extra if h[0].lower() not in present]
+                message = {**message, "headers": [*headers, *added]}
             await send(message)
 
         return send_with_headers

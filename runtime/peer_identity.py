@@ -38,13 +38,18 @@ class ServiceIdentity:
     certificate: x509.Certificate
 
 
+def peer_certificate_pem(scope: Mapping) -> str | None:
+    """The PEM of this connection's verified client certificate, if the TLS layer put one there."""
+    tls = (scope.get("extensions") or {}).get(TLS_EXTENSION)
+    # `type(...) is dict` first: the ABC isinstance check alone costs more than the rest here.
+    chain = tls.get("client_cert_chain") if type(tls) is dict or isinstance(tls, Mapping) else None
+    return chain[0] if chain else None
+
+
 def peer_certificate(scope: Mapping) -> x509.Certificate | None:
     """The verified client certificate of this connection, if the TLS layer put one there."""
-    tls = (scope.get("extensions") or {}).get(TLS_EXTENSION)
-    chain = tls.get("client_cert_chain") if isinstance(tls, Mapping) else None
-    if not chain:
-        return None
-    return _parse(chain[0])
+    certificate_pem = peer_certificate_pem(scope)
+    return None if certificate_pem is None else _parse(certificate_pem)
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,6 +84,7 @@ class IdentityPolicy:
         self.service_scopes = {service: tuple(granted) for service, granted in scopes.items()}
         # A keep-alive connection presents one certificate for every request: decide once.
         self.identify = functools.lru_cache(maxsize=256)(self._identify)
+        self.identify_pem = functools.lru_cache(maxsize=256)(self._identify_pem)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> IdentityPolicy:
@@ -103,3 +109,12 @@ class IdentityPolicy:
         if environment is not None and environment != self.environment:
             return None
         return ServiceIdentity(service, environment, uri, self.service_scopes[service], certificate)
+
+    def _identify_pem(self, certificate_pem: str) -> ServiceIdentity | None:
+        """`identify` for the PEM the TLS extension carries (`peer_certificate_pem`).
+
+        Cached by the PEM string itself: the TLS layer builds it once per connection, so a
+        request costs one dict lookup whose hash is already cached on the string, where
+        hashing a `Certificate` for `identify`'s cache re-reads its DER every time.
+        """
+        return self._identify(_parse(certificate_pem))

@@ -297,3 +297,63 @@ def test_forwarded_certificates_need_our_proxy_our_ca_and_the_switch(
     headers = [("X-Amzn-Mtls-Clientcert", forwarded(signer.issue_client("development", "api").certificate))]
     options = {"proxy_trust_bundle": [ca.certificate]} if configured else {}
     assert call(middleware(**options), http_scope(peer=peer, headers=headers))[0] == 401
+
+
+# --- the mTLS path's per-request work (kept cheap, never weaker) ----------------------------------
+def test_mtls_path_passes_one_request_id_drops_planted_state_and_counts_once(middleware, ca):
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+        await echo_state(scope, receive, send)
+
+    built = middleware(app=app)
+    api = ca.issue_client("development", "api")
+    scope = http_scope(
+        headers=[("X-Request-ID", "bad id\n"), ("X-Request-ID", "req-7"), ("X-Service-Id", "admin")],
+        extensions=tls_extension(api.certificate),
+    )
+    scope["state"] = {"service_id": "admin", "scopes": ["admin"], "service_identity": "forged", "other": 1}
+    status, headers, _ = call(built, scope)
+    assert status == 200 and headers["x-request-id"] == "req-7"
+    assert [v for k, v in seen[0]["headers"] if k == b"x-request-id"] == [b"req-7"]
+    state = seen[0]["state"]
+    assert state["service_id"] == "api" and state["scopes"] == ["mlflow:read", "mlflow:write"]
+    assert state["service_identity"].service == "api" and state["other"] == 1
+    assert scope["state"]["service_id"] == "admin"  # the caller's scope is not changed
+    status, headers, _ = call(built, http_scope(extensions=tls_extension(api.certificate)))
+    assert status == 200 and len(headers["x-request-id"]) == 32
+    metrics_text = built.metrics.prometheus().decode()
+    assert (
+        'auth_path="mtls",environment="development",outcome="success",service="mlflow"} 2.0' in metrics_text
+    )
+    assert 'hokusai_mtls_internal_request_seconds_count{environment="development",service="mlflow"} 2.0' in (
+        metrics_text
+    )
+
+
+def test_each_certificate_gets_its_own_cached_decision(middleware, ca):
+    built = middleware()
+    api = tls_extension(ca.issue_client("development", "api").certificate)
+    stranger = tls_extension(ca.issue_client("development", "stranger").certificate)
+    for _ in range(2):  # the second round comes from the cache
+        assert call(built, http_scope(extensions=api))[0] == 200
+        assert call(built, http_scope(extensions=stranger))[0] == 403
+
+
+def test_an_app_set_request_id_is_not_duplicated(middleware, ca):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"X-Request-ID", b"app")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    api = ca.issue_client("development", "api")
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    asyncio.run(middleware(app=app)(http_scope(extensions=tls_extension(api.certificate)), receive, send))
+    assert [v for k, v in sent[0]["headers"] if k.lower() == b"x-request-id"] == [b"app"]

@@ -93,3 +93,28 @@ def test_prometheus_exposition_has_the_same_counts():
     )
     assert "hokusai_mtls_plain_port_requests_total" in text
     json.dumps(m.flush())  # still serialisable after Prometheus has read
+
+
+def test_an_mtls_request_is_one_success_and_one_latency_sample_in_both_views():
+    m, _ = metrics()
+    for seconds in (0.0005, 0.001, 0.0011, 0.3, 20):  # 0.001 is inside its bucket: "<= le"
+        m.internal_request(seconds)
+    m.auth(names.AUTH_PATH_MTLS, "forbidden")
+    text = m.prometheus().decode()
+    labels = 'environment="production",service="mlflow"'
+    assert (
+        'hokusai_mtls_auth_requests_total{auth_path="mtls",environment="production",outcome="success",service="mlflow"} 5.0'
+        in text
+    )
+    assert 'outcome="forbidden",service="mlflow"} 1.0' in text
+    for le, count in (("0.001", 2), ("0.0025", 3), ("0.25", 3), ("0.5", 4), ("10.0", 4), ("+Inf", 5)):
+        bucket = f'environment="production",le="{le}",service="mlflow"'
+        assert f"hokusai_mtls_internal_request_seconds_bucket{{{bucket}}} {count}.0" in text
+    assert f"hokusai_mtls_internal_request_seconds_count{{{labels}}} 5.0" in text
+    found = by_metric(m.flush())
+    assert found["AuthenticatedRequests/mtls"]["AuthenticatedRequests"] == 5
+    assert sum(found[names.METRIC_INTERNAL_LATENCY][names.METRIC_INTERNAL_LATENCY]["Counts"]) == 5
+    # Prometheus counts since start; EMF counts per interval
+    m.internal_request(0.002)
+    assert "hokusai_mtls_internal_request_seconds_count{" + labels + "} 6.0" in m.prometheus().decode()
+    assert by_metric(m.flush())["AuthenticatedRequests/mtls"]["AuthenticatedRequests"] == 1
