@@ -137,18 +137,6 @@ class Metrics:
         with self._lock:
             self._plain += 1
 
-    def internal_request(self, seconds: float) -> None:
-        """One request served on the mTLS path: `auth(mtls, success)` and its latency together.
-
-        The middleware calls it once per request, when the app is done (a WebSocket counts when
-        it closes): one call and one lock of ours instead of two.
-        """
-        self._auth_child(names.AUTH_PATH_MTLS, "success").inc()
-        self._latency_child.observe(seconds)
-        with self._lock:
-            self._auth[names.AUTH_PATH_MTLS] += 1
-            self._latency_ms[round(seconds * 1000, 1)] += 1
-
     def internal_latency(self, seconds: float) -> None:
         self._latency_child.observe(seconds)
         with self._lock:

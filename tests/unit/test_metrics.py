@@ -98,7 +98,8 @@ def test_prometheus_exposition_has_the_same_counts():
 def test_an_mtls_request_is_one_success_and_one_latency_sample_in_both_views():
     m, _ = metrics()
     for seconds in (0.0005, 0.001, 0.0011, 0.3, 20):  # 0.001 is inside its bucket: "<= le"
-        m.internal_request(seconds)
+        m.auth(names.AUTH_PATH_MTLS, "success")
+        m.internal_latency(seconds)
     m.auth(names.AUTH_PATH_MTLS, "forbidden")
     text = m.prometheus().decode()
     labels = 'environment="production",service="mlflow"'
@@ -115,6 +116,7 @@ def test_an_mtls_request_is_one_success_and_one_latency_sample_in_both_views():
     assert found["AuthenticatedRequests/mtls"]["AuthenticatedRequests"] == 5
     assert sum(found[names.METRIC_INTERNAL_LATENCY][names.METRIC_INTERNAL_LATENCY]["Counts"]) == 5
     # Prometheus counts since start; EMF counts per interval
-    m.internal_request(0.002)
+    m.auth(names.AUTH_PATH_MTLS, "success")
+    m.internal_latency(0.002)
     assert "hokusai_mtls_internal_request_seconds_count{" + labels + "} 6.0" in m.prometheus().decode()
     assert by_metric(m.flush())["AuthenticatedRequests/mtls"]["AuthenticatedRequests"] == 1
