@@ -4,6 +4,8 @@ The commands are curl command lines a developer can paste. `up` runs each of the
 before it says "ready" and shows the first line of what it really printed, so the list can
 neither rot nor promise what the system does not do (without curl they are shown only).
 The certificate paths are the files the worker's loader wrote (tls.crt, tls.key, ca.crt).
+The internal commands dial MLflow by its Cloud Map name, as every client in ECS does; curl's
+`--resolve` maps the name to 127.0.0.1, which Cloud Map's DNS does in the VPC.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def examples(stack: Stack) -> list[Example]:
     worker = stack.cert_dir(names.WORKER)
     ca, cert, key = (shown_path(worker / f) for f in (names.CA_BUNDLE_FILE, names.CERT_FILE, names.KEY_FILE))
     run_id = stack.worker["run_id"]
+    resolve = ["--resolve", f"{stack.mlflow_name}:{stack.ports['mlflow']}:127.0.0.1"]
 
     return [
         Example(
@@ -88,18 +91,20 @@ def examples(stack: Stack) -> list[Example]:
         ),
         Example(
             "internal",
-            "internal: straight to MLflow with the worker's client certificate (files its loader wrote), "
-            f"which names {names.spiffe_id(LOCAL_ENVIRONMENT, names.WORKER_SERVICE)}: no API key",
+            "internal: straight to MLflow by its Cloud Map name with the worker's client certificate "
+            f"(files its loader wrote), which names {names.spiffe_id(LOCAL_ENVIRONMENT, names.WORKER_SERVICE)}: "
+            "no API key",
             [
                 "curl",
                 "-sS",
+                *resolve,
                 "--cacert",
                 ca,
                 "--cert",
                 cert,
                 "--key",
                 key,
-                f"{stack.mlflow_url}/api/2.0/mlflow/runs/get?run_id={run_id}",
+                f"{stack.mlflow_name_url}/api/2.0/mlflow/runs/get?run_id={run_id}",
             ],
             succeeds=True,
             expect_in_output=run_id,
@@ -108,7 +113,7 @@ def examples(stack: Stack) -> list[Example]:
             "internal-no-cert",
             "internal without a client certificate: MLflow's TLS layer refuses the handshake and closes the "
             "connection; no HTTP answer at all (curl on TLS 1.3 reports it at its first read)",
-            ["curl", "-sS", "--cacert", ca, f"{stack.mlflow_url}{SEARCH}"],
+            ["curl", "-sS", *resolve, "--cacert", ca, f"{stack.mlflow_name_url}{SEARCH}"],
             succeeds=False,
             expect_exit=NO_HTTP_ANSWER,
         ),
@@ -149,11 +154,23 @@ def print_summary(stack: Stack, items: list[Example], elapsed: float) -> None:
         ("secrets-manager", stack.secrets_url, "moto's server, Secrets Manager only (plain HTTP, loopback)"),
         ("redis", stack.redis_url, "redis-server: the API-key cache and rate limits (loopback)"),
         ("auth-service", stack.auth_url, "TEST DOUBLE of the external auth service (keys below)"),
+        *(
+            [
+                (
+                    "postgres",
+                    stack.backend_store_shown,
+                    "PostgreSQL: MLflow's backend store, as in ECS (loopback)",
+                )
+            ]
+            if stack.postgres is not None
+            else []
+        ),
         (
             "mlflow",
-            stack.mlflow_url,
-            f"{mlflow['security_level']}, mode {mlflow['mode']}: client certificate required; "
-            f"health {stack.details()['urls']['mlflow-health']}",
+            stack.mlflow_name_url,
+            f"{mlflow['security_level']}, mode {mlflow['mode']}: client certificate required; also "
+            f"{stack.mlflow_url}; health {stack.details()['urls']['mlflow-health']}"
+            + ("" if stack.postgres is not None else f"; backend store {stack.backend_store_shown}"),
         ),
         ("api", stack.api_url, f"{api['security_level']}: API keys outside, its own certificate to MLflow"),
         (
@@ -164,7 +181,7 @@ def print_summary(stack: Stack, items: list[Example], elapsed: float) -> None:
     ]
     print("\nrunning (pids are process groups; `down` and Ctrl-C stop exactly these):")
     for name, where, what in rows:
-        print(f"  {name:<16} {where:<28} pid {children[name].pid:<8} {what}")
+        print(f"  {name:<16} {where:<46} pid {children[name].pid:<8} {what}")
     print(
         f"  logs {shown_path(stack.run.logs)}/   certificates {shown_path(stack.run.certs)}/   "
         f"state {shown_path(stack.run.state.path)}"

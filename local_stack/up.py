@@ -6,9 +6,15 @@ What starts, and why this way:
    once (nothing depends on them at start); meanwhile `hokusai-mtls certs issue` issues a
    development set (CA, MLflow server, api, worker), and once moto answers,
    `hokusai-mtls certs upload` stores it: the documented workflow, against moto.
+   PostgreSQL (Debian's server binaries, when installed) starts as MLflow's backend store, as
+   in ECS; without it the store is sqlite, and `up` says so.
 2. MLflow (`hokusai-mtls serve-mlflow`, Dockerfile.mlflow's command) in strict mTLS and the
    API (`hokusai-mtls serve-api`, Dockerfile.api's command) start together; each loads its
    own identity from Secrets Manager through the loader, as in ECS. MLflow takes ~10 s.
+   Clients in ECS dial MLflow by its Cloud Map name, `mlflow.hokusai-development.local`; on the
+   loopback that name resolves nowhere, so the printed curl commands map it with `--resolve`
+   (MLflow must answer to it: its host check and its certificate), while the API and the
+   worker, which cannot be told such a mapping, dial 127.0.0.1 (also in MLflow's certificate).
 3. The worker (`docker/entrypoint.sh python -m local_stack.worker`, the worker image's
    entrypoint) starts with them and waits for MLflow's port, then logs a run over mTLS.
 4. Each service's security level comes from its own /health; the certificate serials it
@@ -22,6 +28,7 @@ above make sure nothing did) with `HOKUSAI_MTLS_MODE=strict` for MLflow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -46,6 +53,7 @@ from local_stack.environment import (
 from local_stack.environment import service_environment as _service_environment
 from local_stack.environment import wait_healthy as _wait_healthy
 from local_stack.ports import free_port
+from local_stack.postgres_server import PostgresCluster, PostgresMissing, find_binaries, redact
 from local_stack.redis_server import RedisServer
 from local_stack.stack import (
     Child,
@@ -80,7 +88,7 @@ class RunDir:
     state.json  the supervisor and every process it started (`down` reads it)
     logs/       one log per process, kept after a stop
     certs/      issued/ (the set, with the CA key), server/, api/, worker/ (what each loader wrote)
-    data/       MLflow's database and artifacts (kept across runs with --keep-data)
+    data/       MLflow's database (sqlite, or PostgreSQL's cluster) and artifacts (kept with --keep-data)
     scratch/    the loaders' development-CA directory (unused while Secrets Manager answers)
     """
 
@@ -106,6 +114,16 @@ class RunDir:
     def scratch(self) -> Path:
         return self.root / "scratch"
 
+    @property
+    def postgres(self) -> Path:
+        """PostgreSQL's cluster directory: data/postgres, except as root. PostgreSQL then runs as
+        the `postgres` user, who cannot enter this 0700 directory of root's (it holds private keys),
+        so the cluster lives in /var/tmp, named after this run directory."""
+        if os.geteuid() != 0:
+            return self.data / "postgres"
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return Path("/var/tmp") / f"hokusai-mtls-local-postgres-{digest}"  # noqa: S108 - see above
+
     def prepare(self, keep_data: bool) -> None:
         """Start afresh: a new certificate set and empty logs each run; MLflow's data if asked."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -122,6 +140,7 @@ class RunDir:
         remove_tree(self.scratch)
         if not keep_data:
             remove_tree(self.data)
+            remove_tree(self.postgres)
 
 
 class Progress:
@@ -148,6 +167,8 @@ class Stack:
     health: dict[str, dict] = field(default_factory=dict)
     worker: dict = field(default_factory=dict)
     children: dict[str, Child] = field(default_factory=dict)
+    postgres: PostgresCluster | None = None
+    """MLflow's backend store when PostgreSQL is installed; None: sqlite in data/."""
 
     @property
     def secrets_url(self) -> str:
@@ -155,7 +176,31 @@ class Stack:
 
     @property
     def mlflow_url(self) -> str:
+        """What the API and the worker dial here: 127.0.0.1 (no name resolution to map on the loopback)."""
         return f"https://127.0.0.1:{self.ports['mlflow']}"
+
+    @property
+    def mlflow_name(self) -> str:
+        """MLflow's Cloud Map name, the one every client dials in ECS."""
+        return names.mlflow_hostname(ENVIRONMENT)
+
+    @property
+    def mlflow_name_url(self) -> str:
+        return f"https://{self.mlflow_name}:{self.ports['mlflow']}"
+
+    @property
+    def backend_store_uri(self) -> str:
+        """MLFLOW_BACKEND_STORE_URI: PostgreSQL's URL (it holds the password), else sqlite."""
+        if self.postgres is not None:
+            return self.postgres.url()
+        return f"sqlite:///{self.run.data / 'mlflow.db'}"
+
+    @property
+    def backend_store_shown(self) -> str:
+        """The backend store without its password, for output and the state file."""
+        if self.postgres is None:
+            return self.backend_store_uri
+        return redact(self.backend_store_uri, self.postgres.password)
 
     @property
     def api_url(self) -> str:
@@ -214,10 +259,13 @@ class Stack:
                 "redis": self.redis_url,
                 "auth-service": self.auth_url,
                 "mlflow": self.mlflow_url,
+                "mlflow-cloud-map": self.mlflow_name_url,
+                "mlflow-backend-store": self.backend_store_shown,
                 "mlflow-health": f"http://127.0.0.1:{self.ports['mlflow-health']}/health",
                 "api": self.api_url,
             },
             "cert_dirs": {i.name: str(self.cert_dir(i)) for i in names.IDENTITIES},
+            "postgres_dir": str(self.postgres.directory) if self.postgres is not None else None,
             "health": self.health,
             "worker": self.worker,
         }
@@ -301,6 +349,7 @@ def start(stack: Stack, progress: Progress) -> None:
     progress(
         f"starting moto's Secrets Manager, redis-server and the auth-service double (pids {moto.pid}, {redis_child.pid}, {auth.pid})"
     )
+    postgres = _start_postgres(stack, progress)
 
     issued = stack.run.certs / "issued"
     _cli(stack, "certs", "issue", "--env", ENVIRONMENT, "--out", str(issued), "--server-san", "localhost", "--server-san", "127.0.0.1")  # fmt: skip
@@ -314,6 +363,10 @@ def start(stack: Stack, progress: Progress) -> None:
         f"{names.secret_prefix(ENVIRONMENT)} (hokusai-mtls certs upload; no service reads the CA key here)"
     )
 
+    if postgres is not None:
+        _wait(postgres, stack.postgres.ready, "accepting connections")
+        stack.postgres.create_database(exist_ok=True)
+        progress(f"PostgreSQL ready: MLflow's backend store is {stack.backend_store_shown}")
     mlflow = stack.spawn(
         "mlflow",
         [*container_command("Dockerfile.mlflow"), "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--health-port", str(ports["mlflow-health"])],
@@ -321,7 +374,7 @@ def start(stack: Stack, progress: Progress) -> None:
             names.ENV_MTLS_MODE: names.MTLS_MODE_STRICT,
             names.ENV_ENABLE_MTLS: "true",
             names.ENV_CERT_DIR: str(stack.cert_dir(names.SERVER)),
-            names.ENV_MLFLOW_BACKEND_STORE_URI: f"sqlite:///{stack.run.data / 'mlflow.db'}",
+            names.ENV_MLFLOW_BACKEND_STORE_URI: stack.backend_store_uri,
             names.ENV_MLFLOW_ARTIFACTS_DESTINATION: str(stack.run.data / "artifacts"),
         },
     )  # fmt: skip
@@ -360,6 +413,29 @@ def start(stack: Stack, progress: Progress) -> None:
     progress(f"worker logged run {stack.worker['run_id']} over mTLS and exited 0")
     _check_levels(stack, CertificateSet.read_from_dir(issued, ENVIRONMENT))
     stack.supervisor.save(**stack.details())
+
+
+def _start_postgres(stack: Stack, progress: Progress) -> Child | None:
+    """PostgreSQL in the foreground, supervised like every other child; None when not installed."""
+    try:
+        find_binaries()
+    except PostgresMissing as missing:
+        progress(f"{missing}: MLflow's backend store is sqlite ({stack.backend_store_uri})")
+        return None
+    stack.ports["postgres"] = free_port()
+    cluster = PostgresCluster(stack.run.postgres, "127.0.0.1", stack.ports["postgres"])
+    kept = cluster.initialized()
+    try:
+        cluster.init()
+    except RuntimeError as exc:
+        raise StartError(f"postgres: {exc}") from None
+    stack.postgres = cluster
+    child = stack.spawn("postgres", cluster.server_command())
+    progress(
+        f"starting PostgreSQL ({'the kept' if kept else 'a new'} cluster in {commands.shown_path(cluster.directory)}, "
+        f"pid {child.pid}) as MLflow's backend store, as in ECS"
+    )
+    return child
 
 
 def _worker_result(worker: Child) -> dict:

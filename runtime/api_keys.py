@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 import httpx
 
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VALIDATE_PATH = "/api/v1/keys/validate"
+QUERY_PARAMETER = "api_key"
 DEFAULT_TIMEOUT = httpx.Timeout(2.0, connect=1.0)
 UNKNOWN_KEY_STATUSES = frozenset({401, 403, 404})
 NEGATIVE_TTL_SECONDS = 30
@@ -172,9 +173,39 @@ def extract_api_key(scope) -> str | None:
         return key
     query = scope.get("query_string", b"").decode("latin-1")
     for name, value in parse_qsl(query, keep_blank_values=False):
-        if name == "api_key" and value.strip():
+        if name == QUERY_PARAMETER and value.strip():
             return value.strip()
     return None
+
+
+def _is_key_parameter(pair: bytes) -> bool:
+    name = pair.partition(b"=")[0]
+    return unquote_plus(name.decode("latin-1")) == QUERY_PARAMETER
+
+
+def without_query_key(query_string: bytes) -> bytes:
+    """`query_string` without any `api_key` piece (`api%5Fkey` too, as `parse_qsl` decodes names);
+    every other byte stays as sent."""
+    if b"&" not in query_string and not _is_key_parameter(query_string):
+        return query_string
+    return b"&".join(p for p in query_string.split(b"&") if not (p and _is_key_parameter(p)))
+
+
+def without_api_key(scope: dict) -> dict:
+    """A copy of `scope` without every place `extract_api_key` reads a key from.
+
+    A credential consumed at this hop never travels on: not to the app, not through the
+    `/mlflow` proxy into MLflow's logs. `Authorization` of another scheme (Basic) stays.
+    """
+    headers = []
+    for name, value in scope.get("headers", ()):
+        lowered = name.lower()
+        if lowered == b"x-api-key":
+            continue
+        if lowered == b"authorization" and value.strip()[:7].lower() == b"bearer ":
+            continue
+        headers.append((name, value))
+    return {**scope, "headers": headers, "query_string": without_query_key(scope.get("query_string", b""))}
 
 
 def fingerprint(api_key: str) -> str:

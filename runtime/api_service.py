@@ -22,14 +22,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from runtime import names, pem
+from runtime import mlflow_routes, names, pem
 from runtime.adaptive_client import ClientTLS, create_adaptive_client
 from runtime.api_keys import ApiKeyValidator, AuthServiceClient
 from runtime.client_address import AddressPolicy
+from runtime.connection_limits import api_limits
 from runtime.inspection import days_left
 from runtime.key_cache import cache_from_environ
 from runtime.metrics import Metrics
-from runtime.middleware import APIKeyAuthMiddleware
+from runtime.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.mlflow_config import configure_internal_mtls
 from runtime.mlflow_proxy import mlflow_proxy_app
 from runtime.peer_identity import IdentityPolicy
@@ -48,6 +49,22 @@ def mlflow_url(environ: Mapping[str, str], level: SecurityLevel) -> str:
         return environ[ENV_MLFLOW_TRACKING_URI]
     scheme = "http" if level is SecurityLevel.INSECURE else "https"
     return f"{scheme}://{names.mlflow_hostname(environ[names.ENV_ENVIRONMENT])}:{names.MLFLOW_PORT}"
+
+
+MLFLOW_MOUNT = "/mlflow"
+
+
+def is_proxied_mlflow(scope: Mapping) -> bool:
+    """A request for MLflow through our proxy: refused in MLflow's error shape."""
+    path = scope.get("path", "")
+    return path == MLFLOW_MOUNT or path.startswith(MLFLOW_MOUNT + "/")
+
+
+def proxied_mlflow_scope(scope: Mapping) -> str | None:
+    """What an mTLS caller needs for MLflow's route below the mount; the platform's routes decide theirs."""
+    if not is_proxied_mlflow(scope):
+        return None
+    return mlflow_routes.required_scope(scope.get("method", ""), scope["path"][len(MLFLOW_MOUNT) :] or "/")
 
 
 def _platform_app(environ: Mapping[str, str]):
@@ -72,7 +89,7 @@ class ApiService:
         self.metrics = Metrics(environment=environment, service=names.API_SERVICE)
         routes = [
             Route("/health", self.health),
-            Mount("/mlflow", mlflow_proxy_app(self.upstream, self.client)),
+            Mount(MLFLOW_MOUNT, mlflow_proxy_app(self.upstream, self.client)),
         ]
         if (platform := _platform_app(writable)) is not None:
             routes.append(Mount("/", platform))
@@ -81,6 +98,7 @@ class ApiService:
             ApiKeyValidator(AuthServiceClient(auth_url), cache_from_environ(writable)) if auth_url else None
         )
         addresses = AddressPolicy.from_environ(writable)
+        edge = options_from_environ(writable)
         self.app = APIKeyAuthMiddleware(
             Starlette(routes=routes),
             identities=IdentityPolicy.from_environ({**writable, names.ENV_ENVIRONMENT: environment}),
@@ -88,8 +106,11 @@ class ApiService:
             validator=validator,
             limiter=limiter_from_environ(writable),
             metrics=self.metrics,
-            # Behind an ALB doing mTLS, services may call the API with their certificates too.
-            proxy_trust_bundle=self._bundle() if addresses.trusted_proxies else (),
+            required_scope=proxied_mlflow_scope,
+            mlflow_errors=is_proxied_mlflow,
+            # Behind an ALB in mTLS verify mode, services may call the API with their certificates too.
+            proxy_trust_bundle=self._bundle() if edge["proxy_kind"] != names.PROXY_KIND_NONE else (),
+            **edge,
         )
 
     def _bundle(self) -> list:
@@ -115,6 +136,7 @@ class ApiService:
     def serving(self, host: str, port: int) -> Serving:
         return Serving(
             [Listener("api", host, port, self.app)],
+            limits=api_limits(self.environ),  # keep-alive 65 s: longer than the ALB's idle timeout
             background=[
                 lambda: every(60, self.metrics.flush),
                 lambda: every(float(self.environ.get(names.ENV_REFRESH_SECONDS, 300)), self.refresh),
@@ -132,5 +154,6 @@ class ApiService:
 def serve_api(
     *, host: str | None = None, port: int | None = None, environ: Mapping[str, str] = os.environ
 ) -> None:
+    api_limits(environ)  # a bad timeout or bound: exit 1 naming the variable, before any work
     service = ApiService(environ)
     asyncio.run(service.serving(host or "0.0.0.0", port or names.API_PORT).run())  # noqa: S104 - in its SG

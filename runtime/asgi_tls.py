@@ -2,7 +2,8 @@
 
 No mainstream ASGI server fills `scope["extensions"]["tls"]` yet (DESIGN.md), so with
 `ssl_cert_reqs=CERT_REQUIRED` alone a request is verified but anonymous. This module
-subclasses uvicorn's h11 protocol: when a TLS connection is made (after the handshake),
+subclasses uvicorn's h11 protocol (through `runtime.bounded_h11`, which adds the header, body and
+write timeouts every listener of ours applies): when a TLS connection is made (after the handshake),
 it reads the peer certificate from the `ssl_object` and wraps the app for that connection
 so every request on it carries the extension
 (https://asgi.readthedocs.io/en/latest/specs/tls.html).
@@ -19,8 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from runtime.bounded_h11 import BoundedH11Protocol
 from runtime.pem import certificate_pem
 
 TLS_EXTENSION = "tls"
@@ -54,8 +55,9 @@ def with_tls_extension(app, extension: dict[str, Any]):
     return app_with_tls
 
 
-class TLSExtensionH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus the TLS extension; use as `uvicorn.Config(http=...)`."""
+class TLSExtensionH11Protocol(BoundedH11Protocol):
+    """uvicorn's h11 protocol with our timeouts (`runtime.bounded_h11`), plus the TLS extension;
+    use as `uvicorn.Config(http=...)`."""
 
     on_tls_connection: Callable[[], None] | None = None
     """Called once per completed handshake (the metrics count them); see `with_hook`."""

@@ -3,6 +3,13 @@
 Replaces the seed's `generate_mtls_certs.sh` and `load_mlflow_certs.sh`. Results go to
 stdout (for `load-certs`: shell lines to `eval`); logs and errors go to stderr. Exit
 status: 0 success, 1 a named failure (`error [code]: ...`), 2 a usage error.
+
+Logging (every command, so also `serve-api`, `serve-mlflow`, `run` and `load-certs`): one
+stderr handler at `--log-level` / HOKUSAI_MTLS_LOG_LEVEL (INFO; `-q`: WARNING), with
+`runtime.log_redaction` installed, so no line of ours or of a library (httpx, httpcore,
+uvicorn, mlflow, botocore) carries a credential at any level; httpx and httpcore log WARNING
+and up only, because their INFO and DEBUG lines are request URLs. `run` execs COMMAND, which
+configures its own logging.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from runtime import __version__, names, pem
+from runtime import __version__, log_redaction, names, pem
 from runtime.certset import CertificateSet, load_ca_dir
 from runtime.errors import MtlsError
 from runtime.identity import TLSIdentity
@@ -27,6 +34,10 @@ from runtime.mlflow_config import apply_exports
 from runtime.verification import verify_identity
 
 log = logging.getLogger("hokusai_mtls")
+
+ENV_LOG_LEVEL = "HOKUSAI_MTLS_LOG_LEVEL"
+"""DEBUG, INFO (default), WARNING or ERROR for every command; `--log-level` and `-q` win over it."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _read(path: str) -> bytes:
@@ -166,6 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 # --- serve-mlflow ----------------------------------------------------------------------
 def cmd_serve_mlflow(args: argparse.Namespace) -> int:
     """MLflow's tracking server behind our mTLS listeners (runtime.mlflow_server)."""
+    from runtime.connection_limits import mlflow_limits
+
+    mlflow_limits(os.environ)  # a bad timeout or bound: exit 1 naming the variable, before any work
     from runtime.mlflow_server import serve_mlflow  # imports MLflow: only for this command
 
     serve_mlflow(host=args.host, port=args.port, health_port=args.health_port)
@@ -219,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hokusai-mtls", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, help=f"default: ${ENV_LOG_LEVEL}, else INFO"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     load = commands.add_parser("load-certs", help="fetch, verify and write one role's certificates")
@@ -312,14 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: str | None = None, *, quiet: bool = False) -> None:
+    """stderr at `level` (else $HOKUSAI_MTLS_LOG_LEVEL, else INFO; `quiet`: WARNING), credentials redacted."""
+    wanted = "WARNING" if quiet else (level or os.environ.get(ENV_LOG_LEVEL, "").strip().upper() or "INFO")
+    unknown = wanted not in LOG_LEVELS
+    logging.basicConfig(
+        level=logging.INFO if unknown else getattr(logging, wanted),
+        format="%(asctime)s hokusai-mtls %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    log_redaction.install()
+    log_redaction.quiet_http_clients()
+    if unknown:
+        log.warning("%s=%r is not one of %s: logging at INFO", ENV_LOG_LEVEL, wanted, ", ".join(LOG_LEVELS))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s hokusai-mtls %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, quiet=args.quiet)
     try:
         return args.func(args)
     except UsageError as exc:

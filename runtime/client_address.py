@@ -10,6 +10,7 @@ authenticates anyone: it only decides which path and metrics a request gets.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from collections.abc import Iterable, Mapping
@@ -31,7 +32,10 @@ def parse_networks(text: str | Iterable[str], setting: str) -> tuple[Network, ..
     return tuple(networks)
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(text: str | None):
+    """The parsed address, or None. Cached: `ipaddress` costs microseconds, and a service sees
+    the same few peers (the ALB's nodes, a handful of tasks) on every request."""
     try:
         return ipaddress.ip_address((text or "").strip())
     except ValueError:

@@ -3,8 +3,9 @@
 MLflow has no mTLS of its own (DESIGN.md), and `mlflow server --uvicorn-opts` can pass TLS
 options to uvicorn but cannot add a second listener, swap certificates at run time, or
 give the app the peer certificate. So this launcher does what `mlflow server` does before
-it starts uvicorn (set the server's store variables, initialise the backend store; the
-MLflow minor is pinned) and then serves `mlflow.server.fastapi_app:app`, wrapped in
+it starts uvicorn (runtime/mlflow_setup.py: allowed hosts, store variables, backend store
+migrations, MLflow's job runner; the MLflow minor is pinned) and then serves
+`mlflow.server.fastapi_app:app`, wrapped in
 `APIKeyAuthMiddleware`, on `runtime.serving` listeners:
 
 - strict:     mTLS on MLFLOW_PORT (client certificate required at the handshake);
@@ -24,17 +25,19 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from runtime import names
+from runtime import mlflow_setup, names, pem
 from runtime.api_keys import ApiKeyValidator, AuthServiceClient
 from runtime.client_address import AddressPolicy
-from runtime.inspection import days_left
+from runtime.connection_limits import mlflow_limits
+from runtime.inspection import days_left, dns_names, ip_addresses
 from runtime.key_cache import cache_from_environ
 from runtime.loader import LoaderSettings, LoadResult, load_certificates
 from runtime.metrics import Metrics
-from runtime.middleware import APIKeyAuthMiddleware, mlflow_scope
+from runtime.middleware import APIKeyAuthMiddleware, options_from_environ
+from runtime.mlflow_routes import mlflow_scope
 from runtime.peer_identity import IdentityPolicy
 from runtime.rate_limit import limiter_from_environ
 from runtime.security_level import SecurityLevel
@@ -85,36 +88,20 @@ class MlflowServerSettings:
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def mlflow_app(settings: MlflowServerSettings):
-    """MLflow's FastAPI app, configured as `mlflow server` configures it before uvicorn starts."""
-    from mlflow.server import constants
-    from mlflow.server.handlers import initialize_backend_stores
+def mlflow_app(settings: MlflowServerSettings, certificate_hosts: Iterable[str] = ()):
+    """MLflow's FastAPI app, configured as `mlflow server` configures it before uvicorn starts.
 
-    serve_artifacts = settings.artifacts_destination is not None
-    artifact_root = "mlflow-artifacts:/" if serve_artifacts else settings.backend_store_uri
-    os.environ[constants.BACKEND_STORE_URI_ENV_VAR] = settings.backend_store_uri
-    os.environ[constants.REGISTRY_STORE_URI_ENV_VAR] = settings.backend_store_uri
-    os.environ[constants.ARTIFACT_ROOT_ENV_VAR] = artifact_root
-    if serve_artifacts:
-        os.environ[constants.SERVE_ARTIFACTS_ENV_VAR] = "true"
-        os.environ[constants.ARTIFACTS_DESTINATION_ENV_VAR] = settings.artifacts_destination
-    os.environ["_MLFLOW_SGI_NAME"] = "uvicorn"
-    # MLflow's DNS-rebinding guard allows only localhost by default; callers dial the Cloud Map name.
-    environment = settings.loader.environment
-    os.environ.setdefault(
-        "MLFLOW_SERVER_ALLOWED_HOSTS",
-        ",".join(
-            [
-                names.mlflow_hostname(environment),
-                f"{names.mlflow_hostname(environment)}:*",
-                "localhost",
-                "localhost:*",
-                "127.0.0.1",
-                "127.0.0.1:*",
-            ]
-        ),
+    `runtime.mlflow_setup` sets MLflow's variables (the allowed hosts first: MLflow's host check
+    reads them when its apps are imported) and migrates the backend store; only then is the app
+    imported.
+    """
+    artifact_root = mlflow_setup.configure(
+        environment=settings.loader.environment,
+        backend_store_uri=settings.backend_store_uri,
+        artifacts_destination=settings.artifacts_destination,
+        certificate_hosts=certificate_hosts,
     )
-    initialize_backend_stores(settings.backend_store_uri, settings.backend_store_uri, artifact_root)
+    mlflow_setup.initialize_stores(settings.backend_store_uri, artifact_root)
     from mlflow.server.fastapi_app import app
 
     return app
@@ -146,8 +133,16 @@ class MlflowServer:
                 names.ENV_AUTH_SERVICE_URL,
             )
         permissive = settings.mode == names.MTLS_MODE_PERMISSIVE
+        edge = options_from_environ(environ)
+        self.jobs: mlflow_setup.JobRunner | None = None
+        if app is None:
+            app = mlflow_app(settings, self._certificate_hosts())
+            jobs = mlflow_setup.JobRunner(
+                settings.backend_store_uri, os.environ[mlflow_setup.ARTIFACT_ROOT_ENV_VAR], os.environ
+            )
+            self.jobs = jobs if jobs.prepare() else None
         self.app = APIKeyAuthMiddleware(
-            app if app is not None else mlflow_app(settings),
+            app,
             identities=IdentityPolicy.from_environ({**environ, names.ENV_ENVIRONMENT: environment}),
             addresses=AddressPolicy.from_environ(environ),
             validator=validator,
@@ -156,8 +151,28 @@ class MlflowServer:
             enable_mtls=self.tls is not None,
             count_plain=permissive,
             required_scope=mlflow_scope,
+            mlflow_errors=lambda _scope: True,  # every route here is MLflow's: its client reads the shape
+            proxy_trust_bundle=self._proxy_trust_bundle(edge["proxy_kind"]),
+            **edge,
         )
-        self.serving = Serving(self._listeners(), background=[self._refresh_loop, self._metrics_loop])
+        self.serving = Serving(
+            self._listeners(),
+            background=[self._refresh_loop, self._metrics_loop],
+            limits=mlflow_limits(environ),
+        )
+
+    def _proxy_trust_bundle(self, proxy_kind: str) -> list:
+        """The bundle forwarded certificates are verified against, when a proxy forwards them."""
+        bundle = self.settings.loader.directory / names.CA_BUNDLE_FILE
+        if proxy_kind == names.PROXY_KIND_NONE or not bundle.exists():
+            return []
+        return pem.load_certificates(bundle.read_bytes(), str(bundle))
+
+    def _certificate_hosts(self) -> list[str]:
+        """The names our certificate is valid for: a client that verified it dialed one of them."""
+        if self.tls is None:
+            return []
+        return [*dns_names(self.tls.certificate), *ip_addresses(self.tls.certificate)]
 
     def _listeners(self) -> list[Listener]:
         s = self.settings
@@ -229,7 +244,13 @@ class MlflowServer:
         await send({"type": "http.response.body", "body": body})
 
     def run(self) -> None:
-        asyncio.run(self.serving.run())
+        if self.jobs is not None:
+            self.jobs.start()
+        try:
+            asyncio.run(self.serving.run())
+        finally:
+            if self.jobs is not None:
+                self.jobs.stop()
 
 
 def serve_mlflow(environ: Mapping[str, str] = os.environ, **overrides) -> None:

@@ -33,6 +33,21 @@ ENV_INTERNAL_CIDRS = "HOKUSAI_MTLS_INTERNAL_CIDRS"
 """Comma-separated CIDRs whose callers count as internal (the VPC): for metrics and paths, never identity."""
 ENV_TRUSTED_PROXY_CIDRS = "HOKUSAI_MTLS_TRUSTED_PROXY_CIDRS"
 """Comma-separated CIDRs of our proxies (the ALB): only their X-Forwarded-* headers are read."""
+ENV_PROXY_KIND = "HOKUSAI_MTLS_PROXY_KIND"
+"""Which proxy in `HOKUSAI_MTLS_TRUSTED_PROXY_CIDRS` forwards client certificates, so which ONE header
+is read (the others are stripped): `none` (default: no forwarded certificate is ever believed),
+`alb` (an ALB in mutual-TLS verify mode: `X-Amzn-Mtls-Clientcert-Leaf`), `envoy` (Envoy with
+`forward_client_cert_details: SANITIZE_SET`: `X-Forwarded-Client-Cert`)."""
+PROXY_KIND_NONE = "none"
+PROXY_KIND_ALB = "alb"
+PROXY_KIND_ENVOY = "envoy"
+PROXY_KINDS: tuple[str, ...] = (PROXY_KIND_NONE, PROXY_KIND_ALB, PROXY_KIND_ENVOY)
+ENV_CORS_ALLOWED_ORIGINS = "HOKUSAI_MTLS_CORS_ALLOWED_ORIGINS"
+"""Comma-separated origins (`https://ui.example.com`) whose CORS preflights are answered at the edge;
+unset: none (a preflight is refused, never forwarded)."""
+ENV_CN_FALLBACK = "HOKUSAI_MTLS_CN_FALLBACK"
+"""`true`: a certificate with no SPIFFE URI SAN (an imported CA's) is identified by a CN of the form
+`<service>.hokusai-<env>.local`; default `false`: the SPIFFE ID is the only identity."""
 ENV_AUTH_SERVICE_URL = "AUTH_SERVICE_URL"
 """The external auth service that validates API keys (the API-key path); unset: no API-key path."""
 ENV_REDIS_URL = "REDIS_URL"
@@ -47,6 +62,20 @@ ENV_METRICS_SECONDS = "HOKUSAI_MTLS_METRICS_SECONDS"
 ENV_SECURITY_LEVEL = "HOKUSAI_MTLS_SECURITY_LEVEL"
 """Exported by the loader so the serving process can report what it runs with."""
 
+# Connection timeouts and bounds of every listener serve-mlflow and serve-api run
+# (`runtime.connection_limits` reads, checks and documents them; defaults there).
+ENV_HEADER_TIMEOUT_SECONDS = "HOKUSAI_MTLS_HEADER_TIMEOUT_SECONDS"
+"""Total time a request's line and headers may take, from the connection (or its first byte on a
+reused connection) until the end of the headers; trickled bytes do not extend it."""
+ENV_BODY_IDLE_TIMEOUT_SECONDS = "HOKUSAI_MTLS_BODY_IDLE_TIMEOUT_SECONDS"
+"""While a request body is being read (or a response written), the longest pause without progress."""
+ENV_KEEPALIVE_TIMEOUT_SECONDS = "HOKUSAI_MTLS_KEEPALIVE_TIMEOUT_SECONDS"
+"""How long an idle keep-alive connection is kept after a response."""
+ENV_HANDSHAKE_TIMEOUT_SECONDS = "HOKUSAI_MTLS_HANDSHAKE_TIMEOUT_SECONDS"
+"""How long a TLS handshake may take from the accepted connection."""
+ENV_MAX_CONNECTIONS = "HOKUSAI_MTLS_MAX_CONNECTIONS"
+"""The most connections (pending handshakes included) each listener holds; more are closed at once."""
+
 # The only two TLS variables the MLflow client knows (DESIGN.md: there is no KEY_PATH).
 ENV_MLFLOW_CLIENT_CERT = "MLFLOW_TRACKING_CLIENT_CERT_PATH"
 """requests' `cert=`: ONE PEM file holding the certificate AND its unencrypted key."""
@@ -60,6 +89,16 @@ ENV_MLFLOW_BACKEND_STORE_URI = "MLFLOW_BACKEND_STORE_URI"
 """The tracking database URI; it holds a password, so ECS injects it from Secrets Manager."""
 ENV_MLFLOW_ARTIFACTS_DESTINATION = "MLFLOW_ARTIFACTS_DESTINATION"
 """Where the server's proxied artifacts go (`s3://bucket/prefix`)."""
+ENV_MLFLOW_ALLOWED_HOSTS = "MLFLOW_SERVER_ALLOWED_HOSTS"
+"""MLflow's DNS-rebinding guard: Host headers it serves. serve-mlflow always allows the Cloud Map
+name (with any port), localhost and 127.0.0.1, plus the names in its certificate; hosts set here
+are added to those."""
+ENV_MLFLOW_JOB_EXECUTION = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+"""MLflow's own switch for its jobs (UI judges, evaluations, prompt optimisation): `true` by default,
+as under `mlflow server`, which starts MLflow's job runner; `false`: no runner, and the jobs API
+refuses submissions (MLflow's answer under `mlflow server` with the same setting)."""
+ENV_MLFLOW_S3_ENDPOINT_URL = "MLFLOW_S3_ENDPOINT_URL"
+"""MLflow's S3 endpoint override for artifacts (tests point it at moto's S3; unset in ECS)."""
 
 # The server side (our launcher passes these to uvicorn's --ssl-* options).
 ENV_SERVER_CERT_FILE = "HOKUSAI_MTLS_SERVER_CERT_FILE"

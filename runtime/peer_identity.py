@@ -1,17 +1,26 @@
 """Who called: the service named by a verified client certificate, and what it may do.
 
 The certificate comes only from the ASGI TLS extension (`scope["extensions"]["tls"]`),
-which only our TLS layer sets (`runtime.asgi_tls`): never from a header, an IP address or
-`request.state`. The identity is the certificate's single SPIFFE URI SAN
-`spiffe://hokusai/<env>/<service>`; the CN is a fallback for certificates issued without
-SANs (imported CAs). Scopes come from configuration, so an unknown service gets nothing.
+which only our TLS layer sets (`runtime.asgi_tls`), or from the one header the configured
+proxy writes (`runtime.proxy_certificate`): never from any other header, an IP address or
+`request.state`. The identity is the certificate's SPIFFE ID `spiffe://hokusai/<env>/<service>`,
+read strictly (`runtime.spiffe`): a certificate whose URI SANs break the SPIFFE rules names no
+one, and one of another environment is not ours. Only with `HOKUSAI_MTLS_CN_FALLBACK=true`
+(an imported CA that cannot write URI SANs) does a certificate WITHOUT any SPIFFE URI count by
+its CN, and then only a CN `<service>.hokusai-<env>.local` of this environment. Scopes come
+from configuration, so an unknown service gets nothing.
+
+Certificates are hostile input even after the handshake verified them: `cryptography` parses
+extensions lazily and raises more than ValueError, so any failure to read one refuses it.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +30,10 @@ from runtime import names
 from runtime.asgi_tls import TLS_EXTENSION
 from runtime.inspection import uris
 from runtime.names import ENV_SERVICE_SCOPES
+from runtime.security_level import parse_flag
+from runtime.spiffe import looks_like_spiffe, parse_spiffe_id
+
+log = logging.getLogger("hokusai_mtls.auth")
 
 DEFAULT_SERVICE_SCOPES: dict[str, tuple[str, ...]] = {
     names.API_SERVICE: ("mlflow:read", "mlflow:write"),
@@ -58,25 +71,56 @@ def _parse(certificate_pem: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(certificate_pem.encode())
 
 
-def _service_from_certificate(certificate: x509.Certificate) -> tuple[str | None, str | None, str | None]:
-    """(service, environment, uri) from the SPIFFE URI SAN, else (CN, None, None)."""
-    spiffe = [u for u in uris(certificate) if u.startswith(f"spiffe://{names.TRUST_DOMAIN}/")]
-    if len(spiffe) == 1:  # SPIFFE: exactly one SPIFFE ID per certificate; more is ambiguous
-        parts = spiffe[0].removeprefix(f"spiffe://{names.TRUST_DOMAIN}/").split("/")
-        if len(parts) == 2 and all(parts):
-            return parts[1], parts[0], spiffe[0]
-        return None, None, spiffe[0]
-    if spiffe:
+def _service_from_certificate(
+    certificate: x509.Certificate, *, cn_fallback: bool
+) -> tuple[str | None, str | None, str | None]:
+    """(service, environment, uri); (None, None, None) when the certificate names no one.
+
+    SPIFFE (X509-SVID §2): exactly one URI SAN, a valid SPIFFE ID in our trust domain with the
+    path `/<env>/<service>`. A certificate that claims the spiffe scheme anywhere never falls
+    back to its CN; the CN counts only with `cn_fallback` and no URI SAN at all.
+    """
+    all_uris = uris(certificate)
+    claimed = [u for u in all_uris if looks_like_spiffe(u)]
+    if claimed:
+        if len(all_uris) != 1:
+            return None, None, None
+        try:
+            spiffe = parse_spiffe_id(claimed[0])
+        except ValueError:
+            return None, None, None
+        if spiffe.trust_domain != names.TRUST_DOMAIN or len(spiffe.segments) != 2:
+            return None, None, None
+        environment, service = spiffe.segments
+        return service, environment, claimed[0]
+    if not cn_fallback or all_uris:
         return None, None, None
     common_names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return (str(common_names[0].value) if common_names else None), None, None
+    if len(common_names) != 1:
+        return None, None, None
+    match = _CN_IDENTITY.fullmatch(str(common_names[0].value))
+    return (match["service"], match["environment"], None) if match else (None, None, None)
+
+
+_CN_IDENTITY = re.compile(
+    r"(?P<service>[a-z0-9][a-z0-9_-]{0,62})\.hokusai-(?P<environment>[a-z0-9-]+)\.local"
+)
+"""The CN an imported CA writes instead of a SPIFFE ID: `<service>.hokusai-<env>.local`
+(the service's name in the environment's Cloud Map namespace), so it still names both."""
 
 
 class IdentityPolicy:
     """Maps a verified certificate to a known service of this environment and its scopes."""
 
-    def __init__(self, environment: str, service_scopes: Mapping[str, Sequence[str]] | None = None) -> None:
+    def __init__(
+        self,
+        environment: str,
+        service_scopes: Mapping[str, Sequence[str]] | None = None,
+        *,
+        cn_fallback: bool = False,
+    ) -> None:
         self.environment = names.check_environment(environment)
+        self.cn_fallback = cn_fallback
         scopes = DEFAULT_SERVICE_SCOPES if service_scopes is None else service_scopes
         for service, granted in scopes.items():
             if not isinstance(granted, list | tuple) or not all(isinstance(s, str) for s in granted):
@@ -95,18 +139,21 @@ class IdentityPolicy:
             raise ValueError(f"{ENV_SERVICE_SCOPES} is not valid JSON: {exc.msg}") from exc
         if scopes is not None and not isinstance(scopes, dict):
             raise ValueError(f"{ENV_SERVICE_SCOPES} must be a JSON object of service -> scopes")
-        return cls(environ.get(names.ENV_ENVIRONMENT, ""), scopes)
+        cn_fallback = parse_flag(names.ENV_CN_FALLBACK, environ.get(names.ENV_CN_FALLBACK), default=False)
+        return cls(environ.get(names.ENV_ENVIRONMENT, ""), scopes, cn_fallback=cn_fallback)
 
     def _identify(self, certificate: x509.Certificate) -> ServiceIdentity | None:
         """The service, or None when the certificate names no service we grant anything to.
 
-        A certificate of another environment (its SPIFFE ID says so) is not ours either, even
-        if a shared CA signed it.
+        A certificate of another environment (its SPIFFE ID or CN says so) is not ours either,
+        even if a shared CA signed it. A certificate that cannot be read names no one.
         """
-        service, environment, uri = _service_from_certificate(certificate)
-        if service is None or service not in self.service_scopes:
+        try:
+            service, environment, uri = _service_from_certificate(certificate, cn_fallback=self.cn_fallback)
+        except Exception as exc:  # lazily parsed extensions raise many types: all refuse
+            log.info("a client certificate could not be read, refused: %s: %s", type(exc).__name__, exc)
             return None
-        if environment is not None and environment != self.environment:
+        if service is None or service not in self.service_scopes or environment != self.environment:
             return None
         return ServiceIdentity(service, environment, uri, self.service_scopes[service], certificate)
 
@@ -117,4 +164,8 @@ class IdentityPolicy:
         request costs one dict lookup whose hash is already cached on the string, where
         hashing a `Certificate` for `identify`'s cache re-reads its DER every time.
         """
-        return self._identify(_parse(certificate_pem))
+        try:
+            certificate = _parse(certificate_pem)
+        except ValueError:
+            return None
+        return self._identify(certificate)

@@ -5,11 +5,20 @@ uvicorn serves one socket configuration per `Server`; we need several for the sa
 share the event loop. Signals are handled once here for all of them (uvicorn's per-server
 handlers would overwrite each other), and the app's lifespan runs once, on the first listener.
 
+Every listener is fed by our own accept loop (`runtime.acceptor`): uvicorn runs with
+`sockets=[]` and serves the connections we hand it. That gives each listener a bound on the
+connections it holds (pending TLS handshakes included), a TLS handshake timeout (asyncio's default
+is 60 s), and, with the protocol of `runtime.bounded_h11`, header, body-idle and keep-alive
+timeouts: the settings of `runtime.connection_limits`, from the environment unless given.
+
 The permissive migration serves TLS and plain HTTP on the SAME port (`Listener.plain_too`),
 so old clients keep dialing `http://mlflow...:5000` while new ones switch to `https://` on
-the same address: we accept the connection ourselves, peek at its first byte (a TLS
-handshake starts with 0x16, HTTP with a method name), and hand it to the TLS or the plain
-uvicorn protocol (the way Istio's permissive mode tells them apart).
+the same address: the acceptor peeks at each connection's first byte (a TLS handshake starts
+with 0x16, HTTP with a method name) and hands it to the TLS or the plain uvicorn protocol.
+
+At start the soft RLIMIT_NOFILE is raised to the hard limit (as nginx's `worker_rlimit_nofile`
+does), so a few thousand connections fit where the soft limit is 1024, and the start-up log says
+how many fit.
 """
 
 from __future__ import annotations
@@ -17,19 +26,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
 import signal
 import socket
-import ssl
 import threading
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import uvicorn
 
+from runtime import names
+from runtime.acceptor import Acceptor
 from runtime.asgi_tls import TLSExtensionH11Protocol
+from runtime.bounded_h11 import BoundedH11Protocol
+from runtime.connection_limits import ConnectionLimits, mlflow_limits
 from runtime.tls_context import ReloadableServerContext
 
 log = logging.getLogger("hokusai_mtls")
+
+BACKLOG = 2048
+FILES_RESERVED = 128
+"""Descriptors kept for everything but connections (logs, the database pool, certificate files)."""
+TLS_READ_BUFFER_BYTES = 32 * 1024
+"""asyncio gives every TLS connection a 256 KiB read buffer (`asyncio.sslproto.SSLProtocol.max_size`)
+from the moment it is accepted: about 300 KiB per pending handshake or idle TLS connection, 1.2 GiB
+for 4,096. A TLS record carries at most 16 KiB, so 32 KiB reads lose nothing; see `_bound_tls_buffers`."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,8 @@ class Listener:
     """Called for every completed TLS handshake (metrics)."""
     plain_too: bool = False
     """With `tls`: plain HTTP on the same port as well, told apart by the first byte."""
+    limits: ConnectionLimits | None = None
+    """Timeouts and the connection bound of this listener; None: those of its `Serving`."""
 
 
 class _ListenerServer(uvicorn.Server):
@@ -52,26 +78,42 @@ class _ListenerServer(uvicorn.Server):
         yield  # `serve` handles SIGINT/SIGTERM once for every listener
 
 
-def _config(listener: Listener, *, lifespan: str) -> uvicorn.Config:
-    options = {}
+def _config(listener: Listener, *, lifespan: str, limits: ConnectionLimits) -> uvicorn.Config:
     if listener.tls is not None:
-        tls = listener.tls
         protocol = TLSExtensionH11Protocol
         if listener.on_tls_connection is not None:
             protocol = protocol.with_hook(listener.on_tls_connection)
-        options = {"http": protocol, "ssl_context_factory": lambda _config, _default: tls.front}
+    else:
+        protocol = BoundedH11Protocol
     return uvicorn.Config(
         listener.app,
         host=listener.host,
         port=listener.port,
+        http=protocol.with_limits(limits),  # TLS is the acceptor's: uvicorn itself serves no socket
+        ws="none",  # no WebSocket routes; an upgrade would leave our protocol and its timers
         lifespan=lifespan,
         interface="asgi3",  # our apps are ASGI 3; auto-detection misreads bound methods as ASGI 2
         access_log=False,
         log_config=None,
         proxy_headers=False,  # never trust X-Forwarded-* here: identity comes from the TLS layer
         server_header=False,
+        timeout_keep_alive=limits.keepalive_timeout,
         timeout_graceful_shutdown=10,
-        **({"http": "h11"} | options),
+    )
+
+
+@dataclass
+class _Plan:
+    listener: Listener
+    limits: ConnectionLimits
+    tls_server: _ListenerServer | None
+    plain_server: _ListenerServer | None
+
+
+def _protocol_factory(server: _ListenerServer) -> Callable[[], BoundedH11Protocol]:
+    config = server.config
+    return lambda: config.http_protocol_class(
+        config=config, server_state=server.server_state, app_state=server.lifespan.state
     )
 
 
@@ -80,39 +122,69 @@ class Serving:
 
     `run()` serves until SIGINT/SIGTERM or `stop()`; `started` (a threading.Event, so tests
     and other threads can wait on it) is set once every listener accepts connections.
+    `limits` apply to every listener without its own; None: `mlflow_limits()` from the environment.
     """
 
     def __init__(
-        self, listeners: Sequence[Listener], *, background: Sequence[Callable[[], Awaitable[None]]] = ()
+        self,
+        listeners: Sequence[Listener],
+        *,
+        background: Sequence[Callable[[], Awaitable[None]]] = (),
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.listeners = list(listeners)
         self.background = list(background)
+        self.limits = limits if limits is not None else mlflow_limits(os.environ)
         self.servers: list[_ListenerServer] = []
-        self._plan: list[tuple[_ListenerServer, list | None]] = []  # (server, sockets for serve())
-        self._sniffing: list[tuple[Listener, _ListenerServer, _ListenerServer]] = []
+        self._plans: list[_Plan] = []
         for index, listener in enumerate(self.listeners):
             lifespan = "auto" if index == 0 else "off"
-            server = _ListenerServer(_config(listener, lifespan=lifespan))
-            if listener.plain_too and listener.tls is not None:
-                twin = _ListenerServer(_config(replace(listener, tls=None), lifespan="off"))
-                self._plan += [(server, []), (twin, [])]  # no sockets: the sniffing acceptor feeds them
-                self._sniffing.append((listener, server, twin))
-                self.servers += [server, twin]
-            else:
-                self._plan.append((server, None))
-                self.servers.append(server)
+            limits_ = listener.limits or self.limits
+            server = _ListenerServer(_config(listener, lifespan=lifespan, limits=limits_))
+            self.servers.append(server)
+            if listener.tls is None:
+                self._plans.append(_Plan(listener, limits_, None, server))
+                continue
+            twin = None
+            if listener.plain_too:
+                twin = _ListenerServer(_config(replace(listener, tls=None), lifespan="off", limits=limits_))
+                self.servers.append(twin)
+            self._plans.append(_Plan(listener, limits_, server, twin))
+        self.acceptors: list[Acceptor] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.started = threading.Event()
 
     def stop(self) -> None:
+        """Stop accepting and shut the listeners down gracefully; callable from any thread."""
         for server in self.servers:
             server.should_exit = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed already
+                loop.call_soon_threadsafe(self._close_acceptors)
+
+    def _close_acceptors(self) -> None:
+        for acceptor in self.acceptors:
+            acceptor.close()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 loop.add_signal_handler(sig, self.stop)
-        serving = [asyncio.create_task(server.serve(sockets=sockets)) for server, sockets in self._plan]
+        room = _raise_open_file_limit()
+        sockets: list[socket.socket] = []
+        try:
+            for plan in self._plans:
+                sockets.append(_bind(plan.listener))  # OSError here: nothing has started yet
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        if any(plan.tls_server is not None for plan in self._plans):
+            _bound_tls_buffers()
+        serving = [asyncio.create_task(server.serve(sockets=[])) for server in self.servers]
         jobs = [asyncio.create_task(job(), name="background") for job in self.background]
         try:
             while not all(server.started for server in self.servers):
@@ -120,79 +192,124 @@ class Serving:
                     break  # a listener failed to start; uvicorn logged why
                 await asyncio.sleep(0.01)
             else:
-                jobs += [asyncio.create_task(_sniff(*entry)) for entry in self._sniffing]
-                await asyncio.sleep(0)  # let the sniffing acceptors bind before we say we started
-                for listener in self.listeners:
-                    kind = "mTLS, client certificate required" if listener.tls else "plain HTTP"
-                    if listener.plain_too:
-                        kind += ", and plain HTTP on the same port (permissive)"
-                    log.info("listening: %s on %s:%d (%s)", listener.name, listener.host, listener.port, kind)
-                self.started.set()
+                for plan, sock in zip(self._plans, sockets, strict=True):
+                    acceptor = _acceptor(plan, sock)
+                    acceptor.start()
+                    self.acceptors.append(acceptor)
+                sockets = []
+                self._log_started(room)
+                if not any(server.should_exit for server in self.servers):
+                    self.started.set()
+                else:
+                    self._close_acceptors()  # stop() came during start-up
             await asyncio.gather(*serving)
         finally:
             self.stop()
+            self._close_acceptors()
+            for sock in sockets:
+                sock.close()
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
 
+    def _log_started(self, room: int) -> None:
+        for plan in self._plans:
+            listener = plan.listener
+            kind = "mTLS, client certificate required" if listener.tls else "plain HTTP"
+            if listener.plain_too:
+                kind += ", and plain HTTP on the same port (permissive)"
+            log.info(
+                "listening: %s on %s:%d (%s; %s)",
+                listener.name,
+                listener.host,
+                listener.port,
+                kind,
+                plan.limits.describe(tls=listener.tls is not None),
+            )
+        bound = sum(plan.limits.max_connections for plan in self._plans)
+        level = logging.INFO if bound <= room else logging.WARNING
+        log.log(
+            level,
+            "open files: room for about %d connections; these listeners hold at most %d together%s",
+            room,
+            bound,
+            ""
+            if bound <= room
+            else f" (lower {names.ENV_MAX_CONNECTIONS} or raise the task's nofile ulimit: "
+            "beyond the room, accepting fails until connections close)",
+        )
 
-SNIFF_TIMEOUT_SECONDS = 10
-"""A connection that sends nothing for this long (a TCP health probe) is closed."""
-TLS_HANDSHAKE_RECORD = 0x16
 
-
-def _protocol_factory(server: _ListenerServer) -> Callable[[], asyncio.Protocol]:
-    config = server.config
-    return lambda: config.http_protocol_class(
-        config=config, server_state=server.server_state, app_state=server.lifespan.state
+def _acceptor(plan: _Plan, sock: socket.socket) -> Acceptor:
+    listener = plan.listener
+    return Acceptor(
+        listener.name,
+        sock,
+        plan.limits,
+        plain=_protocol_factory(plan.plain_server) if plan.plain_server is not None else None,
+        tls=_protocol_factory(plan.tls_server) if plan.tls_server is not None else None,
+        context=listener.tls.front if listener.tls is not None else None,
     )
 
 
-async def _first_byte(loop: asyncio.AbstractEventLoop, connection: socket.socket) -> bytes:
-    """Wait until `connection` is readable and peek at its first byte without consuming it."""
-    readable = loop.create_future()
-    loop.add_reader(connection.fileno(), lambda: readable.done() or readable.set_result(None))
+def _bind(listener: Listener) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
     try:
-        await asyncio.wait_for(readable, SNIFF_TIMEOUT_SECONDS)
-    finally:
-        loop.remove_reader(connection.fileno())
-    return connection.recv(1, socket.MSG_PEEK)
+        return socket.create_server((listener.host, listener.port), family=family, backlog=BACKLOG)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"listener {listener.name} cannot listen on {listener.host}:{listener.port}: {exc.strerror}",
+        ) from exc
 
 
-async def _route(connection: socket.socket, tls_listener: Listener, tls_server, plain_server) -> None:
-    loop = asyncio.get_running_loop()
+def _raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return about how many connections fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:
+        target = _nr_open()
+    raised = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            raised = target
+        except (ValueError, OSError) as exc:
+            log.warning("open files: cannot raise the soft limit %d to %d: %s", soft, target, exc)
+    if raised != soft:
+        log.info("open files: soft limit raised from %d to the hard limit %d", soft, raised)
+    limit = raised if raised != resource.RLIM_INFINITY else _nr_open()
+    return max(0, limit - _open_descriptors() - FILES_RESERVED)
+
+
+def _nr_open() -> int:
     try:
-        first = await _first_byte(loop, connection)
-        if not first:
-            connection.close()
-            return
-        if first[0] == TLS_HANDSHAKE_RECORD:
-            await loop.connect_accepted_socket(
-                _protocol_factory(tls_server), sock=connection, ssl=tls_listener.tls.front
-            )
-        else:
-            await loop.connect_accepted_socket(_protocol_factory(plain_server), sock=connection)
-    except (OSError, TimeoutError, ssl.SSLError):  # silent client, refused handshake, reset
-        connection.close()
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20
 
 
-async def _sniff(listener: Listener, tls_server: _ListenerServer, plain_server: _ListenerServer) -> None:
-    """Accept on `listener`'s port and route each connection by its first byte."""
-    loop = asyncio.get_running_loop()
-    sock = socket.create_server((listener.host, listener.port), backlog=2048)
-    sock.setblocking(False)
-    routing: set[asyncio.Task] = set()
+def _open_descriptors() -> int:
     try:
-        while True:
-            connection, _ = await loop.sock_accept(sock)
-            # asyncio sets TCP_NODELAY only on sockets it accepts itself; without it every
-            # keep-alive response waits for the client's delayed ACK (~40 ms).
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(_route(connection, listener, tls_server, plain_server))
-            routing.add(task)
-            task.add_done_callback(routing.discard)
-    finally:
-        sock.close()
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 64
+
+
+def _bound_tls_buffers() -> None:
+    """Give asyncio's TLS connections a 32 KiB read buffer instead of 256 KiB.
+
+    `asyncio.sslproto.SSLProtocol` allocates `max_size` bytes per connection when it is created,
+    i.e. at accept, before the handshake. The attribute is the size of each socket read and each
+    decrypted read; a TLS record holds at most 16 KiB of data, so 32 KiB reads cost no throughput
+    (benchmarks/bench_connections.py) and cut the memory of an idle or pending TLS connection about
+    fourfold. Process-wide (asyncio offers no per-server setting); only servers with a TLS listener
+    set it. A Python whose SSLProtocol lacks the attribute is left alone.
+    """
+    protocol = getattr(sslproto, "SSLProtocol", None)
+    current = getattr(protocol, "max_size", None)
+    if isinstance(current, int) and current > TLS_READ_BUFFER_BYTES:
+        protocol.max_size = TLS_READ_BUFFER_BYTES
 
 
 async def every(seconds: float, action: Callable[[], object]) -> None:

@@ -153,7 +153,8 @@ class ServicesStack(Stack):
             names.API_SERVICE: {
                 "ports": (names.API_PORT,),
                 "health_check_port": names.API_PORT,
-                "extra_environment": serving,
+                # Only the API sits behind the platform's proxy (the ALB); MLflow is dialed directly.
+                "extra_environment": {**serving, names.ENV_PROXY_KIND: settings.trusted_proxy_kind},
                 "secrets": serving_secrets,
             },
             names.WORKER_SERVICE: {},
@@ -212,14 +213,19 @@ class ServicesStack(Stack):
 
     @staticmethod
     def _authentication_environment(settings: EnvironmentSettings) -> dict[str, str]:
-        """AUTH_SERVICE_URL and HOKUSAI_MTLS_SERVICE_SCOPES, each only when its setting is set
-        (unset, the runtime's defaults apply: no API-key path, the default scopes)."""
+        """AUTH_SERVICE_URL, HOKUSAI_MTLS_SERVICE_SCOPES, _CORS_ALLOWED_ORIGINS and _CN_FALLBACK, each only
+        when its setting is set (unset, the runtime's defaults apply: no API-key path, the default
+        scopes, no cross-origin preflight, SPIFFE IDs only)."""
         variables = {}
         if settings.auth_service_url is not None:
             variables[names.ENV_AUTH_SERVICE_URL] = settings.auth_service_url
         if settings.service_scopes is not None:
             scopes = {service: list(granted) for service, granted in settings.service_scopes.items()}
             variables[names.ENV_SERVICE_SCOPES] = json.dumps(scopes, separators=(",", ":"))
+        if settings.cors_allowed_origins:
+            variables[names.ENV_CORS_ALLOWED_ORIGINS] = ",".join(settings.cors_allowed_origins)
+        if settings.cn_fallback:
+            variables[names.ENV_CN_FALLBACK] = "true"
         return variables
 
     def _authentication_secrets(self, settings: EnvironmentSettings) -> dict[str, ecs.Secret]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime import names
-from runtime.lifecycle import CA_SOURCE_ISSUED, CA_SOURCES
+from runtime.lifecycle import CA_SOURCE_IMPORTED, CA_SOURCE_ISSUED, CA_SOURCES
 from stacks.settings_checks import SettingsError, Where
 from stacks.settings_network import (
     CreateVpc,
@@ -59,6 +59,7 @@ _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
 _SAN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
+_ORIGIN = re.compile(r"https://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?")
 
 KEY_TYPES = ("ecdsa-p256", "rsa-2048", "rsa-3072", "rsa-4096")
 """`runtime.issuance.KeyType` values (a test keeps them equal; this module does not import cryptography)."""
@@ -96,6 +97,12 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "namespace": ("namespace", lambda raw, where, _: parse_namespace(raw, where)),
     "internalCidrs": ("internal_cidrs", _non_empty_cidrs),
     "trustedProxyCidrs": ("trusted_proxy_cidrs", lambda raw, where, _: where.cidrs(raw)),
+    "trustedProxyKind": ("trusted_proxy_kind", _as_is),
+    "corsAllowedOrigins": (
+        "cors_allowed_origins",
+        lambda raw, where, _: where.strings(raw, _ORIGIN, "an origin such as https://ui.example.com"),
+    ),
+    "cnFallback": ("cn_fallback", _as_is),
     "mlflow": ("mlflow", lambda raw, where, env: parse_mlflow(raw, where, environment=env)),
     "authServiceUrl": (
         "auth_service_url",
@@ -157,6 +164,16 @@ class EnvironmentSettings:
     trusted_proxy_cidrs: tuple[str, ...] = ()
     """[trustedProxyCidrs] The proxies (the platform's ALB) whose forwarding headers are honoured;
     they may also reach the API's port."""
+    trusted_proxy_kind: str = names.PROXY_KIND_NONE
+    """[trustedProxyKind] HOKUSAI_MTLS_PROXY_KIND of the api: which proxy at trustedProxyCidrs forwards
+    client certificates, so which one header is believed: `none`, `alb` (mutual TLS in verify mode) or
+    `envoy` (XFCC with SANITIZE_SET). Not `none` needs trustedProxyCidrs."""
+    cors_allowed_origins: tuple[str, ...] = ()
+    """[corsAllowedOrigins] HOKUSAI_MTLS_CORS_ALLOWED_ORIGINS of mlflow and api: https origins whose CORS
+    preflights are answered; empty: every preflight is refused at the edge."""
+    cn_fallback: bool = False
+    """[cnFallback] HOKUSAI_MTLS_CN_FALLBACK of mlflow and api: identify certificates without a SPIFFE URI
+    by a CN `<service>.hokusai-<env>.local`. Only with caSource `imported` (our CA always writes SPIFFE IDs)."""
     auth_service_url: str | None = None
     """[authServiceUrl] AUTH_SERVICE_URL of mlflow and api: the auth service that validates API keys
     (https; http only in development). None: every request without a client certificate gets 401,
@@ -244,6 +261,18 @@ class EnvironmentSettings:
             self._at("redisUrlSecretName").fail(
                 "is mlflow.backendStoreSecretName: the Redis URL needs a secret of its own "
                 "(the api's execution role would read the database password)"
+            )
+        self._at("trustedProxyKind").choice(self.trusted_proxy_kind, names.PROXY_KINDS)
+        if self.trusted_proxy_kind != names.PROXY_KIND_NONE and not self.trusted_proxy_cidrs:
+            self._at("trustedProxyKind").fail(
+                f"{self.trusted_proxy_kind!r} needs trustedProxyCidrs: a forwarded certificate is believed "
+                "only from the proxy's own addresses"
+            )
+        if not isinstance(self.cn_fallback, bool):
+            self._at("cnFallback").fail(f"expected true or false, got {self.cn_fallback!r}")
+        if self.cn_fallback and self.ca_source != CA_SOURCE_IMPORTED:
+            self._at("cnFallback").fail(
+                "only with caSource 'imported': certificates of our own CA always carry a SPIFFE ID"
             )
         if self.internal_cidrs is None:
             object.__setattr__(self, "internal_cidrs", (self.vpc.cidr,))

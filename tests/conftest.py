@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import urllib.request
 
 import boto3
@@ -103,3 +104,24 @@ def redis_url(redis_server) -> str:
     """The session's Redis, emptied for this test."""
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL on 127.0.0.1 (tests/support/postgres.py) for the session; FAILS if it is missing."""
+    from local_stack.ports import free_port
+    from tests.support.postgres import PostgresServer
+
+    server = PostgresServer("127.0.0.1", free_port())
+    problem = None
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        problem = str(exc)
+        server.stop()
+    if problem:  # outside the except: the message alone, no chained traceback
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -239,6 +239,8 @@ def test_container_environment_is_the_documented_contract(services, settings, en
                 {service: list(scopes) for service, scopes in settings[env].service_scopes.items()},
                 separators=(",", ":"),
             )
+    if identity is names.API:  # only the API sits behind the platform's proxy
+        expected[names.ENV_PROXY_KIND] = settings[env].trusted_proxy_kind
     assert environment_of(task) == expected
 
 

@@ -156,6 +156,13 @@ def test_account_and_region_are_optional_and_checked():
         ("staging", "internalCidrs", [], "at least one"),
         ("staging", "internalCidrs[0]", ["0.0.0.0/0"], "every address"),
         ("staging", "trustedProxyCidrs[1]", ["10.20.0.0/24", "10.20.0.300/24"], "not an IPv4 CIDR"),
+        ("staging", "trustedProxyKind", "nginx", "one of none, alb, envoy"),
+        ("staging", "trustedProxyKind", "alb", "needs trustedProxyCidrs"),
+        ("staging", "corsAllowedOrigins[0]", ["http://ui.example.com"], "an origin such as https://"),
+        ("staging", "corsAllowedOrigins[0]", ["*"], "an origin such as https://"),
+        ("staging", "corsAllowedOrigins[0]", ["https://ui.example.com/"], "an origin such as https://"),
+        ("staging", "cnFallback", "yes", "expected true or false"),
+        ("staging", "cnFallback", True, "only with caSource 'imported'"),
         (
             "staging",
             "mlflow.backendStoreSecretName",

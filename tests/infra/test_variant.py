@@ -25,6 +25,7 @@ from tests.support.cfn import (
 from tests.support.nag import nag_findings
 from tests.support.variant import (
     VARIANT_AUTH_SERVICE_URL,
+    VARIANT_CORS_ORIGINS,
     VARIANT_ENVIRONMENT,
     VARIANT_IMAGES,
     VARIANT_IMPORTS,
@@ -162,6 +163,23 @@ def test_auth_service_url_and_scopes_reach_mlflow_and_api_only(templates):
         # ...in the form the runtime reads.
         policy = IdentityPolicy.from_environ({names.ENV_ENVIRONMENT: ENV, **variables})
         assert policy.service_scopes == {s: tuple(scopes) for s, scopes in VARIANT_SERVICE_SCOPES.items()}
+
+
+def test_edge_settings_reach_the_servers_in_the_form_the_runtime_reads(templates):
+    from runtime.middleware import options_from_environ
+
+    for role, (_, task) in tasks_by_role(templates["services"]).items():
+        variables = environment_of(task)
+        edge = {names.ENV_PROXY_KIND, names.ENV_CORS_ALLOWED_ORIGINS, names.ENV_CN_FALLBACK}
+        if role not in SERVERS:
+            assert not edge & set(variables), role
+            continue
+        options = options_from_environ(variables)
+        assert options["cors_allowed_origins"] == VARIANT_CORS_ORIGINS
+        assert variables[names.ENV_CN_FALLBACK] == "true"
+        # only the API is behind the ALB: MLflow believes no forwarded certificate
+        expected_kind = names.PROXY_KIND_ALB if role == names.API.role else names.PROXY_KIND_NONE
+        assert options["proxy_kind"] == expected_kind, role
 
 
 def test_redis_url_is_injected_from_its_secret_into_mlflow_and_api_only(templates):

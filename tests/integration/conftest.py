@@ -52,6 +52,22 @@ def server_environment(aws: dict, **extra: str) -> dict[str, str]:
     )
 
 
+def loopback_options(port: int, health: int) -> list[str]:
+    """serve-mlflow's options for a test: 127.0.0.1, the given port and health port."""
+    return ["--host", "127.0.0.1", "--port", str(port), "--health-port", str(health)]
+
+
+def start_serve_mlflow(env: dict[str, str], port: int, health: int, log: Path) -> subprocess.Popen:
+    """`docker/Dockerfile.mlflow`'s command on 127.0.0.1 (test-only ports), its output into `log`."""
+    with log.open("w") as output:
+        return subprocess.Popen(
+            [*container_command("Dockerfile.mlflow"), *loopback_options(port, health)],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+
+
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory):
     """moto's Secrets Manager over HTTP, holding a verified staging set (module-wide)."""
@@ -88,21 +104,7 @@ def mlflow_server(aws, tmp_path_factory):
         },
     )
     log = root / "server.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [
-                *container_command("Dockerfile.mlflow"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--health-port",
-                str(health),
-            ],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_serve_mlflow(env, port, health, log)
     report = wait_healthy(process, health, log)
     yield {"port": port, "health": health, "report": report, "log": log, "root": root}
     process.terminate()

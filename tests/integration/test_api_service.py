@@ -7,6 +7,7 @@ real MLflow server of `docker/Dockerfile.mlflow` behind strict mTLS.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 import time
@@ -18,6 +19,7 @@ from local_stack.auth_service import ACTIVE_KEY
 from runtime import names, pem
 from tests.integration.conftest import container_command, server_environment, wait_healthy
 from tests.support.servers import free_port
+from tests.support.slow_clients import HALF_HEADERS, closed_within
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,6 +35,7 @@ def api(aws, mlflow_server, auth_service, tmp_path_factory):
             names.ENV_AUTH_SERVICE_URL: auth_service.base_url,
             "MLFLOW_TRACKING_URI": f"https://127.0.0.1:{mlflow_server['port']}",
             names.ENV_REFRESH_SECONDS: "1",
+            names.ENV_HEADER_TIMEOUT_SECONDS: "2",
         },
     )
     log = root / "api.log"
@@ -99,6 +102,18 @@ def test_mlflow_still_refuses_direct_callers_without_a_certificate(mlflow_server
             verify=context,
             timeout=10,
         )
+
+
+def test_the_api_port_closes_silent_and_half_sent_connections_and_outlasts_the_alb(api):
+    for sent in (b"", HALF_HEADERS):
+        with socket.create_connection(("127.0.0.1", api["port"]), timeout=5) as sock:
+            sock.sendall(sent)
+            opened = time.monotonic()
+            elapsed, data = closed_within(sock, 2 + 2, since=opened)
+        assert elapsed is not None, f"{sent!r} held the API port past its header timeout"
+        assert data.startswith(b"HTTP/1.1 408 ") == bool(sent)
+    started = api["log"].read_text()
+    assert "keep-alive 65 s" in started  # longer than the ALB's 60 s idle timeout
 
 
 def test_zz_a_rotated_api_identity_is_used_without_a_restart(api, aws):

@@ -28,13 +28,14 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from local_stack import worker
+from local_stack import postgres_server, worker
 from local_stack.auth_service import ACTIVE_KEY
 from local_stack.commands import NO_HTTP_ANSWER
 from local_stack.environment import REPO
 from local_stack.stack import group_members, process_exists
 from runtime import names
 from runtime.certset import load_ca_dir
+from tests.support.dial import request_by_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -141,7 +142,9 @@ def test_each_service_reports_its_security_level_from_its_own_health(stack):
     assert stack.state["health"]["api"]["security_level"] == "MTLS"
     assert stack.state["worker"]["security_level"] == "MTLS"
     table = stack.output.split("\nrunning ", 1)[1]
-    assert re.search(r"\n  mlflow +https://127\.0\.0\.1:\d+ +pid \d+ +MTLS, mode strict", table)
+    assert re.search(
+        r"\n  mlflow +https://mlflow\.hokusai-development\.local:\d+ +pid \d+ +MTLS, mode strict", table
+    )
     assert re.search(r"\n  api +http://127\.0\.0\.1:\d+ +pid \d+ +MTLS", table)
     assert re.search(r"\n  worker +exited 0 +pid \d+ +MTLS: logged run [0-9a-f]{32}", table)
     for child in stack.state["children"]:  # every pid printed is one it started
@@ -167,15 +170,50 @@ def test_the_printed_commands_work_as_printed(stack):
     assert "local-stack" in {e["name"] for e in json.loads(external.stdout)["experiments"]}
 
     no_key = run(commands["external without an API key"])
-    assert json.loads(no_key.stdout) == {"detail": "API key required"}
+    assert json.loads(no_key.stdout) == {"error_code": "UNAUTHENTICATED", "message": "API key required"}
 
     internal = run(commands["internal"])
+    name = f"{names.mlflow_hostname('development')}:{stack.url('mlflow').rsplit(':', 1)[1]}"
+    assert ["--resolve", f"{name}:127.0.0.1"] == internal.args[2:4]  # by the Cloud Map name
     assert internal.returncode == 0, internal.stderr
     assert json.loads(internal.stdout)["run"]["info"]["run_id"] == stack.state["worker"]["run_id"]
 
     refused = run(commands["internal without a client certificate"])
     assert refused.returncode in NO_HTTP_ANSWER, (refused.returncode, refused.stderr)
     assert refused.stdout == ""  # not even an error page: no HTTP answer at all
+
+
+# --- the shape of the deployment -------------------------------------------------------------
+def test_mlflow_answers_its_cloud_map_name_and_no_other(stack):
+    """In ECS every client dials mlflow.hokusai-<env>.local: MLflow's host check must accept it."""
+    port = int(stack.url("mlflow").rsplit(":", 1)[1])
+    ca = Path(stack.cert_file(names.WORKER, names.CA_BUNDLE_FILE))
+    pem = Path(stack.cert_file(names.WORKER, names.COMBINED_PEM_FILE))
+    name = names.mlflow_hostname("development")
+    assert stack.url("mlflow-cloud-map") == f"https://{name}:{port}"
+    status, body = request_by_name(name, port, "127.0.0.1", SEARCH, ca=ca, client_pem=pem)
+    assert status == 200, body[:300]
+    status, body = request_by_name(
+        name, port, "127.0.0.1", SEARCH, ca=ca, client_pem=pem, headers={"Host": "rebinding.example"}
+    )
+    assert status == 403 and b"Invalid Host header" in body
+
+
+def test_the_backend_store_is_postgresql_when_it_is_installed(stack):
+    backend = stack.url("mlflow-backend-store")
+    if not postgres_server.available():
+        assert backend.startswith("sqlite:///")
+        assert "MLflow's backend store is sqlite" in stack.output
+        return
+    assert re.fullmatch(r"postgresql://hokusai:\*\*\*@127\.0\.0\.1:\d+/mlflow", backend), backend
+    directory = Path(stack.state["postgres_dir"])
+    password = (directory / "password").read_text().strip()
+    assert password not in stack.output and password not in (stack.run_dir / "state.json").read_text()
+    import psycopg
+
+    with psycopg.connect(backend.replace("***", password), connect_timeout=10) as connection:
+        rows = connection.execute("SELECT name FROM experiments").fetchall()
+    assert (worker.EXPERIMENT,) in rows
 
 
 # --- the flows, checked with Python clients ------------------------------------------------
@@ -207,7 +245,10 @@ def test_mlflow_decides_by_the_identity_in_the_certificate(stack, tmp_path):
     with mtls_client(stack, str(stranger)) as client:
         answer = client.get(SEARCH)
     assert answer.status_code == 403
-    assert answer.json() == {"detail": "the client certificate names no service allowed here"}
+    assert answer.json() == {
+        "error_code": "PERMISSION_DENIED",  # MLflow's error shape, which its client reads
+        "message": "the client certificate names no service allowed here",
+    }
 
 
 def test_a_request_without_a_client_certificate_is_refused_at_the_handshake(stack):
@@ -264,6 +305,7 @@ def test_zz_sigint_stops_every_process_it_started_and_cleans_its_state(stack):
         "mlflow",
         "api",
         "worker",
+        *(["postgres"] if postgres_server.available() else []),
     }
     stack.process.send_signal(signal.SIGINT)
     assert stack.process.wait(60) == 0
@@ -280,3 +322,5 @@ def test_zz_sigint_stops_every_process_it_started_and_cleans_its_state(stack):
             stopped
         )
     assert os.path.isdir(stack.run_dir)
+    if stack.state["postgres_dir"]:  # the cluster goes with the data (no --keep-data)
+        assert not Path(stack.state["postgres_dir"]).exists()

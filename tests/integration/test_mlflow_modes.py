@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
+import time
 import urllib.request
 
 import httpx
@@ -13,9 +15,13 @@ from local_stack.auth_service import ACTIVE_KEY
 from runtime import names, pem
 from tests.integration.conftest import container_command, server_environment, wait_healthy
 from tests.support.servers import free_port
+from tests.support.slow_clients import HALF_HEADERS, closed_within
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+HEADER_TIMEOUT = 2.0
+"""Short, so the slow-client checks below are quick; normal requests finish far sooner."""
+SLACK = 2.0
 
 
 def start(aws, auth_service, root, mode: str) -> tuple[subprocess.Popen, dict]:
@@ -28,8 +34,11 @@ def start(aws, auth_service, root, mode: str) -> tuple[subprocess.Popen, dict]:
             names.ENV_AUTH_SERVICE_URL: auth_service.base_url,
             names.ENV_MTLS_MODE: mode,
             names.ENV_ENABLE_MTLS: "false" if mode == names.MTLS_MODE_OFF else "true",
+            names.ENV_HEADER_TIMEOUT_SECONDS: str(HEADER_TIMEOUT),
+            names.ENV_BODY_IDLE_TIMEOUT_SECONDS: str(HEADER_TIMEOUT),
         },
     )
+    ports["log"] = root / "server.log"
     with (root / "server.log").open("w") as output:
         process = subprocess.Popen(
             [
@@ -109,3 +118,35 @@ def test_off_is_plain_http_with_the_api_key_path_only(rollback, aws):
     with pytest.raises(httpx.TransportError):
         httpx.get(f"https://127.0.0.1:{server['port']}{SEARCH}", verify=mtls_context(aws))
     assert server["report"]["security_level"] == "INSECURE"
+
+
+def half_request_closed(sock: socket.socket) -> bytes:
+    """Send half the headers; the answer the server gives before it closes (failing if it does not)."""
+    sock.sendall(HALF_HEADERS)
+    sent = time.monotonic()
+    elapsed, data = closed_within(sock, HEADER_TIMEOUT + SLACK, since=sent)
+    assert elapsed is not None, "half a request held the connection past the header timeout"
+    return data
+
+
+def silent_closed(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        opened = time.monotonic()
+        assert closed_within(sock, HEADER_TIMEOUT + SLACK, since=opened)[0] is not None, port
+
+
+def test_off_closes_silent_and_half_sent_connections_on_every_port(rollback):
+    for port in (rollback["port"], rollback["health"]):
+        silent_closed(port)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            assert half_request_closed(sock).startswith(b"HTTP/1.1 408 ")
+    assert "open files: room for about" in rollback["log"].read_text()
+
+
+def test_permissive_closes_half_requests_on_both_branches(permissive, aws):
+    with socket.create_connection(("127.0.0.1", permissive["port"]), timeout=5) as plain:
+        assert half_request_closed(plain).startswith(b"HTTP/1.1 408 ")
+    raw = socket.create_connection(("127.0.0.1", permissive["port"]), timeout=5)
+    with mtls_context(aws).wrap_socket(raw, server_hostname="localhost") as tls:  # after the handshake
+        assert half_request_closed(tls).startswith(b"HTTP/1.1 408 ")
+    silent_closed(permissive["port"])

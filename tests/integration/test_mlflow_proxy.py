@@ -25,6 +25,8 @@ from urllib.parse import parse_qs
 import httpcore
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -42,6 +44,7 @@ from runtime.mlflow_proxy import (
 from runtime.secret_store import SecretStore
 from runtime.serving import Listener, Serving
 from runtime.tls_context import ReloadableServerContext, ServerFiles
+from tests.support.raw_http import Victim, dropping_upstream, raw_request, victim
 from tests.support.servers import free_port, running
 
 pytestmark = pytest.mark.integration
@@ -76,6 +79,8 @@ class Echo:
             name: threading.Event()
             for name in ("upload_started", "download_go", "slow_go", "upstream_disconnected")
         }
+        self.raw_paths: list[str] = []
+        """Every request target (path part) the upstream received, in order."""
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -86,6 +91,15 @@ class Echo:
                     return
         query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
         path = scope["path"]
+        self.raw_paths.append(scope["raw_path"].decode("latin-1"))
+        if path == "/late-500":
+            # What Starlette's ServerErrorMiddleware (so MLflow's FastAPI app) does with an exception:
+            # a complete 500 with keep-alive framing, then re-raise; uvicorn then closes the connection.
+            await self.respond(send, 500, b'{"error_code": "INTERNAL_ERROR"}')
+            raise RuntimeError("after the response, as ServerErrorMiddleware re-raises")
+        if path == "/redirect":
+            await self.respond(send, 302, b"", [(b"location", query["to"].encode())])
+            return
         if path == "/download":
             await self.download(send, int(query["size"]), gated="gated" in query)
         elif path == "/endless":
@@ -272,8 +286,15 @@ def test_head_is_answered_without_a_body(client):
 
 
 def test_percent_encoded_paths_stay_encoded(client):
-    answer = client.get("/mlflow/api/2.0/mlflow-artifacts/artifacts/1/a%2Fb/model%20v1.pkl").json()
-    assert answer["raw_path"] == "/api/2.0/mlflow-artifacts/artifacts/1/a%2Fb/model%20v1.pkl"
+    answer = client.get("/mlflow/api/2.0/mlflow-artifacts/artifacts/1/caf%C3%A9/model%20v1%2B2.pkl").json()
+    assert answer["raw_path"] == "/api/2.0/mlflow-artifacts/artifacts/1/caf%C3%A9/model%20v1%2B2.pkl"
+
+
+def test_an_encoded_slash_in_the_path_is_refused(client, echo):
+    """`a%2Fb` would be one segment here and two after a decoding hop: the path rules refuse it."""
+    response = client.get("/mlflow/api/2.0/mlflow-artifacts/artifacts/1/a%2Fb/model.pkl")
+    assert error(response, 400)["error_code"] == "BAD_REQUEST"
+    assert echo.raw_paths == []
 
 
 def test_upstream_statuses_and_bodies_pass_through(client):
@@ -441,10 +462,13 @@ def test_a_client_that_leaves_mid_download_releases_the_upstream(proxy, echo):
 
 # --- upstream failures -------------------------------------------------------------------------------
 def error(response: httpx.Response, status: int) -> dict:
+    """The proxy's own error, in MLflow's shape (`error_code`, `message`) plus our fields."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     body = response.json()
     assert body["request_id"] == response.headers["x-request-id"]
+    assert isinstance(body["error_code"], str) and isinstance(body["message"], str), body
+    assert "detail" not in body
     return body
 
 
@@ -454,7 +478,8 @@ def test_upstream_down_is_503(start_proxy, caplog):
     proxy = start_proxy(f"https://svc:pa55word@127.0.0.1:{port}")
     response = httpx.get(f"{proxy}/mlflow/api/2.0/mlflow/experiments/list", headers={"authorization": TOKEN})
     body = error(response, 503)
-    assert body["detail"] == "MLflow unavailable"
+    assert body["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    assert body["message"] == "MLflow unavailable: Connection refused"
     assert body["upstream"] == f"127.0.0.1:{port}"
     assert body["reason"] == "Connection refused"
     assert "pa55word" not in response.text and "pa55word" not in caplog.text
@@ -467,6 +492,7 @@ def test_a_slow_upstream_is_504(start_proxy, upstream, echo):
         body = error(httpx.get(f"{proxy}/mlflow/slow"), 504)
     finally:
         echo.events["slow_go"].set()
+    assert body["error_code"] == "DEADLINE_EXCEEDED"
     assert body["upstream"] == upstream.removeprefix("https://")
     assert body["reason"] == "ReadTimeout"
 
@@ -477,7 +503,8 @@ def test_an_upstream_with_a_foreign_ca_is_502(start_proxy, stack, tmp_path):
     d = tmp_path / "impostor"
     foreign = start_upstream(stack, ServerFiles(d / "server.crt", d / "server.key", d / "ca.crt"), Echo())
     body = error(httpx.get(f"{start_proxy(foreign)}/mlflow/x"), 502)
-    assert body["detail"] == "MLflow TLS handshake failed"
+    assert body["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    assert body["message"].startswith("MLflow TLS handshake failed: certificate verify failed")
     assert "certificate verify failed" in body["reason"]
     assert body["upstream"] == foreign.removeprefix("https://")
 
@@ -503,7 +530,7 @@ def test_a_plain_http_server_behind_an_https_url_is_502(start_proxy):
 
         threading.Thread(target=answer_in_plain_http, daemon=True).start()
         body = error(httpx.get(f"{start_proxy(f'https://127.0.0.1:{port}')}/mlflow/x"), 502)
-    assert body["detail"] == "MLflow TLS handshake failed"
+    assert body["message"].startswith("MLflow TLS handshake failed")
 
 
 # --- the pieces, without servers ---------------------------------------------------------------------
@@ -559,3 +586,299 @@ def test_failures_are_classified(exc, status):
             "cannot resolve the name: Name or service not known",
             "Connection refused",
         )
+
+
+# --- the upstream's authority is fixed: no path reaches another host (SSRF) --------------------------
+@pytest.fixture
+def target() -> Iterator[Victim]:
+    """A listener on another free port: no request through the proxy may ever connect to it."""
+    with victim() as listener:
+        yield listener
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+# (request target with {V} for the victim's host:port, the status expected; None: any but 2xx from it)
+SSRF_TARGETS = [
+    ("/mlflow%2F@{V}/x", 400),  # the review's payload: `self.base + path` put `@{V}` into the authority
+    ("/mlflow%2f@{V}/x", 400),
+    ("/mlflow%2F%40{V}/x", 400),
+    ("/mlflow%2F%2F{V}/x", 400),
+    ("/mlflow/%2F@{V}/", 400),
+    ("/mlflow/%2f%2f{V}/x", 400),
+    ("/mlflow%252F@{V}/x", 404),  # decodes to `/mlflow%2F@...`: not below the mount at all
+    ("/mlflow/%252F@{V}/x", 400),
+    ("/mlflow/%25252F@{V}/x", 400),
+    ("/mlflow\\@{V}/x", 404),
+    ("/mlflow/\\@{V}/x", 400),
+    ("/mlflow/\\\\{V}/x", 400),
+    ("/mlflow%5C@{V}/x", 404),
+    ("/mlflow/%5C@{V}/x", 400),
+    ("/mlflow/%5c%5c{V}/x", 400),
+    ("/mlflow@{V}/x", 404),
+    ("/mlflow%40{V}/x", 404),
+    ("/mlflow/@{V}/x", 400),
+    ("/mlflow/%40{V}/x", 400),
+    ("/mlflow//{V}/x", 400),
+    ("/mlflow/..%2F@{V}/x", 400),
+    ("/mlflow/../@{V}/x", 400),
+    ("/mlflow/./x", 400),
+    ("/mlflow/%2e%2e/@{V}/", 400),
+    ("/mlflow/%2E%2E%2F%40{V}", 400),
+    ("/mlflow/.%2e/x", 400),
+    ("/mlflow/..;/x", 400),
+    ("/mlflow/x/%2e%2e%5c%2e%2e%5c@{V}", 400),
+    ("/mlfl%6Fw/%2F@{V}/x", 400),  # matched the mount only after decoding
+    ("/mlflow/%0D%0AHost:%20{V}/x", 404),  # Starlette's Mount does not match across a newline
+    ("/mlflow/x%0a@{V}", 404),
+    ("/mlflow/x%0d@{V}", 400),
+    ("/mlflow/%00@{V}/", 400),
+    ("/mlflow/x%09y", 400),
+    ("/mlflow/x#@{V}/", 400),
+    ("/mlflow/x%23@{V}", 400),
+    ("/mlflow/x%3F@{V}/", 400),
+    ("/mlflow%3F@{V}/", 404),
+    ("/mlflow%23@{V}/", 404),
+    ("/mlflow/a%zz", 400),
+    ("/mlflow/a%2", 400),
+    ("http://{V}/mlflow/x", 404),  # absolute-form request target
+    ("http://{V}/x", 404),
+    ("//{V}/mlflow/x", 404),
+    ("/mlflow/x?a=1#@{V}/", 400),  # a fragment on the wire
+    ("/mlflow/x?next=http://{V}/&u=%2F@{V}", 200),  # a query is data: forwarded, never an authority
+]
+
+
+@pytest.mark.parametrize(("template", "status"), SSRF_TARGETS, ids=[t for t, _ in SSRF_TARGETS])
+def test_no_request_target_reaches_another_host(proxy, target, echo, template, status):
+    request_target = template.replace("{V}", target.address).encode()
+    response = raw_request(port_of(proxy), request_target)
+    assert target.connections() == 0, f"{request_target!r} reached {target.address}"
+    assert response.status == status, (response.status, response.body)
+    if status == 400:
+        body = json.loads(response.body)
+        assert body["error_code"] == "BAD_REQUEST"
+        assert echo.raw_paths == []  # refused before anything went upstream
+    if status == 200:
+        assert json.loads(response.body)["raw_path"] == "/x"
+
+
+def test_an_absolute_form_target_naming_the_proxy_itself_is_refused(proxy, target, echo):
+    response = raw_request(port_of(proxy), f"{proxy}/mlflow/%2F@{target.address}/x".encode())
+    assert target.connections() == 0
+    assert response.status in (400, 404)
+    assert echo.raw_paths == []
+
+
+def test_a_callers_host_header_never_reaches_the_upstream(proxy, upstream, target):
+    response = raw_request(port_of(proxy), b"/mlflow/who", headers=f"host: {target.address}\r\n".encode())
+    answer = json.loads(response.body)
+    assert header(answer, "host") == [upstream.removeprefix("https://")]
+    assert header(answer, "x-forwarded-host") == [target.address]  # described, never dialed
+    assert target.connections() == 0
+
+
+def test_upstream_redirects_are_passed_back_not_followed(client, target, echo):
+    elsewhere = f"http://{target.address}/stolen"
+    response = client.get("/mlflow/redirect", params={"to": elsewhere})
+    assert response.status_code == 302
+    assert response.headers["location"] == elsewhere
+    assert target.connections() == 0
+    assert echo.raw_paths == ["/redirect"]
+
+
+@pytest.mark.parametrize("base", ["/base", "/base/", "/a/b%20c"])
+def test_the_upstream_base_path_is_always_the_prefix(start_proxy, upstream, base):
+    proxy = start_proxy(upstream + base)
+    prefix = base.rstrip("/")
+    with httpx.Client(base_url=proxy, timeout=20) as client:
+        assert client.get("/mlflow/api/2.0/x").json()["raw_path"] == f"{prefix}/api/2.0/x"
+        assert client.get("/mlflow/").json()["raw_path"] == f"{prefix}/"
+        assert client.get("/mlflow/..%2F..%2Fadmin").status_code == 400
+
+
+PIECES = [
+    "/",
+    "a",
+    "B",
+    "1",
+    ".",
+    "..",
+    "%2e",
+    "%2E",
+    "%2F",
+    "%2f",
+    "%5C",
+    "%5c",
+    "\\",
+    "@",
+    "%40",
+    ":",
+    "%3A",
+    "%25",
+    "%252F",
+    "%",
+    "%0D%0A",
+    "%00",
+    "%09",
+    "#",
+    "%23",
+    "%3F",
+    "?",
+    ";",
+    "=",
+    "&",
+    "~",
+    "+",
+    "%20",
+    "%C3%A9",
+    "//",
+    "{V}",
+    "127.0.0.1",
+    "http:",
+    "[",
+    "]",
+    "!",
+    "$",
+    "'",
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=10), slash=st.booleans())
+def test_generated_paths_only_ever_reach_the_configured_upstream_below_its_base(
+    start_proxy, upstream, target, pieces, slash
+):
+    """Whatever the target, httpx sends to the configured scheme://host:port and below /base/."""
+    if not hasattr(target, "proxy"):  # one proxy for all examples (function-scoped fixtures)
+        target.sent = []
+
+        async def record(request: httpx.Request) -> None:
+            target.sent.append(request.url)
+
+        target.proxy = start_proxy(upstream + "/base", event_hooks={"request": [record]})
+    configured = httpx.URL(upstream)
+    path = "".join(pieces).replace("{V}", target.address)
+    request_target = ("/mlflow" + ("/" if slash else "") + path).encode()
+    response = raw_request(port_of(target.proxy), request_target)
+    assert target.connections() == 0, request_target
+    for url in target.sent:
+        assert (url.scheme, url.host, url.port) == (configured.scheme, configured.host, configured.port)
+        assert url.raw_path.startswith(b"/base/"), url.raw_path
+    if response.status == 200:
+        assert json.loads(response.body)["raw_path"].startswith("/base/")
+    else:
+        assert response.status in (307, 400, 404), (request_target, response.status, response.body)
+
+
+# --- the query credential stays at this hop -------------------------------------------------------------
+def test_the_api_key_query_parameter_is_not_forwarded(client):
+    query = "a=1&api_key=hk_live_SECRET1&b=%2F+x&api%5Fkey=hk_live_SECRET2&api%5fkey&API_KEY=other&c=&&d=4"
+    answer = client.get(f"/mlflow/api/2.0/mlflow/runs/search?{query}").json()
+    assert answer["query_string"] == "a=1&b=%2F+x&API_KEY=other&c=&&d=4"
+    assert "SECRET" not in answer["query_string"]
+
+
+def test_a_query_of_only_the_key_leaves_no_question_mark(client):
+    answer = client.get("/mlflow/api/2.0/mlflow/experiments/search?api_key=hk_live_SECRET").json()
+    assert answer["query_string"] == ""
+
+
+# --- a pooled connection the upstream closed: idempotent requests are retried once -------------------
+def plain_proxy(start_proxy, url: str) -> str:
+    return start_proxy(url, environ={names.ENV_SECURITY_LEVEL: "INSECURE"})
+
+
+def test_after_an_upstream_500_that_closes_the_connection_the_next_request_succeeds(client):
+    """The review's probe: 18 of 20 requests after an MLflow 500 got `502 MLflow sent no valid response`."""
+    failures = []
+    for _ in range(20):
+        assert client.get("/mlflow/late-500").status_code == 500
+        response = client.get("/mlflow/api/2.0/mlflow/experiments/get?experiment_id=0")
+        if response.status_code != 200:
+            failures.append(response.text)
+    assert failures == []
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"])
+def test_an_idempotent_request_on_a_dropped_pooled_connection_is_retried_once(start_proxy, method, how):
+    with dropping_upstream(lambda connection, number: number == 0, how) as dropping:  # one answer each
+        with httpx.Client(base_url=plain_proxy(start_proxy, dropping.url), timeout=20) as client:
+            assert client.get("/mlflow/first").status_code == 200  # its connection is now pooled
+            response = client.request(method, "/mlflow/second")
+        assert response.status_code == 200, response.text
+        assert [r.connection for r in dropping.requests("/second")] == [0, 1]  # pooled, then a new one
+
+
+@pytest.mark.parametrize(
+    ("method", "content"), [("POST", b"{}"), ("POST", b""), ("PATCH", b"{}"), ("PUT", b"streamed body")]
+)
+def test_a_post_or_a_request_with_a_body_is_never_retried(start_proxy, method, content):
+    with dropping_upstream(lambda connection, number: number == 0) as dropping:
+        with httpx.Client(base_url=plain_proxy(start_proxy, dropping.url), timeout=20) as client:
+            assert client.get("/mlflow/first").status_code == 200
+            response = client.request(method, "/mlflow/second", content=content)
+        body = error(response, 502)
+        assert body["error_code"] == "TEMPORARILY_UNAVAILABLE"
+        assert len(dropping.requests("/second")) == 1
+
+
+def test_the_retry_happens_exactly_once(start_proxy):
+    with dropping_upstream(lambda connection, number: (connection, number) == (0, 0)) as dropping:
+        with httpx.Client(base_url=plain_proxy(start_proxy, dropping.url), timeout=20) as client:
+            assert client.get("/mlflow/first").status_code == 200
+            response = client.get("/mlflow/second")
+        error(response, 502)
+        assert [r.connection for r in dropping.requests("/second")] == [0, 1]
+
+
+def test_a_failure_on_a_new_connection_is_not_retried(start_proxy):
+    with dropping_upstream(lambda connection, number: False) as dropping:
+        response = httpx.get(f"{plain_proxy(start_proxy, dropping.url)}/mlflow/only", timeout=20)
+        assert error(response, 502)["reason"] == "RemoteProtocolError"
+        assert len(dropping.requests("/only")) == 1
+
+
+# --- MLflow's own client reads our errors ------------------------------------------------------------
+def test_mlflows_client_reads_our_503_as_temporarily_unavailable(start_proxy):
+    """`verify_rest_response` (every MlflowClient call) parses our body: our code, not INTERNAL_ERROR.
+
+    MLflow's client retries 429/5xx itself and, once its retries are spent, raises "too many
+    503 error responses" without reading a body; the body is read when it is given the response
+    (`raise_on_status=False`, as here), by MLflow's UI, and for 400/401/403/404.
+    """
+    from mlflow.exceptions import RestException
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request, verify_rest_response
+
+    proxy = start_proxy(f"https://127.0.0.1:{free_port()}")  # nothing listens there
+    endpoint = "/api/2.0/mlflow/experiments/get"
+    response = http_request(
+        MlflowHostCreds(f"{proxy}/mlflow"),
+        endpoint,
+        "GET",
+        params={"experiment_id": "0"},
+        max_retries=0,
+        raise_on_status=False,
+    )
+    assert response.status_code == 503
+    with pytest.raises(RestException) as raised:
+        verify_rest_response(response, endpoint)
+    assert raised.value.error_code == "TEMPORARILY_UNAVAILABLE"
+    assert raised.value.message == "TEMPORARILY_UNAVAILABLE: MLflow unavailable: Connection refused"
+    assert raised.value.get_http_status_code() == 503
+
+
+def test_mlflow_client_reports_a_refused_path_as_bad_request(proxy, monkeypatch):
+    """MlflowClient itself, with a tracking URI whose path the proxy refuses (an `@` segment)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import RestException
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(RestException) as raised:
+        MlflowClient(tracking_uri=f"{proxy}/mlflow/@other").get_experiment("0")
+    assert raised.value.error_code == "BAD_REQUEST"
+    assert raised.value.message == "BAD_REQUEST: MLflow path refused: the path holds an '@'"
+    assert raised.value.get_http_status_code() == 400

@@ -207,10 +207,17 @@ def test_permissive_serves_tls_and_plain_http_on_one_port(permissive_server, tmp
         get(anonymous, permissive_server)
 
 
-def test_permissive_closes_a_connection_that_never_speaks(permissive_server, monkeypatch):
-    monkeypatch.setattr("runtime.serving.SNIFF_TIMEOUT_SECONDS", 0.2)
-    with socket.create_connection(("127.0.0.1", permissive_server), timeout=5) as silent:
-        silent.settimeout(12)
+def test_permissive_closes_a_connection_that_never_speaks(tmp_path, development_set, monkeypatch):
+    monkeypatch.setenv("HOKUSAI_MTLS_HEADER_TIMEOUT_SECONDS", "0.2")
+    tls = ReloadableServerContext(
+        server_files(tmp_path / "server", development_set.identities["server"], development_set.trust_bundle)
+    )
+    port = free_port()
+    with (
+        running(Serving([Listener("permissive", "127.0.0.1", port, echo_tls, tls, plain_too=True)])),
+        socket.create_connection(("127.0.0.1", port), timeout=5) as silent,
+    ):
+        silent.settimeout(5)
         assert silent.recv(1) == b""  # closed by the server, not left hanging
 
 

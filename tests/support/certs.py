@@ -106,3 +106,43 @@ def rebuild(leaf: TLSIdentity, ca: CertificateAuthority, *, private_key=None, dr
             value = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         builder = builder.add_extension(value, extension.critical)
     return TLSIdentity(builder.sign(ca.identity.private_key, hashes.SHA256()), key, "rebuilt")
+
+
+def crafted_client(
+    ca: CertificateAuthority,
+    *,
+    uris: tuple[str, ...] = (),
+    common_name: str = "crafted",
+    subject: x509.Name | None = None,
+) -> TLSIdentity:
+    """A client leaf signed by `ca` with exactly the URI SANs and subject given.
+
+    For what our issuance never makes but another CA (or an attacker holding a CA-signed
+    certificate) could: no SPIFFE URI, two of them, an upper-case trust domain, a CN only.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject or x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
+        .add_extension(x509.ExtendedKeyUsage([CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()), critical=False
+        )
+    )
+    if uris:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+        )
+    return TLSIdentity(builder.sign(ca.identity.private_key, hashes.SHA256()), key, "crafted")

@@ -1,8 +1,9 @@
 """The variant app's settings: staging with what cdk.json does not exercise (tests/infra/conftest.py).
 
 Permissive mode, an imported VPC, cluster and namespace, an ECR image and a public registry image,
-two trusted proxy networks, an auth service URL with a port and a path, the Redis URL secret and
-service scopes.
+two trusted proxy networks of an ALB in mutual-TLS verify mode, an auth service URL with a port
+and a path, the Redis URL secret, service scopes, a CORS origin, and an imported CA whose
+certificates are identified by CN.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ VARIANT_IMAGES = {
 }
 VARIANT_TRUSTED_PROXIES = ["10.99.0.0/24", "10.99.1.0/24"]
 VARIANT_AUTH_SERVICE_URL = "https://auth.staging.example.com:8443/v2"
+VARIANT_CORS_ORIGINS = ["https://ui.staging.example.com"]
 VARIANT_REDIS_URL_SECRET = "hokusai/staging/redis-url"
 VARIANT_SERVICE_SCOPES = {
     "api": ["mlflow:read", "mlflow:write"],
@@ -55,6 +57,10 @@ def variant_settings_context(context: dict) -> dict:
         images=copy.deepcopy(VARIANT_IMAGES),
         internalCidrs=["10.99.0.0/16"],
         trustedProxyCidrs=list(VARIANT_TRUSTED_PROXIES),
+        trustedProxyKind=names.PROXY_KIND_ALB,
+        corsAllowedOrigins=list(VARIANT_CORS_ORIGINS),
+        caSource="imported",
+        cnFallback=True,
         authServiceUrl=VARIANT_AUTH_SERVICE_URL,
         redisUrlSecretName=VARIANT_REDIS_URL_SECRET,
         serviceScopes=copy.deepcopy(VARIANT_SERVICE_SCOPES),

@@ -6,6 +6,8 @@ import pytest
 
 from runtime.lifecycle import issuance
 from tests.conftest import REGION
+from tests.support.asgi import CountingValidator, build_middleware
+from tests.support.certs import new_ca
 from tests.support.lifecycle import ENVIRONMENT, create_shells, rotation_function
 
 
@@ -19,3 +21,20 @@ def deployed(secretsmanager):
         client=secretsmanager,
     )
     return secretsmanager, rotation_function(REGION)
+
+
+# --- the middleware tests (tests/support/asgi.py) -------------------------------------------------
+@pytest.fixture
+def ca():
+    return new_ca()
+
+
+@pytest.fixture
+def validator():
+    return CountingValidator()
+
+
+@pytest.fixture
+def middleware(validator):
+    """`middleware(**options)` builds one over the counting validator."""
+    return lambda **options: build_middleware(validator, **options)

@@ -8,107 +8,20 @@ counting stub: these tests are about the dispatch; tests/integration uses the re
 from __future__ import annotations
 
 import asyncio
-import io
 import ipaddress
-from urllib.parse import quote
+import json
+import logging
 
 import pytest
 
-from runtime import names, pem
-from runtime.api_keys import ApiKeyInfo, AuthServiceUnavailable, Validation
-from runtime.client_address import AddressPolicy, parse_networks
+from runtime import names
+from runtime.api_keys import fingerprint
+from runtime.client_address import AddressPolicy
 from runtime.http_headers import masked_headers
-from runtime.metrics import Metrics
-from runtime.middleware import APIKeyAuthMiddleware, mlflow_scope
+from runtime.mlflow_routes import mlflow_scope
 from runtime.peer_identity import IdentityPolicy
-from runtime.rate_limit import MemoryRateLimiter
+from tests.support.asgi import RecordingApp, call, echo_state, http_scope, tls_extension
 from tests.support.certs import new_ca
-
-INTERNAL = parse_networks("10.0.0.0/8", "test")
-PROXIES = parse_networks("10.0.100.0/24", "test")
-
-
-class CountingValidator:
-    """Stands in for ApiKeyValidator: one good key, counts calls, can be 'down'."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.down = False
-
-    async def validate(self, api_key, *, request_id):
-        self.calls += 1
-        if self.down:
-            raise AuthServiceUnavailable("http://auth.test", "down (test)")
-        if api_key != "good-key":
-            return Validation(None, "invalid", False)
-        info = ApiKeyInfo("key-1", "user-1", None, ("mlflow:read",), 100, None, True)
-        return Validation(info, "ok", False)
-
-
-def tls_extension(certificate) -> dict:
-    return {
-        "tls": {"client_cert_chain": [pem.certificate_pem(certificate).decode()], "client_cert_name": "x"}
-    }
-
-
-def http_scope(*, peer="203.0.113.9", headers=(), extensions=None, method="GET", path="/api/x", query=b""):
-    return {
-        "type": "http",
-        "method": method,
-        "path": path,
-        "query_string": query,
-        "client": (peer, 50000),
-        "server": ("10.0.1.5", 5000),
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
-        "extensions": extensions or {},
-        "state": {},
-    }
-
-
-async def echo_state(scope, receive, send):
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": repr(scope["state"]).encode()})
-
-
-def call(middleware, scope) -> tuple[int, dict, bytes]:
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": b""}
-
-    async def send(message):
-        sent.append(message)
-
-    asyncio.run(middleware(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
-
-
-@pytest.fixture
-def ca():
-    return new_ca()
-
-
-@pytest.fixture
-def validator():
-    return CountingValidator()
-
-
-@pytest.fixture
-def middleware(validator):
-    def build(**options):
-        return APIKeyAuthMiddleware(
-            options.pop("app", echo_state),
-            identities=IdentityPolicy("development"),
-            addresses=AddressPolicy(INTERNAL, PROXIES),
-            validator=validator,
-            limiter=MemoryRateLimiter(),
-            metrics=Metrics(environment="development", service="mlflow", stream=io.StringIO()),
-            **options,
-        )
-
-    return build
 
 
 # --- _is_internal_request ------------------------------------------------------------------------
@@ -205,10 +118,43 @@ def test_api_key_path_answers(middleware, validator):
     assert call(middleware(), http_scope(headers=[("X-API-Key", "good-key")]))[0] == 503
 
 
-def test_options_and_excluded_paths_pass_through(middleware, validator):
-    assert call(middleware(), http_scope(method="OPTIONS"))[0] == 200
-    assert call(middleware(), http_scope(path="/health"))[0] == 200
-    assert validator.calls == 0
+def test_options_is_authenticated_like_any_other_method(middleware, validator):
+    app = RecordingApp()
+    assert call(middleware(app=app), http_scope(method="OPTIONS"))[0] == 401
+    assert call(middleware(app=app), http_scope(method="OPTIONS", path="/mlflow/x"))[0] == 401
+    assert app.scopes == []
+    assert (
+        call(middleware(app=app), http_scope(method="OPTIONS", headers=[("X-API-Key", "good-key")]))[0] == 200
+    )
+
+
+PREFLIGHT = [("Origin", "https://ui.example.com"), ("Access-Control-Request-Method", "POST")]
+
+
+def test_a_cors_preflight_is_answered_at_the_edge_and_never_forwarded(middleware, validator):
+    app = RecordingApp()
+    refused, headers, _ = call(middleware(app=app), http_scope(method="OPTIONS", headers=PREFLIGHT))
+    assert refused == 400 and "access-control-allow-origin" not in headers
+    allowing = middleware(app=app, cors_allowed_origins=["https://ui.example.com"])
+    status, headers, _ = call(allowing, http_scope(method="OPTIONS", headers=PREFLIGHT))
+    assert status == 200 and headers["access-control-allow-origin"] == "https://ui.example.com"
+    other_origin = [("Origin", "https://evil.example"), PREFLIGHT[1]]
+    assert call(allowing, http_scope(method="OPTIONS", headers=other_origin))[0] == 400
+    assert app.scopes == [] and validator.calls == 0
+    # the actual request from an allowed origin is authenticated, then gets its CORS header
+    status, headers, _ = call(allowing, http_scope(headers=[PREFLIGHT[0], ("X-API-Key", "good-key")]))
+    assert status == 200 and headers["access-control-allow-origin"] == "https://ui.example.com"
+    assert call(allowing, http_scope(headers=[PREFLIGHT[0]]))[0] == 401
+
+
+@pytest.mark.parametrize(
+    "path", ["/healthz", "/health/", "/health/x", "/health-anything/x", "/HEALTH", "/x/health"]
+)
+def test_excluded_paths_match_exactly(middleware, validator, path):
+    app = RecordingApp()
+    assert call(middleware(app=app), http_scope(path="/health"))[0] == 200
+    assert call(middleware(app=app), http_scope(path=path))[0] == 401
+    assert [s["path"] for s in app.scopes] == ["/health"] and validator.calls == 0
 
 
 def test_request_id_is_kept_or_created(middleware):
@@ -255,48 +201,6 @@ def test_service_scopes_come_from_configuration():
         IdentityPolicy.from_environ(
             {names.ENV_ENVIRONMENT: "development", "HOKUSAI_MTLS_SERVICE_SCOPES": "{"}
         )
-
-
-# --- certificates forwarded by a trusted proxy ----------------------------------------------------
-def forwarded(certificate) -> str:
-    return quote(pem.certificate_pem(certificate).decode(), safe="")
-
-
-@pytest.mark.parametrize("header", ["alb", "xfcc"])
-def test_a_trusted_proxys_forwarded_certificate_is_verified_then_used(middleware, validator, ca, header):
-    api = ca.issue_client("development", "api")
-    value = forwarded(api.certificate)
-    headers = (
-        [("X-Amzn-Mtls-Clientcert", value)]
-        if header == "alb"
-        else [
-            (
-                "X-Forwarded-Client-Cert",
-                f'By=spiffe://x;Cert="{forwarded(new_ca().certificate)}",Hash=1;Cert="{value}"',
-            )
-        ]
-    )
-    status, _, body = call(
-        middleware(proxy_trust_bundle=[ca.certificate]), http_scope(peer="10.0.100.7", headers=headers)
-    )
-    assert status == 200 and "'auth_path': 'mtls'" in body.decode() and validator.calls == 0
-
-
-@pytest.mark.parametrize(
-    ("peer", "issuer", "configured"),
-    [
-        ("203.0.113.9", "ours", True),  # a client wrote the header itself
-        ("10.0.100.7", "foreign", True),  # our proxy, but a certificate we do not trust
-        ("10.0.100.7", "ours", False),  # our proxy, but forwarding is not switched on
-    ],
-)
-def test_forwarded_certificates_need_our_proxy_our_ca_and_the_switch(
-    middleware, ca, peer, issuer, configured
-):
-    signer = ca if issuer == "ours" else new_ca()
-    headers = [("X-Amzn-Mtls-Clientcert", forwarded(signer.issue_client("development", "api").certificate))]
-    options = {"proxy_trust_bundle": [ca.certificate]} if configured else {}
-    assert call(middleware(**options), http_scope(peer=peer, headers=headers))[0] == 401
 
 
 # --- the mTLS path's per-request work (kept cheap, never weaker) ----------------------------------
@@ -357,3 +261,72 @@ def test_an_app_set_request_id_is_not_duplicated(middleware, ca):
 
     asyncio.run(middleware(app=app)(http_scope(extensions=tls_extension(api.certificate)), receive, send))
     assert [v for k, v in sent[0]["headers"] if k.lower() == b"x-request-id"] == [b"app"]
+
+
+# --- what the app, the logs and MLflow's client get ------------------------------------------------
+def test_the_consumed_key_never_reaches_the_app(middleware):
+    app = RecordingApp()
+    headers = [("X-API-Key", "good-key"), ("Authorization", "Basic dXNlcjpwdw=="), ("Accept", "*/*")]
+    query = b"max_results=5&api_key=good-key&api%5Fkey=again&filter=a%3Db"
+    assert call(middleware(app=app), http_scope(headers=headers, query=query))[0] == 200
+    seen = app.scopes[0]
+    assert seen["query_string"] == b"max_results=5&filter=a%3Db"
+    assert [k for k, _ in seen["headers"] if k == b"x-api-key"] == []
+    assert (b"authorization", b"Basic dXNlcjpwdw==") in seen["headers"]  # not ours: left alone
+    call(middleware(app=app), http_scope(headers=[("Authorization", "Bearer good-key")]))
+    assert [k for k, _ in app.scopes[1]["headers"] if k == b"authorization"] == []
+
+
+def test_a_read_only_identity_searches_with_post_and_cannot_write(middleware, ca):
+    strict = middleware(
+        required_scope=mlflow_scope, identities=IdentityPolicy("development", {"reporter": ["mlflow:read"]})
+    )
+    reporter = tls_extension(ca.issue_client("development", "reporter").certificate)
+    search = http_scope(method="POST", path="/api/2.0/mlflow/runs/search", extensions=reporter)
+    create = http_scope(method="POST", path="/api/2.0/mlflow/runs/create", extensions=reporter)
+    assert call(strict, search)[0] == 200
+    assert call(strict, create)[0] == 403
+
+
+def test_refusals_on_mlflow_routes_have_mlflows_error_shape(middleware, ca, validator):
+    mlflow_style = middleware(mlflow_errors=lambda scope: True, required_scope=mlflow_scope)
+    status, _, body = call(mlflow_style, http_scope())
+    assert status == 401 and json.loads(body) == {
+        "error_code": "UNAUTHENTICATED",
+        "message": "API key required",
+    }
+    stranger = tls_extension(ca.issue_client("development", "stranger").certificate)
+    assert (
+        json.loads(call(mlflow_style, http_scope(extensions=stranger))[2])["error_code"]
+        == "PERMISSION_DENIED"
+    )
+    validator.down = True
+    down = call(mlflow_style, http_scope(headers=[("X-API-Key", "good-key")]))
+    assert down[0] == 503 and json.loads(down[2])["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    assert json.loads(call(middleware(), http_scope())[2]) == {"detail": "API key required"}
+
+
+def test_every_decision_is_one_audit_line_without_the_credential(middleware, ca, caplog):
+    caplog.set_level(logging.INFO, logger="hokusai_mtls.audit")
+    api = tls_extension(ca.issue_client("development", "api").certificate)
+    call(middleware(), http_scope(peer="10.0.3.4", path="/api/x\nforged", extensions=api))
+    call(middleware(), http_scope(headers=[("X-API-Key", "good-key")], query=b"api_key=good-key"))
+    call(middleware(), http_scope(headers=[("X-API-Key", "wrong-key")]))
+    call(middleware(), http_scope())
+    lines = [r.getMessage() for r in caplog.records if r.name == "hokusai_mtls.audit"]
+    assert len(lines) == 4 and all("\n" not in line for line in lines)
+    records = [json.loads(line) for line in lines]
+    assert [(r["auth_path"], r["outcome"], r["status"]) for r in records] == [
+        ("mtls", "success", 200),
+        ("api_key", "success", 200),
+        ("api_key", "invalid", 401),
+        ("api_key", "missing", 401),
+    ]
+    assert records[0]["identity"] == "api" and records[0]["route"] == "/api/x\nforged"
+    assert records[0]["internal"] is True and records[0]["client"] == "10.0.3.4"
+    assert (
+        records[1]["key"] == fingerprint("good-key")[:16]
+        and records[2]["key"] == fingerprint("wrong-key")[:16]
+    )
+    assert "good-key" not in caplog.text and "wrong-key" not in caplog.text
+    assert len({r["request_id"] for r in records}) == 4
