@@ -40,24 +40,6 @@ def request_id_of(scope: dict) -> bytes:
     return new_request_id()
 
 
-def with_request_id(scope: dict) -> tuple[dict, bytes]:
-    """A copy of `scope` whose headers carry exactly one sane X-Request-ID, and that ID.
-
-    One pass over the headers: this runs on every request the middleware sees.
-    """
-    request_id = None
-    headers = []
-    for header in scope.get("headers", ()):
-        if header[0].lower() != REQUEST_ID:
-            headers.append(header)
-        elif request_id is None and _SANE.fullmatch(header[1]):
-            request_id = header[1]
-    if request_id is None:
-        request_id = new_request_id()
-    headers.append((REQUEST_ID, request_id))
-    return {**scope, "headers": headers}, request_id
-
-
 MASKED = frozenset(
     {
         b"authorization",

@@ -62,6 +62,7 @@ import httpx
 
 from runtime.api_keys import without_query_key
 from runtime.http_headers import REQUEST_ID, masked_headers, request_id_of, send_mlflow_error
+from runtime.proxy_certificate import is_forwarding_header
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -78,8 +79,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_NOT_FORWARDED = frozenset({b"host", b"expect", b"x-forwarded-client-cert"})
-_NOT_FORWARDED_PREFIXES = (b"x-amzn-mtls-",)
+_NOT_FORWARDED = frozenset({b"host", b"expect"})
 _NOT_RETURNED = frozenset({b"date", b"server"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 """RFC 9110 §9.2.2: may be sent again after a connection failed; only these are retried, once."""
@@ -123,7 +123,7 @@ def upstream_request_headers(scope: dict, request_id: bytes) -> Headers:
     headers = [
         (name, value)
         for name, value in strip_hop_by_hop(incoming, also=drop)
-        if not name.startswith(_NOT_FORWARDED_PREFIXES)
+        if not is_forwarding_header(name)  # client-certificate headers: never ours to pass on
     ]
     peer = (scope.get("client") or (None,))[0]
     if peer:

@@ -24,7 +24,7 @@ from runtime import names
 from runtime.serving import Listener, Serving
 from runtime.tls_context import ReloadableServerContext, ServerFiles
 from tests.integration.conftest import ENV, container_command, server_environment, wait_healthy
-from tests.support.servers import free_port, running
+from tests.support.servers import answer_lifespan, free_port, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,11 +40,8 @@ class Recorder:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         while (await receive()).get("more_body"):
             pass
         seen = {

@@ -44,8 +44,9 @@ from runtime.mlflow_proxy import (
 from runtime.secret_store import SecretStore
 from runtime.serving import Listener, Serving
 from runtime.tls_context import ReloadableServerContext, ServerFiles
+from tests.support.path_pieces import URL_PIECES
 from tests.support.raw_http import Victim, dropping_upstream, raw_request, victim
-from tests.support.servers import free_port, running
+from tests.support.servers import answer_lifespan, free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -84,11 +85,8 @@ class Echo:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
         path = scope["path"]
         self.raw_paths.append(scope["raw_path"].decode("latin-1"))
@@ -699,51 +697,7 @@ def test_the_upstream_base_path_is_always_the_prefix(start_proxy, upstream, base
         assert client.get("/mlflow/..%2F..%2Fadmin").status_code == 400
 
 
-PIECES = [
-    "/",
-    "a",
-    "B",
-    "1",
-    ".",
-    "..",
-    "%2e",
-    "%2E",
-    "%2F",
-    "%2f",
-    "%5C",
-    "%5c",
-    "\\",
-    "@",
-    "%40",
-    ":",
-    "%3A",
-    "%25",
-    "%252F",
-    "%",
-    "%0D%0A",
-    "%00",
-    "%09",
-    "#",
-    "%23",
-    "%3F",
-    "?",
-    ";",
-    "=",
-    "&",
-    "~",
-    "+",
-    "%20",
-    "%C3%A9",
-    "//",
-    "{V}",
-    "127.0.0.1",
-    "http:",
-    "[",
-    "]",
-    "!",
-    "$",
-    "'",
-]
+PIECES = [*URL_PIECES, "{V}"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -31,7 +31,7 @@ from runtime import names, pem
 from runtime.files import publish_files
 from runtime.serving import Listener, Serving
 from runtime.tls_context import ReloadableServerContext, ServerFiles
-from tests.support.servers import free_port, running
+from tests.support.servers import answer_lifespan, free_port, running
 from tests.support.slow_clients import HALF_HEADERS, closed_within, still_open
 
 pytestmark = pytest.mark.integration
@@ -78,11 +78,8 @@ class Seen:
 def make_app(seen: Seen):
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await answer_lifespan(receive, send)
+            return
         path = scope["path"]
         body = b"ok"
         if path == "/slow":

@@ -26,14 +26,20 @@ def running(serving: Serving, timeout: float = 20):
         thread.join(timeout)
 
 
+async def answer_lifespan(receive, send) -> None:
+    """What a test app does with uvicorn's lifespan scope: complete startup and shutdown, nothing else."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
 async def echo_tls(scope, receive, send):
     """A test app that answers with what it sees of TLS: the ASGI TLS extension, or null."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
+        await answer_lifespan(receive, send)
+        return
     body = json.dumps({"tls": (scope.get("extensions") or {}).get(TLS_EXTENSION)}).encode()
     await send(
         {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
