@@ -2,9 +2,10 @@
 #
 #   make synth   set up a fresh machine (.venv with Node 24, the pinned CDK CLI) and
 #                synthesize every environment's stage into cdk.out/ (offline; no AWS calls)
-#   make test    set up, then ruff check + ruff format --check + pytest (tests/unit, tests/infra, tests/integration)
+#   make test    set up, then ruff check + ruff format --check + pytest (every folder of tests/)
 #   make lint    ruff check + cfn-lint over the synthesized templates
 #   make local   the whole system on loopback (moto, MLflow over mTLS, API, Redis, auth double, worker)
+#   make fuzz    the structure-aware fuzz suite (tests/fuzz), FUZZ_EXAMPLES per property (20000)
 #   make bench   every benchmark, one run; figures into benchmarks/RESULTS.md
 #   make clean   remove what the targets build
 #
@@ -35,7 +36,7 @@ export NPM_CONFIG_FUND := false
 export NPM_CONFIG_AUDIT := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup synth test lint local bench clean
+.PHONY: setup synth test lint local fuzz bench clean
 
 setup: $(VENV_STAMP) $(NODE_STAMP)
 
@@ -77,6 +78,12 @@ lint: synth
 LOCAL_ARGS ?=
 local: setup
 	@python -m local_stack up $(LOCAL_ARGS)
+
+# `make test` runs tests/fuzz with Hypothesis's `suite` profile (100 examples per property);
+# this runs the same properties much longer. A failure prints the falsifying example and fails.
+FUZZ_EXAMPLES ?= 20000
+fuzz: setup
+	@HOKUSAI_MTLS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) pytest tests/fuzz -q --hypothesis-profile=fuzz --hypothesis-show-statistics
 
 # Reports, never gates: a missed target prints MISS and exits 0; an error exits non-zero.
 BENCH_ARGS ?=

@@ -1,8 +1,10 @@
 """Every benchmark in one run, one report: benchmarks/RESULTS.md (`make bench`).
 
 Runs bench_prd (the PRD's comparison), bench_tls (keep-alive mTLS vs plain, ECDSA vs RSA-4096
-handshakes, the middleware's cost), bench_issuance (our CLI vs the seed's openssl script) and
-bench_synth (cdk synth of 1/3/10 environments), each as its own process with `--json`, so one
+handshakes, the middleware's cost), bench_proxy (the API's `/mlflow` proxy against calling MLflow
+directly: p50 at 50 concurrent clients, a 50 MB download and upload), bench_issuance (our CLI vs
+the seed's openssl script) and bench_synth (cdk synth of 1/3/10 environments), each as its own
+process with `--json`, so one
 bench's servers, environment variables and imports cannot touch another's and a crash is
 reported instead of ending the suite. Each bench computes its own figures against its targets
 (`benchmarks.common.figure`); this script tabulates them, describes the machine, and writes the
@@ -73,6 +75,17 @@ BENCHES: dict[str, Bench] = {
         "the bare app (a trivial Starlette app, so the middleware's share is as large as it gets).",
         full=[],  # --repeat 3 --ops 150 --seconds 4
         quick=["--repeat", "1", "--ops", "30", "--seconds", "1", "--metrics-seconds", "1"],
+    ),
+    "proxy": Bench(
+        "bench_proxy.py",
+        "The API's /mlflow proxy against calling MLflow directly",
+        "One `serve-mlflow` (strict mTLS) and one `serve-api` in front of it, as the images run them. "
+        "Direct: https:// to MLflow with the API's client certificate; proxied: http:// to the API with "
+        "an API key, then the proxy's pooled mTLS connections. 50 concurrent keep-alive callers "
+        "(MLflow's `/version` and `experiments/get`, rounds alternating), the TLS handshakes MLflow "
+        "counted per proxied request, and a 50 MB artifact downloaded and uploaded both ways.",
+        full=[],  # --clients 50 --rounds 6 --requests 5 --size-mb 50 --transfers 5
+        quick=["--rounds", "2", "--requests", "3", "--transfers", "1"],
     ),
     "issuance": Bench(
         "bench_issuance.py",
@@ -324,6 +337,30 @@ def details(name: str, report: dict) -> list[str]:
                 f"Middleware in-process: app {b['app_us']:.1f} us, app + middleware "
                 f"{b['app_with_middleware_us']:.1f} us per request."
             )
+        return lines
+    if name == "proxy":
+        r = report["result"]
+        lat, bodies = r["latency"], r["bodies"]
+        lines = [
+            "",
+            f"{lat['clients']} concurrent callers x {lat['requests_per_client']} requests x {lat['rounds']} rounds "
+            f"per case and call; bodies {bodies['size_bytes'] / 1e6:.0f} MB, {bodies['repeat']} each way.",
+            "",
+            "| call / case | n | p50 | p99 | new handshakes per request |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for call, measured in lat["calls"].items():
+            lines += [
+                f"| {call} / {case} | {row['n']} | {row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | "
+                f"{row['handshakes_per_request']:.3f} |"
+                for case, row in measured["rows"].items()
+            ]
+        lines += ["", "| body / case | median | MB/s |", "| --- | ---: | ---: |"]
+        for kind in ("download", "upload"):
+            lines += [
+                f"| {kind} / {case} | {row['median_s']:.3f} s | {row['mb_per_s']:.0f} |"
+                for case, row in bodies[kind]["rows"].items()
+            ]
         return lines
     if name == "issuance":
         lines = ["", "| case | median | min |", "| --- | ---: | ---: |"]

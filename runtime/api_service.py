@@ -8,6 +8,11 @@ knows the API called and never asks the auth service. The platform's application
 
 Start-up runs `configure_internal_mtls()` first, which also points this process's MLflow
 client at the same certificate files.
+
+Background jobs (`runtime.serving`): the EMF metrics every `HOKUSAI_MTLS_METRICS_SECONDS` (the
+setting serve-mlflow reads) and once more at shutdown, the certificate refresh; at shutdown the
+MLflow and auth-service clients and the process's one Redis pool (shared by the key cache and the
+rate limiter, `runtime.redis_client`) are closed.
 """
 
 from __future__ import annotations
@@ -22,21 +27,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from runtime import mlflow_routes, names, pem
+from runtime import mlflow_routes, names, pem, redis_client
 from runtime.adaptive_client import ClientTLS, create_adaptive_client
 from runtime.api_keys import ApiKeyValidator, AuthServiceClient
 from runtime.client_address import AddressPolicy
 from runtime.connection_limits import api_limits
 from runtime.inspection import days_left
 from runtime.key_cache import cache_from_environ
-from runtime.metrics import Metrics
+from runtime.metrics import Metrics, interval_from_environ
 from runtime.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.mlflow_config import configure_internal_mtls
 from runtime.mlflow_proxy import mlflow_proxy_app
 from runtime.peer_identity import IdentityPolicy
 from runtime.rate_limit import limiter_from_environ
 from runtime.security_level import SecurityLevel
-from runtime.serving import Listener, Serving, every
+from runtime.serving import Background, Listener, Serving, periodic
 
 ENV_API_APP = "HOKUSAI_API_APP"
 """`module:attribute` of the platform's ASGI app to mount at `/`; unset: only /health and /mlflow."""
@@ -85,17 +90,25 @@ class ApiService:
         self.upstream = mlflow_url(writable, self.loaded.level)
         self.environ = writable
         self.client_tls = ClientTLS.from_environ(writable)
-        self.client = create_adaptive_client(environ=writable, tls=self.client_tls)
+        # One pooled connection per request the API can hold at once: no handshake per call below its bound.
+        self.client = create_adaptive_client(
+            environ=writable, tls=self.client_tls, max_connections=api_limits(writable).max_connections
+        )
         self.metrics = Metrics(environment=environment, service=names.API_SERVICE)
+        self.metrics_seconds = interval_from_environ(writable)
         routes = [
             Route("/health", self.health),
             Mount(MLFLOW_MOUNT, mlflow_proxy_app(self.upstream, self.client)),
         ]
         if (platform := _platform_app(writable)) is not None:
             routes.append(Mount("/", platform))
+        self.redis = redis_client.redis_from_environ(writable)  # one bounded pool: cache and limiter
         auth_url = writable.get(names.ENV_AUTH_SERVICE_URL)
+        self.auth_client = AuthServiceClient(auth_url) if auth_url else None
         validator = (
-            ApiKeyValidator(AuthServiceClient(auth_url), cache_from_environ(writable)) if auth_url else None
+            ApiKeyValidator(self.auth_client, cache_from_environ(writable, self.redis))
+            if self.auth_client is not None
+            else None
         )
         addresses = AddressPolicy.from_environ(writable)
         edge = options_from_environ(writable)
@@ -104,7 +117,7 @@ class ApiService:
             identities=IdentityPolicy.from_environ({**writable, names.ENV_ENVIRONMENT: environment}),
             addresses=addresses,
             validator=validator,
-            limiter=limiter_from_environ(writable),
+            limiter=limiter_from_environ(writable, self.redis),
             metrics=self.metrics,
             required_scope=proxied_mlflow_scope,
             mlflow_errors=is_proxied_mlflow,
@@ -120,7 +133,7 @@ class ApiService:
     def refresh(self) -> None:
         """Load the rotated identity (the loader verifies it, then swaps the files) and use it
         for the next connections to MLflow; the previous set stays if anything is wrong."""
-        self.loaded = configure_internal_mtls(role=names.API.role, environ=self.environ, reload=True)
+        self.loaded = configure_internal_mtls(role=names.API.role, environ=self.environ, refresh=True)
         self.client_tls.reload()
 
     async def health(self, request: Request) -> JSONResponse:
@@ -138,22 +151,31 @@ class ApiService:
             [Listener("api", host, port, self.app)],
             limits=api_limits(self.environ),  # keep-alive 65 s: longer than the ALB's idle timeout
             background=[
-                lambda: every(60, self.metrics.flush),
-                lambda: every(float(self.environ.get(names.ENV_REFRESH_SECONDS, 300)), self.refresh),
-                self._close_client_at_exit,
+                periodic("metrics", self.metrics_seconds, self.metrics.flush, at_exit=True),
+                periodic(
+                    "certificate refresh",
+                    float(self.environ.get(names.ENV_REFRESH_SECONDS, 300)),
+                    self.refresh,
+                ),
+                *self._clients_to_close(),
             ],
         )
 
-    async def _close_client_at_exit(self) -> None:
-        try:
-            await asyncio.Event().wait()  # until Serving cancels its background jobs
-        finally:
-            await self.client.aclose()
+    def _clients_to_close(self) -> list[Background]:
+        """Closed at exit, each on its own (one that fails leaves the others to close)."""
+        jobs = [Background("MLflow client", at_exit=self.client.aclose)]
+        if self.auth_client is not None:
+            jobs.append(Background("auth service client", at_exit=self.auth_client.aclose))
+        if self.redis is not None:
+            jobs.append(Background("Redis pool", at_exit=self.redis.aclose))
+        return jobs
 
 
 def serve_api(
     *, host: str | None = None, port: int | None = None, environ: Mapping[str, str] = os.environ
 ) -> None:
     api_limits(environ)  # a bad timeout or bound: exit 1 naming the variable, before any work
+    interval_from_environ(environ)
+    redis_client.max_connections(environ)
     service = ApiService(environ)
     asyncio.run(service.serving(host or "0.0.0.0", port or names.API_PORT).run())  # noqa: S104 - in its SG

@@ -19,10 +19,9 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from cryptography import x509
-
 from runtime.bounded_h11 import BoundedH11Protocol
-from runtime.pem import certificate_pem
+from runtime.errors import PemError
+from runtime.pem import certificate_pem, load_der_certificate
 
 TLS_EXTENSION = "tls"
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -33,12 +32,17 @@ def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
     der = ssl_object.getpeercert(binary_form=True)
     # With CERT_NONE OpenSSL hands over a peer certificate it never checked: never expose that.
     verified = der is not None and ssl_object.context.verify_mode != ssl.CERT_NONE
-    certificate = x509.load_der_x509_certificate(der) if verified else None
+    certificate, error = None, None
+    if verified:
+        try:  # OpenSSL verified it, but cryptography may still refuse a field: then it names no one
+            certificate = load_der_certificate(der, "the client certificate")
+        except PemError as exc:
+            error = str(exc)
     return {
         "server_cert": None,
         "client_cert_chain": [certificate_pem(certificate).decode()] if certificate else [],
         "client_cert_name": certificate.subject.rfc4514_string() if certificate else None,
-        "client_cert_error": None,
+        "client_cert_error": error,
         "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
         "cipher_suite": None,  # the ssl module exposes the cipher's name, not its IANA number
     }

@@ -39,7 +39,15 @@ def verify_for(
     environment: str,
     now: dt.datetime | None = None,
 ) -> x509.Certificate:
-    """Verify `tls` as `identity` of `environment`: server name for MLflow, SPIFFE ID for clients."""
+    """Verify `tls` as `identity` of `environment`: the one verification of a role's certificates.
+
+    `certs verify --dir`, `certs upload` (both through `CertificateSet.verify`) and the loader
+    all call this, so none can accept what another refuses: every CA of the bundle belongs to
+    `environment` (a development CA in production's bundle is refused), then the leaf is checked
+    for its role: the server name for MLflow, the SPIFFE ID for clients.
+    """
+    for certificate in bundle:
+        check_ca_environment(certificate, environment)
     if identity.kind is names.Kind.SERVER:
         return verify_identity(
             tls, bundle, kind=identity.kind, hostname=names.mlflow_hostname(environment), now=now
@@ -97,8 +105,6 @@ class CertificateSet:
         missing = [i.name for i in names.IDENTITIES if i.name not in self.identities]
         if missing:
             raise CertificateSetError(f"the {self.environment} set lacks identities: {', '.join(missing)}")
-        for certificate in self.trust_bundle:
-            check_ca_environment(certificate, self.environment)
         if self.ca is not None and self.ca.certificate not in self.trust_bundle:
             raise CertificateSetError(
                 f"the issuing CA {self.ca.certificate.subject.rfc4514_string()} is not in the trust bundle"

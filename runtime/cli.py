@@ -2,7 +2,9 @@
 
 Replaces the seed's `generate_mtls_certs.sh` and `load_mlflow_certs.sh`. Results go to
 stdout (for `load-certs`: shell lines to `eval`); logs and errors go to stderr. Exit
-status: 0 success, 1 a named failure (`error [code]: ...`), 2 a usage error.
+status: 0 success, 1 a failure, always one line `hokusai-mtls: error [code]: ...` (a named
+error's code; `invalid-value` for a setting or argument refused, `os-error`, and
+`unexpected-error` for anything unforeseen, never a traceback), 2 a usage error.
 
 Logging (every command, so also `serve-api`, `serve-mlflow`, `run` and `load-certs`): one
 stderr handler at `--log-level` / HOKUSAI_MTLS_LOG_LEVEL (INFO; `-q`: WARNING), with
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from runtime import __version__, log_redaction, names, pem
 from runtime.certset import CertificateSet, load_ca_dir
-from runtime.errors import MtlsError
+from runtime.errors import MtlsError, UnexpectedError
 from runtime.identity import TLSIdentity
 from runtime.inspection import describe, format_text
 from runtime.issuance import DEFAULT_CA_LIFETIME_DAYS, KeyType
@@ -355,10 +357,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hokusai-mtls: error: {exc}", file=sys.stderr)
         return 2
     except MtlsError as exc:
-        print(f"hokusai-mtls: error [{exc.code}]: {exc}", file=sys.stderr)
-    except (ValueError, OSError) as exc:
-        print(f"hokusai-mtls: error: {exc}", file=sys.stderr)
+        _error(exc.code, exc)
+    except ValueError as exc:  # a setting or argument our checks refused with a message
+        _error(INVALID_VALUE, exc)
+    except OSError as exc:
+        _error(OS_ERROR, exc)
+    except Exception as exc:  # hostile input reached code that raised what no check named: no traceback
+        log.debug("unexpected error", exc_info=True)  # the traceback, for HOKUSAI_MTLS_LOG_LEVEL=DEBUG
+        _error(UnexpectedError.code, f"{type(exc).__name__}: {exc}")
     return 1
+
+
+INVALID_VALUE = "invalid-value"
+OS_ERROR = "os-error"
+
+
+def _error(code: str, message: object) -> None:
+    """Every failure prints one line, `hokusai-mtls: error [code]: message`, for people and scripts."""
+    print(f"hokusai-mtls: error [{code}]: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

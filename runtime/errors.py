@@ -143,10 +143,27 @@ class LoadError(MtlsError):
     code = "load-failed"
 
 
+class RefreshError(LoadError):
+    """A refresh could not fetch or verify a new set: the running service keeps the one it has.
+
+    Raised in every environment: the development fallback is for start-up only (a fresh
+    development CA in the middle of a Secrets Manager outage would break every client).
+    """
+
+    code = "refresh-failed"
+
+
 class OutputExistsError(MtlsError):
     """Refusing to overwrite certificates or keys that are already there."""
 
     code = "output-exists"
+
+
+class UnexpectedError(MtlsError):
+    """A failure no check of ours names (a bug, or input we did not foresee): reported with its
+    type and message, never as a traceback, and counted as a failure like any other."""
+
+    code = "unexpected-error"
 
 
 # --- clients ------------------------------------------------------------------------------

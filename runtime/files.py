@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 DATA_LINK = "..data"
@@ -86,9 +86,16 @@ def _point(link: Path, target: str) -> None:
     os.replace(temporary, link)
 
 
-def publish_files(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> dict[str, Path]:
+def publish_files(
+    directory: Path,
+    files: Mapping[str, tuple[bytes, int]],
+    *,
+    check: Callable[[Path], None] | None = None,
+) -> dict[str, Path]:
     """Atomically make `directory/<name>` hold `files` ({name: (content, mode)}) as one version.
 
+    `check(version_directory)` runs on the complete new version before the swap: if it raises,
+    the version is deleted and the previous one stays current (the loader has OpenSSL load it).
     Names of the previous version that the new one lacks are removed, so nothing stale
     stays behind (for example a key after a downgrade to TLS).
     """
@@ -98,6 +105,8 @@ def publish_files(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> di
         for name, (content, mode) in files.items():
             _write_new(version / name, content, mode)
         _fsync_dir(version)
+        if check is not None:
+            check(version)
         _point(directory / DATA_LINK, version.name)
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from runtime import pem
+from runtime import json_input, pem
 from runtime.errors import KeyMismatchError, PemError
 from runtime.names import SECRET_SCHEMA_VERSION
 
@@ -73,16 +73,20 @@ class TLSIdentity:
     def from_secret_string(cls, text: str, source: str) -> TLSIdentity:
         """Parse what `to_secret_string` wrote; errors name the missing or bad field."""
         try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PemError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            document = json_input.loads(text)
+        except ValueError as exc:
+            raise PemError(f"{source}: {exc}") from None
         if not isinstance(document, dict):
             raise PemError(f"{source}: expected a JSON object with certificate and private_key")
         missing = [f for f in ("certificate", "private_key") if not isinstance(document.get(f), str)]
         if missing:
             raise PemError(f"{source}: JSON field(s) {', '.join(missing)} missing or not a string")
-        if document.get("schema", SECRET_SCHEMA_VERSION) != SECRET_SCHEMA_VERSION:
-            raise PemError(
-                f"{source}: unsupported schema {document['schema']!r}; expected {SECRET_SCHEMA_VERSION}"
+        schema = document.get("schema", SECRET_SCHEMA_VERSION)
+        if type(schema) is not int or schema != SECRET_SCHEMA_VERSION:
+            shown = (
+                repr(schema)
+                if isinstance(schema, int | str) and len(str(schema)) <= 20
+                else type(schema).__name__
             )
+            raise PemError(f"{source}: unsupported schema {shown}; expected {SECRET_SCHEMA_VERSION}")
         return cls.from_pem(document["certificate"], document["private_key"], source)

@@ -3,7 +3,9 @@
 An entry is an `ApiKeyInfo` or `NEGATIVE` ("the auth service does not know this key"); a miss
 is None. The cache is an optimisation, never the authority: a Redis that fails is logged and
 treated as a miss (and skipped for a few seconds, `redis_client.Breaker`), so requests go to
-the auth service instead of failing.
+the auth service instead of failing. With Redis, the cache uses the process's one bounded pool,
+shared with the rate limiter (`runtime.redis_client`), so a burst of requests waits briefly for a
+connection instead of opening one per request.
 
 Redis is trusted: whoever can write to it can put a made-up `ApiKeyInfo` under the
 fingerprint of a key of their choosing. Keep it private to the API tasks, with AUTH and TLS
@@ -112,11 +114,15 @@ class RedisKeyCache:
         self.breaker.succeeded()
 
 
-def cache_from_environ(environ: Mapping[str, str]) -> KeyCache:
-    """`REDIS_URL` set: a RedisKeyCache shared by every instance; else an in-process MemoryKeyCache."""
-    client = redis_client.redis_from_environ(environ)
-    if client is None:
+def cache_from_environ(environ: Mapping[str, str], redis: redis.asyncio.Redis | None = None) -> KeyCache:
+    """`REDIS_URL` set: a RedisKeyCache shared by every instance; else an in-process MemoryKeyCache.
+
+    `redis`: the process's one client (`redis_client.redis_from_environ`), which the rate limiter
+    shares and the service closes at shutdown; without it the cache makes a pool of its own.
+    """
+    if not redis_client.configured(environ):
         log.info("key cache: in-process memory (no %s)", redis_client.ENV_REDIS_URL)
         return MemoryKeyCache()
+    client = redis if redis is not None else redis_client.redis_from_environ(environ)
     log.info("key cache: Redis at %s", redis_client.describe(environ))
     return RedisKeyCache(client)

@@ -1,9 +1,20 @@
 """Load one role's certificates into its container: fetch, verify everything, then write.
 
 The order is the guarantee: nothing touches the disk until the trust bundle and the
-identity have been fetched and verified together, and then they replace the previous
-files in one atomic swap (`runtime.files.publish_files`). A failed load leaves the
-last good set in place.
+identity have been fetched and verified together (`runtime.certset.verify_for`, the same
+verification `certs verify --dir` and `certs upload` run), the log line describing them has
+been written, and OpenSSL has loaded the new version from its own directory; only then does it
+replace the previous files in one atomic swap (`runtime.files.publish_files`). A failed load
+leaves the last good set in place, and whatever fails (a named error, or one nobody foresaw)
+becomes a problem in the list, never a traceback.
+
+Reading Secrets Manager has a budget (HOKUSAI_MTLS_SECRETS_BUDGET_SECONDS, default 30 s, every
+retry included), so a hung endpoint fails the start well inside ECS's 60 s health-check grace.
+
+A refresh (`refresh=True`: a running service re-loading) that cannot fetch or verify a new set
+raises `RefreshError` in every environment and keeps the files it has: the development fallback
+below is for start-up only (during an outage it would swap in a certificate from a new CA that
+no running client trusts).
 
 Security level (seed 003), logged once:
 - `ENABLE_MTLS_AUTH=false` -> INSECURE, the explicit rollback; nothing is fetched.
@@ -18,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +38,12 @@ from typing import TYPE_CHECKING, TypeVar
 from runtime import names, pem
 from runtime.certset import verify_for
 from runtime.dev_ca import default_dev_ca_dir, load_or_create_dev_ca
-from runtime.errors import LoadError, MtlsError
+from runtime.errors import LoadError, MtlsError, RefreshError, UnexpectedError
 from runtime.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, publish_files
 from runtime.identity import TLSIdentity
 from runtime.inspection import days_left
 from runtime.security_level import SecurityLevel, parse_flag
+from runtime.tls_context import check_openssl_accepts
 
 if TYPE_CHECKING:  # boto3 is imported only when a store is really needed (fast CLI start)
     from runtime.secret_store import SecretStore
@@ -41,6 +54,7 @@ T = TypeVar("T")
 SOURCE_SECRETS = "secrets-manager"
 SOURCE_DEV_CA = "development-ca"
 SOURCE_NONE = "none"
+DEFAULT_SECRETS_BUDGET_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -58,10 +72,16 @@ class LoaderSettings:
     """Overrides `hokusai/<env>/mlflow/ca-cert` (HOKUSAI_MTLS_CA_BUNDLE_SECRET, set by the stack)."""
     identity_secret: str | None = None
     """Overrides `hokusai/<env>/mlflow/<identity>-identity` (HOKUSAI_MTLS_IDENTITY_SECRET)."""
+    secrets_budget_seconds: float = DEFAULT_SECRETS_BUDGET_SECONDS
+    """The most one load spends reading Secrets Manager (HOKUSAI_MTLS_SECRETS_BUDGET_SECONDS)."""
 
     def __post_init__(self) -> None:
         names.check_environment(self.environment)
         names.identity_for_role(self.role)
+        if not 0 < self.secrets_budget_seconds < float("inf"):
+            raise ValueError(
+                f"{names.ENV_SECRETS_BUDGET_SECONDS}={self.secrets_budget_seconds!r}: expected a positive number of seconds"
+            )
 
     @property
     def identity(self) -> names.Identity:
@@ -85,8 +105,11 @@ class LoaderSettings:
             "region": environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"),
             "ca_bundle_secret": environ.get(names.ENV_CA_BUNDLE_SECRET) or None,
             "identity_secret": environ.get(names.ENV_IDENTITY_SECRET) or None,
+            "secrets_budget_seconds": _seconds(environ, names.ENV_SECRETS_BUDGET_SECONDS),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["secrets_budget_seconds"] is None:
+            del values["secrets_budget_seconds"]  # the field's default
         for required, variable in (("environment", names.ENV_ENVIRONMENT), ("role", names.ENV_ROLE)):
             if not values[required]:
                 raise ValueError(
@@ -95,6 +118,16 @@ class LoaderSettings:
         return cls(
             **{k: (Path(v) if k in ("cert_dir", "dev_ca_dir") and v else v) for k, v in values.items()}
         )
+
+
+def _seconds(environ: Mapping[str, str], variable: str) -> float | None:
+    raw = (environ.get(variable) or "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{variable}={raw!r}: expected a number of seconds") from None
 
 
 @dataclass(frozen=True)
@@ -156,11 +189,15 @@ def _default_store(settings: LoaderSettings) -> SecretStore:
 
 
 def _attempt(action: Callable[[], T], problems: list[str]) -> T | None:
+    """`action()`, or None with the failure added to `problems`: a named error with its code, and
+    anything else (hostile input can reach code that raises what no one named) as unexpected."""
     try:
         return action()
     except MtlsError as exc:
         problems.append(f"[{exc.code}] {exc}")
-        return None
+    except Exception as exc:  # the loader ends in a level or `load-failed`, never a traceback
+        problems.append(f"[{UnexpectedError.code}] {type(exc).__name__}: {exc}")
+    return None
 
 
 def _files_for(identity: names.Identity, bundle, tls: TLSIdentity | None) -> dict[str, tuple[bytes, int]]:
@@ -173,9 +210,15 @@ def _files_for(identity: names.Identity, bundle, tls: TLSIdentity | None) -> dic
     return files
 
 
-def load_certificates(settings: LoaderSettings, *, store: SecretStore | None = None) -> LoadResult:
-    """Fetch, verify and write the role's certificates; log the resulting security level once."""
-    result = _load(settings, store)
+def load_certificates(
+    settings: LoaderSettings, *, store: SecretStore | None = None, refresh: bool = False
+) -> LoadResult:
+    """Fetch, verify and write the role's certificates; log the resulting security level once.
+
+    `refresh=True`: a running service re-loads; anything short of a new verified set raises
+    `RefreshError` and leaves the files as they are (the service keeps serving what it has).
+    """
+    result = _load(settings, store, refresh)
     if result.level is SecurityLevel.MTLS and result.source == SOURCE_SECRETS:
         log.info(result.summary())
     else:
@@ -183,7 +226,29 @@ def load_certificates(settings: LoaderSettings, *, store: SecretStore | None = N
     return result
 
 
-def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
+def _publish(
+    settings: LoaderSettings,
+    level: SecurityLevel,
+    source: str,
+    files: dict[str, tuple[bytes, int]],
+    tls: TLSIdentity | None = None,
+    problems: tuple[str, ...] = (),
+) -> LoadResult:
+    """Describe the set, have OpenSSL load it, and only then swap it in: nothing fails after the swap."""
+    directory = settings.directory
+    result = LoadResult(settings, level, source, {name: directory / name for name in files}, tls, problems)
+    result.summary()  # a certificate that cannot be described is refused here, not after the swap
+    kind = settings.identity.kind
+
+    def openssl_loads(version: Path) -> None:
+        if tls is not None:
+            check_openssl_accepts(version, kind)
+
+    publish_files(directory, files, check=openssl_loads)
+    return result
+
+
+def _load(settings: LoaderSettings, store: SecretStore | None, refresh: bool) -> LoadResult:
     identity, environment = settings.identity, settings.environment
     if not settings.enable_mtls:
         log.warning(
@@ -192,15 +257,29 @@ def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
         return LoadResult(settings, SecurityLevel.INSECURE, SOURCE_NONE, {})
 
     problems: list[str] = []
+    deadline = time.monotonic() + settings.secrets_budget_seconds
     store = store or _attempt(lambda: _default_store(settings), problems)
     bundle = tls = None
     if store is not None:
-        bundle = _attempt(lambda: store.fetch_trust_bundle(settings.ca_bundle_secret), problems)
-        tls = _attempt(lambda: store.fetch_identity(identity, settings.identity_secret), problems)
+        bundle = _attempt(
+            lambda: store.fetch_trust_bundle(settings.ca_bundle_secret, deadline=deadline), problems
+        )
+        tls = _attempt(
+            lambda: store.fetch_identity(identity, settings.identity_secret, deadline=deadline), problems
+        )
     if bundle and tls and _attempt(lambda: verify_for(identity, tls, bundle, environment), problems):
-        written = publish_files(settings.directory, _files_for(identity, bundle, tls))
-        return LoadResult(settings, SecurityLevel.MTLS, SOURCE_SECRETS, written, tls)
+        files = _files_for(identity, bundle, tls)
+        result = _attempt(
+            lambda: _publish(settings, SecurityLevel.MTLS, SOURCE_SECRETS, files, tls), problems
+        )
+        if result is not None:
+            return result
 
+    if refresh:
+        raise RefreshError(
+            f"role {settings.role} in {environment}: no new set loaded; still using the files in "
+            f"{settings.directory}. Problems: " + "; ".join(problems)
+        )
     if environment not in names.DEGRADABLE_ENVIRONMENTS:
         raise LoadError(
             f"{environment} requires mTLS and the certificates for role {settings.role} did not load; "
@@ -212,8 +291,8 @@ def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
         "; ".join(problems),
     )
     if bundle and identity.kind is names.Kind.CLIENT:
-        written = publish_files(settings.directory, _files_for(identity, bundle, None))
-        return LoadResult(settings, SecurityLevel.TLS, SOURCE_SECRETS, written, None, tuple(problems))
+        files = _files_for(identity, bundle, None)
+        return _publish(settings, SecurityLevel.TLS, SOURCE_SECRETS, files, None, tuple(problems))
     try:
         ca = load_or_create_dev_ca(settings.dev_ca_dir, environment)
         tls = ca.issue(
@@ -221,7 +300,8 @@ def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
             identity,
             **({"extra_sans": ("localhost", "127.0.0.1")} if identity.kind is names.Kind.SERVER else {}),
         )
-        written = publish_files(settings.directory, _files_for(identity, [ca.certificate], tls))
+        files = _files_for(identity, [ca.certificate], tls)
+        result = _publish(settings, SecurityLevel.MTLS, SOURCE_DEV_CA, files, tls, tuple(problems))
     except (OSError, MtlsError) as exc:
         problems.append(f"development CA in {settings.dev_ca_dir}: {exc}")
         log.warning("DEVELOPMENT FALLBACK: no certificates at all, running INSECURE (plain HTTP)")
@@ -230,4 +310,4 @@ def _load(settings: LoaderSettings, store: SecretStore | None) -> LoadResult:
         "DEVELOPMENT FALLBACK: issued a local certificate from the development-only CA in %s",
         settings.dev_ca_dir,
     )
-    return LoadResult(settings, SecurityLevel.MTLS, SOURCE_DEV_CA, written, tls, tuple(problems))
+    return result

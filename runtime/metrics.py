@@ -3,7 +3,10 @@
 Names, namespace and dimensions are `runtime.names`'s: the CDK dashboard and alarms read
 exactly what is published here. Requests only touch in-memory counters; EMF lines are
 written by `flush()` on an interval (one line per dimension set and interval, not one per
-request), so metrics cost no I/O on the request path.
+request), so metrics cost no I/O on the request path. The interval is
+`HOKUSAI_MTLS_METRICS_SECONDS` for serve-mlflow and serve-api alike (`interval_from_environ`),
+and both flush once more at shutdown, after their listeners have drained (`runtime.serving`'s
+at-exit actions), so a deploy loses no counts.
 
 Handshakes: OpenSSL calls our SNI callback at the start of every handshake and uvicorn's
 protocol learns of each completed one, so failures = started - completed in an interval.
@@ -12,11 +15,12 @@ protocol learns of each completed one, so failures = started - completed in an i
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -26,6 +30,28 @@ from runtime import names
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _EMF_MAX_VALUES = 100  # EMF allows at most 100 distinct values per metric per line
+DEFAULT_INTERVAL_SECONDS = 60.0
+MAX_INTERVAL_SECONDS = 24 * 3600.0
+
+
+def interval_from_environ(environ: Mapping[str, str]) -> float:
+    """`HOKUSAI_MTLS_METRICS_SECONDS` (default 60): how often the EMF lines are written.
+
+    ValueError naming the variable unless it is a number of seconds above 0 and at most a day.
+    """
+    raw = environ.get(names.ENV_METRICS_SECONDS, "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_INTERVAL_SECONDS):
+        raise ValueError(
+            f"{names.ENV_METRICS_SECONDS}={raw!r}: expected seconds, more than 0 and at most "
+            f"{MAX_INTERVAL_SECONDS:.0f}"
+        )
+    return seconds
 
 
 class Metrics:
@@ -44,6 +70,7 @@ class Metrics:
         self._stream = stream or sys.stdout
         self._clock = clock
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # a periodic and the final flush never interleave their lines
         self.registry = CollectorRegistry()
         labels = ("environment", "service")
         self._prom_auth = PromCounter(
@@ -194,9 +221,11 @@ class Metrics:
                     {names.METRIC_CERT_DAYS_TO_EXPIRY: (left, "None")},
                 )
             )
-        for document in documents:
-            self._stream.write(json.dumps(document, separators=(",", ":")) + "\n")
-        self._stream.flush()
+        text = "".join(json.dumps(document, separators=(",", ":")) + "\n" for document in documents)
+        with self._writing:
+            if text:
+                self._stream.write(text)
+            self._stream.flush()
         return documents
 
     def _emf(self, dimensions: dict[str, str], metrics: dict[str, tuple[object, str]]) -> dict:

@@ -37,7 +37,10 @@ replayed), is never retried.
 
 The client is passed in (see `runtime.adaptive_client`): over mTLS the upstream sees *the API
 service's* certificate on every proxied request, whoever the caller was, so the API must
-authenticate `/mlflow` callers itself before this app runs.
+authenticate `/mlflow` callers itself before this app runs. `serve-api` gives it a pool of as
+many kept-alive connections as the API holds downstream ones, so concurrent proxied calls reuse
+their mTLS connections; each upstream read (up to 64 KiB, all that has arrived) goes down in
+one ASGI message, so a response costs one relay step per read, not per TLS record.
 
 The proxy's own errors are in MLflow's shape (`runtime.http_headers.send_mlflow_error`), so
 MLflow's client reports their code and message, plus `upstream`, `reason` and `request_id`;

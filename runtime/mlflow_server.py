@@ -16,7 +16,10 @@ always a loopback-only health listener on MLFLOW_HEALTH_PORT (`/health`, `/metri
 container health check, which has no client certificate.
 
 The certificates are re-fetched and re-verified every `refresh_seconds` through the loader
-(which only swaps in a set that verifies) and then swapped into the live TLS context.
+(which only swaps in a set that verifies) and then swapped into the live TLS context. The EMF
+metrics are written every `HOKUSAI_MTLS_METRICS_SECONDS` and once more at shutdown, after the
+listeners have drained, so the last interval's requests and refused handshakes are not lost; the
+auth-service client and the Redis pool (one per process, `runtime.redis_client`) are closed then.
 """
 
 from __future__ import annotations
@@ -28,20 +31,20 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from runtime import mlflow_setup, names, pem
+from runtime import mlflow_setup, names, pem, redis_client
 from runtime.api_keys import ApiKeyValidator, AuthServiceClient
 from runtime.client_address import AddressPolicy
 from runtime.connection_limits import mlflow_limits
 from runtime.inspection import days_left, dns_names, ip_addresses
 from runtime.key_cache import cache_from_environ
 from runtime.loader import LoaderSettings, LoadResult, load_certificates
-from runtime.metrics import Metrics
+from runtime.metrics import DEFAULT_INTERVAL_SECONDS, Metrics, interval_from_environ
 from runtime.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.mlflow_routes import mlflow_scope
 from runtime.peer_identity import IdentityPolicy
 from runtime.rate_limit import limiter_from_environ
 from runtime.security_level import SecurityLevel
-from runtime.serving import Listener, Serving, every
+from runtime.serving import Background, Listener, Serving, periodic
 from runtime.tls_context import ReloadableServerContext, ServerFiles
 
 log = logging.getLogger("hokusai_mtls")
@@ -57,7 +60,7 @@ class MlflowServerSettings:
     port: int = names.MLFLOW_PORT
     health_port: int = names.MLFLOW_HEALTH_PORT
     refresh_seconds: float = 300
-    metrics_seconds: float = 60
+    metrics_seconds: float = DEFAULT_INTERVAL_SECONDS
 
     def __post_init__(self) -> None:
         if self.mode not in names.MTLS_MODES:
@@ -83,7 +86,7 @@ class MlflowServerSettings:
             "backend_store_uri": environ.get(names.ENV_MLFLOW_BACKEND_STORE_URI, ""),
             "artifacts_destination": environ.get(names.ENV_MLFLOW_ARTIFACTS_DESTINATION) or None,
             "refresh_seconds": float(environ.get(names.ENV_REFRESH_SECONDS, 300)),
-            "metrics_seconds": float(environ.get(names.ENV_METRICS_SECONDS, 60)),
+            "metrics_seconds": interval_from_environ(environ),
         }
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -123,10 +126,12 @@ class MlflowServer:
                 on_handshake=self.metrics.handshake_started,
             )
             self._record_expiry()
+        self.redis = redis_client.redis_from_environ(environ)  # one bounded pool: cache and limiter
         auth_url = environ.get(names.ENV_AUTH_SERVICE_URL)
+        self.auth_client = AuthServiceClient(auth_url) if auth_url else None
         validator = None
-        if auth_url:
-            validator = ApiKeyValidator(AuthServiceClient(auth_url), cache_from_environ(environ))
+        if self.auth_client is not None:
+            validator = ApiKeyValidator(self.auth_client, cache_from_environ(environ, self.redis))
         else:
             log.warning(
                 "%s is not set: requests without a client certificate are refused (401)",
@@ -146,7 +151,7 @@ class MlflowServer:
             identities=IdentityPolicy.from_environ({**environ, names.ENV_ENVIRONMENT: environment}),
             addresses=AddressPolicy.from_environ(environ),
             validator=validator,
-            limiter=limiter_from_environ(environ),
+            limiter=limiter_from_environ(environ, self.redis),
             metrics=self.metrics,
             enable_mtls=self.tls is not None,
             count_plain=permissive,
@@ -157,9 +162,21 @@ class MlflowServer:
         )
         self.serving = Serving(
             self._listeners(),
-            background=[self._refresh_loop, self._metrics_loop],
+            background=self._background(),
             limits=mlflow_limits(environ),
         )
+
+    def _background(self) -> list[Background]:
+        s = self.settings
+        jobs = [
+            periodic("certificate refresh", s.refresh_seconds, self.refresh),
+            periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
+        ]
+        if self.auth_client is not None:
+            jobs.append(Background("auth service client", at_exit=self.auth_client.aclose))
+        if self.redis is not None:
+            jobs.append(Background("Redis pool", at_exit=self.redis.aclose))
+        return jobs
 
     def _proxy_trust_bundle(self, proxy_kind: str) -> list:
         """The bundle forwarded certificates are verified against, when a proxy forwards them."""
@@ -197,8 +214,11 @@ class MlflowServer:
 
     # --- background ----------------------------------------------------------------------------
     def refresh(self) -> bool:
-        """Re-fetch and verify through the loader, then swap into the live context."""
-        self.loaded = load_certificates(self.settings.loader, store=self.store)
+        """Re-fetch and verify through the loader, then swap into the live context.
+
+        A refresh: anything short of a new verified set raises `RefreshError` (in every
+        environment) and the files and the live context stay as they are."""
+        self.loaded = load_certificates(self.settings.loader, store=self.store, refresh=True)
         changed = self.tls.reload() if self.tls is not None else False
         self._record_expiry()
         return changed
@@ -206,12 +226,6 @@ class MlflowServer:
     def _record_expiry(self) -> None:
         if self.tls is not None:
             self.metrics.certificate_days_left(names.SERVER.name, days_left(self.tls.certificate))
-
-    async def _refresh_loop(self) -> None:
-        await every(self.settings.refresh_seconds, self.refresh)
-
-    async def _metrics_loop(self) -> None:
-        await every(self.settings.metrics_seconds, self.metrics.flush)
 
     # --- health ------------------------------------------------------------------------------------
     def health(self) -> dict:

@@ -52,13 +52,21 @@ ENV_AUTH_SERVICE_URL = "AUTH_SERVICE_URL"
 """The external auth service that validates API keys (the API-key path); unset: no API-key path."""
 ENV_REDIS_URL = "REDIS_URL"
 """Redis for the API-key cache and rate limit, shared by instances; unset: in-memory."""
+ENV_REDIS_MAX_CONNECTIONS = "HOKUSAI_MTLS_REDIS_MAX_CONNECTIONS"
+"""The most connections (default 32) one process opens to Redis: the key cache and the rate limiter
+share one pool (`runtime.redis_client`); a request waits briefly for a free one, then skips Redis."""
 ENV_SERVICE_SCOPES = "HOKUSAI_MTLS_SERVICE_SCOPES"
 """JSON object service -> list of scopes, e.g. {"api": ["mlflow:read", "mlflow:write"]}; unset: the
 runtime's default (`runtime.peer_identity.DEFAULT_SERVICE_SCOPES`)."""
 ENV_REFRESH_SECONDS = "HOKUSAI_MTLS_REFRESH_SECONDS"
 """How often (default 300 s) the servers and the API re-load their certificates from Secrets Manager."""
+ENV_SECRETS_BUDGET_SECONDS = "HOKUSAI_MTLS_SECRETS_BUDGET_SECONDS"
+"""The most time (default 30 s) one load or refresh may spend reading Secrets Manager, every retry
+included; then it fails (start-up: `load-failed` in staging/production) well inside ECS's 60 s
+health-check grace, instead of after 15 s x 5 attempts x 2 secrets."""
 ENV_METRICS_SECONDS = "HOKUSAI_MTLS_METRICS_SECONDS"
-"""How often (default 60 s) the servers write their aggregated EMF metric lines."""
+"""How often (default 60 s) serve-mlflow and serve-api write their aggregated EMF metric lines; they
+write the last interval's at shutdown too (`runtime.metrics.interval_from_environ` reads it)."""
 ENV_SECURITY_LEVEL = "HOKUSAI_MTLS_SECURITY_LEVEL"
 """Exported by the loader so the serving process can report what it runs with."""
 

@@ -17,7 +17,6 @@ extensions lazily and raises more than ValueError, so any failure to read one re
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from runtime import names
+from runtime import json_input, names
 from runtime.asgi_tls import TLS_EXTENSION
 from runtime.inspection import uris
 from runtime.names import ENV_SERVICE_SCOPES
@@ -134,9 +133,9 @@ class IdentityPolicy:
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> IdentityPolicy:
         raw = environ.get(ENV_SERVICE_SCOPES)
         try:
-            scopes = json.loads(raw) if raw else None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{ENV_SERVICE_SCOPES} is not valid JSON: {exc.msg}") from exc
+            scopes = json_input.loads(raw) if raw else None
+        except ValueError as exc:
+            raise ValueError(f"{ENV_SERVICE_SCOPES}: {exc}") from None
         if scopes is not None and not isinstance(scopes, dict):
             raise ValueError(f"{ENV_SERVICE_SCOPES} must be a JSON object of service -> scopes")
         cn_fallback = parse_flag(names.ENV_CN_FALLBACK, environ.get(names.ENV_CN_FALLBACK), default=False)

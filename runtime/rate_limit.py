@@ -4,7 +4,8 @@ Each allowed hit is logged with its time; a hit is allowed while fewer than `lim
 the last `window_seconds`. Refused hits are not logged, so a client that keeps retrying gets
 through as soon as its oldest hit leaves the window (`Retry-After`). `X-RateLimit-Reset` is
 that moment too: when the oldest counted hit leaves the window and `remaining` grows again.
-A limit of None means unlimited; a limit of 0 refuses everything.
+A limit of None means unlimited; a limit of 0 refuses everything. In Redis, the limiter shares
+the process's one bounded pool with the key cache (`runtime.redis_client`).
 
 >>> limiter = MemoryRateLimiter()
 >>> decision = await limiter.hit("key-1", 1000)
@@ -173,14 +174,20 @@ class RedisRateLimiter:
         )
 
 
-def limiter_from_environ(environ: Mapping[str, str]) -> RateLimiter:
-    """`REDIS_URL` set: a RedisRateLimiter shared by every instance; else a MemoryRateLimiter."""
-    client = redis_client.redis_from_environ(environ)
-    if client is None:
+def limiter_from_environ(environ: Mapping[str, str], redis: redis.asyncio.Redis | None = None) -> RateLimiter:
+    """`REDIS_URL` set: a RedisRateLimiter shared by every instance; else a MemoryRateLimiter.
+
+    `redis`: the process's one client (`redis_client.redis_from_environ`), which the key cache
+    shares and the service closes at shutdown; without it the limiter makes a pool of its own.
+    """
+    if not redis_client.configured(environ):
         log.warning(
             "rate limit: in-process memory (no %s): limits are per process, not per deployment",
             redis_client.ENV_REDIS_URL,
         )
         return MemoryRateLimiter()
-    log.info("rate limit: Redis at %s", redis_client.describe(environ))
+    client = redis if redis is not None else redis_client.redis_from_environ(environ)
+    log.info(
+        "rate limit: Redis at %s (%s)", redis_client.describe(environ), redis_client.describe_pool(client)
+    )
     return RedisRateLimiter(client)

@@ -30,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from runtime import names, pem
+from runtime import json_input, names, pem
 from runtime.certset import check_ca_environment, verify_for
 from runtime.errors import CertificateError, MtlsError, SecretContentError, SecretNotFoundError
 from runtime.identity import TLSIdentity
@@ -139,10 +139,11 @@ class RolloverStore(SecretStore):
         except SecretNotFoundError:
             return None  # the secret does not exist yet, or the CDK's shell has no value
         try:
-            if json.loads(value).get("rollover") == NO_NEXT_CA["rollover"]:
-                return None
-        except (ValueError, AttributeError):
-            pass  # not our marker: parse it as a CA below and name the problem
+            document = json_input.loads(value)
+        except ValueError:
+            document = None  # not our marker: parse it as a CA below and name the problem
+        if isinstance(document, dict) and document.get("rollover") == NO_NEXT_CA["rollover"]:
+            return None
         try:
             tls = TLSIdentity.from_secret_string(value, secret_id)
             return CertificateAuthority(tls)

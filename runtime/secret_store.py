@@ -4,6 +4,11 @@ The caller may pass its own boto3 client (tests pass moto's); otherwise one is m
 with botocore's *standard* retry mode, which backs off on throttling and transient
 errors for us. Every failure names the secret and the cause.
 
+A read may carry a deadline (the loader's budget, HOKUSAI_MTLS_SECRETS_BUDGET_SECONDS): the
+call then runs in a daemon thread and is abandoned when the deadline passes, because botocore
+has per-attempt timeouts but no total one (5 attempts of a hung endpoint add up). The abandoned
+call ends by botocore's own timeouts; its result is discarded.
+
 Secret values (see README "Secrets"):
   ca-cert            PEM trust bundle (one or more CAs)
   ca-key             JSON {schema, certificate, private_key}: the issuing CA
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import boto3
@@ -39,6 +46,9 @@ from runtime.verification import check_trust_bundle
 
 RETRY_ATTEMPTS = 5
 """Total attempts per call under botocore's standard retry mode (exponential backoff, jitter)."""
+CONNECT_TIMEOUT_SECONDS = 3
+READ_TIMEOUT_SECONDS = 5
+"""Per attempt: GetSecretValue answers in milliseconds; a hung endpoint should cost an attempt, not 15 s."""
 
 _CLIENT_ERRORS: dict[str, tuple[type[SecretStoreError], str]] = {
     "ResourceNotFoundException": (SecretNotFoundError, "not found"),
@@ -54,7 +64,9 @@ _CLIENT_ERRORS: dict[str, tuple[type[SecretStoreError], str]] = {
 def make_client(region: str | None = None):
     """A Secrets Manager client with standard retries; honours AWS_ENDPOINT_URL_SECRETS_MANAGER."""
     config = Config(
-        retries={"mode": "standard", "total_max_attempts": RETRY_ATTEMPTS}, connect_timeout=5, read_timeout=15
+        retries={"mode": "standard", "total_max_attempts": RETRY_ATTEMPTS},
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        read_timeout=READ_TIMEOUT_SECONDS,
     )
     # ECS sets AWS_REGION; botocore itself reads only AWS_DEFAULT_REGION and the config file.
     region = region or os.environ.get("AWS_REGION") or None
@@ -70,6 +82,38 @@ def translate(secret_id: str, exc: Exception) -> SecretStoreError:
     if isinstance(exc, NoCredentialsError | NoRegionError):
         return SecretUnavailableError(secret_id, f"{exc} (set AWS credentials and AWS_REGION)")
     return SecretUnavailableError(secret_id, f"Secrets Manager unreachable: {exc}")
+
+
+def _before(deadline: float | None, secret_id: str, call):
+    """`call()`, abandoned with `SecretUnavailableError` if it has not answered by `deadline`."""
+    if deadline is None:
+        return call()
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise SecretUnavailableError(
+            secret_id, f"not read: the {names.ENV_SECRETS_BUDGET_SECONDS} budget is spent"
+        )
+    outcome: dict = {}
+    answered = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the waiting thread as is
+            outcome["error"] = exc
+        finally:
+            answered.set()
+
+    threading.Thread(target=run, name=f"hokusai-mtls-read {secret_id}", daemon=True).start()
+    if not answered.wait(remaining):
+        raise SecretUnavailableError(
+            secret_id,
+            f"Secrets Manager did not answer within the time left of the load's budget "
+            f"({names.ENV_SECRETS_BUDGET_SECONDS}); the call is abandoned",
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @dataclass(frozen=True)
@@ -95,37 +139,50 @@ class SecretStore:
         return names.secret_name(self.environment, suffix)
 
     # --- reading ----------------------------------------------------------------------
-    def _get(self, secret_id: str) -> str:
+    def _get(self, secret_id: str, deadline: float | None = None) -> str:
         try:
             # AWSCURRENT is GetSecretValue's default; named, so a read during a rotation's
             # finishSecret sees the version just promoted in moto too (it keeps its own default).
-            response = self._client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
+            response = _before(
+                deadline,
+                secret_id,
+                lambda: self._client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT"),
+            )
         except (ClientError, BotoCoreError) as exc:
             raise translate(secret_id, exc) from exc
         if "SecretString" not in response:
             raise SecretContentError(secret_id, "holds binary data; expected text (PEM or JSON)")
         return response["SecretString"]
 
-    def fetch_trust_bundle(self, secret_id: str | None = None) -> list[x509.Certificate]:
-        """The CA bundle from `ca-cert` (or `secret_id`), checked to hold CA certificates only."""
+    def fetch_trust_bundle(
+        self, secret_id: str | None = None, *, deadline: float | None = None
+    ) -> list[x509.Certificate]:
+        """The CA bundle from `ca-cert` (or `secret_id`), checked to hold CA certificates only.
+
+        `deadline` (`time.monotonic()`): fail with `secret-store-unavailable` once it passes.
+        """
         secret_id = secret_id or self.name(names.CA_BUNDLE_SECRET)
+        value = self._get(secret_id, deadline)
         try:
-            bundle = pem.load_certificates(self._get(secret_id), "SecretString")
+            bundle = pem.load_certificates(value, "SecretString")
             check_trust_bundle(bundle, "SecretString")
         except CertificateError as exc:
             raise SecretContentError(secret_id, str(exc)) from exc
         return bundle
 
-    def _fetch_pair(self, secret_id: str) -> TLSIdentity:
+    def _fetch_pair(self, secret_id: str, deadline: float | None = None) -> TLSIdentity:
+        value = self._get(secret_id, deadline)
         try:
-            parsed = TLSIdentity.from_secret_string(self._get(secret_id), "SecretString")
+            parsed = TLSIdentity.from_secret_string(value, "SecretString")
         except CertificateError as exc:
             raise SecretContentError(secret_id, str(exc)) from exc
         return dataclasses.replace(parsed, source=secret_id)  # later errors name the secret
 
-    def fetch_identity(self, identity: names.Identity, secret_id: str | None = None) -> TLSIdentity:
+    def fetch_identity(
+        self, identity: names.Identity, secret_id: str | None = None, *, deadline: float | None = None
+    ) -> TLSIdentity:
         """One service's certificate and key from `<identity>-identity` (or `secret_id`)."""
-        return self._fetch_pair(secret_id or self.name(identity.secret_suffix))
+        return self._fetch_pair(secret_id or self.name(identity.secret_suffix), deadline)
 
     def fetch_ca(self) -> CertificateAuthority:
         secret_id = self.name(names.CA_KEY_SECRET)

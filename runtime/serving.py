@@ -19,12 +19,23 @@ with 0x16, HTTP with a method name) and hands it to the TLS or the plain uvicorn
 At start the soft RLIMIT_NOFILE is raised to the hard limit (as nginx's `worker_rlimit_nofile`
 does), so a few thousand connections fit where the soft limit is 1024, and the start-up log says
 how many fit.
+
+Background jobs (`Background`, `periodic`) run beside the listeners: a periodic refresh or metrics
+flush, a client to close. Shutdown (SIGTERM, SIGINT or `stop()`) goes in this order: the acceptors
+stop accepting, uvicorn closes idle connections and lets requests in flight finish (up to
+`GRACEFUL_SHUTDOWN_SECONDS`), the app's lifespan shuts down, the jobs' periodic loops are
+cancelled, and then every job's `at_exit` action runs once, together, within `EXIT_TIMEOUT_SECONDS`:
+the metrics' last flush (so the requests and refused handshakes of the interval cut short are
+written, not dropped), closing the Redis pool and the HTTP clients. An action that fails or
+overruns is logged on one line (`at exit: ...`) and the process exits as it would have; blocking
+actions run in daemon threads, so a hung one cannot hold the exit either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import resource
@@ -43,6 +54,7 @@ from runtime.acceptor import Acceptor
 from runtime.asgi_tls import TLSExtensionH11Protocol
 from runtime.bounded_h11 import BoundedH11Protocol
 from runtime.connection_limits import ConnectionLimits, mlflow_limits
+from runtime.errors import MtlsError
 from runtime.tls_context import ReloadableServerContext
 
 log = logging.getLogger("hokusai_mtls")
@@ -50,6 +62,11 @@ log = logging.getLogger("hokusai_mtls")
 BACKLOG = 2048
 FILES_RESERVED = 128
 """Descriptors kept for everything but connections (logs, the database pool, certificate files)."""
+GRACEFUL_SHUTDOWN_SECONDS = 10
+"""How long requests in flight may take to finish after a stop (uvicorn's `timeout_graceful_shutdown`)."""
+EXIT_TIMEOUT_SECONDS = 5.0
+"""How long the background jobs' `at_exit` actions may take together: with the graceful shutdown,
+well inside ECS's default 30 s `stopTimeout` between SIGTERM and SIGKILL."""
 TLS_READ_BUFFER_BYTES = 32 * 1024
 """asyncio gives every TLS connection a 256 KiB read buffer (`asyncio.sslproto.SSLProtocol.max_size`)
 from the moment it is accepted: about 300 KiB per pending handshake or idle TLS connection, 1.2 GiB
@@ -70,6 +87,29 @@ class Listener:
     """With `tls`: plain HTTP on the same port as well, told apart by the first byte."""
     limits: ConnectionLimits | None = None
     """Timeouts and the connection bound of this listener; None: those of its `Serving`."""
+
+
+@dataclass(frozen=True)
+class Background:
+    """A job that runs beside the listeners of a `Serving`.
+
+    `run` (a coroutine function) runs from start until shutdown, when it is cancelled. `at_exit`
+    runs once after that, when the listeners have stopped and their requests have drained: a
+    coroutine function is awaited on the loop, any other callable runs in a daemon thread. Either
+    may be None. See `periodic` for "every N seconds, and once more at exit".
+    """
+
+    name: str
+    run: Callable[[], Awaitable[None]] | None = None
+    at_exit: Callable[[], object] | None = None
+
+
+def periodic(name: str, seconds: float, action: Callable[[], object], *, at_exit: bool = False) -> Background:
+    """Run the blocking `action` in a thread every `seconds` (a failure is logged, the next run
+    comes as planned); with `at_exit`, once more at shutdown, after a run still going has ended:
+    for actions that hold state to write out, such as `Metrics.flush`."""
+    job = _Periodic(name, seconds, action)
+    return Background(name, job.run, job.last_run if at_exit else None)
 
 
 class _ListenerServer(uvicorn.Server):
@@ -98,7 +138,7 @@ def _config(listener: Listener, *, lifespan: str, limits: ConnectionLimits) -> u
         proxy_headers=False,  # never trust X-Forwarded-* here: identity comes from the TLS layer
         server_header=False,
         timeout_keep_alive=limits.keepalive_timeout,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 
 
@@ -129,11 +169,17 @@ class Serving:
         self,
         listeners: Sequence[Listener],
         *,
-        background: Sequence[Callable[[], Awaitable[None]]] = (),
+        background: Sequence[Background | Callable[[], Awaitable[None]]] = (),
         limits: ConnectionLimits | None = None,
+        exit_timeout: float = EXIT_TIMEOUT_SECONDS,
     ) -> None:
+        """`background`: `Background` jobs, or coroutine functions (a job with nothing to do at exit)."""
         self.listeners = list(listeners)
-        self.background = list(background)
+        self.background = [
+            job if isinstance(job, Background) else Background(getattr(job, "__name__", "background"), job)
+            for job in background
+        ]
+        self.exit_timeout = exit_timeout
         self.limits = limits if limits is not None else mlflow_limits(os.environ)
         self.servers: list[_ListenerServer] = []
         self._plans: list[_Plan] = []
@@ -185,7 +231,7 @@ class Serving:
         if any(plan.tls_server is not None for plan in self._plans):
             _bound_tls_buffers()
         serving = [asyncio.create_task(server.serve(sockets=[])) for server in self.servers]
-        jobs = [asyncio.create_task(job(), name="background") for job in self.background]
+        jobs = [asyncio.create_task(job.run(), name=job.name) for job in self.background if job.run]
         try:
             while not all(server.started for server in self.servers):
                 if any(task.done() for task in serving):
@@ -208,9 +254,33 @@ class Serving:
             self._close_acceptors()
             for sock in sockets:
                 sock.close()
+            await asyncio.gather(*serving, return_exceptions=True)  # every listener has drained
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
+            await self._at_exit()
+
+    async def _at_exit(self) -> None:
+        """Every job's `at_exit`, together, within `exit_timeout`; failures logged on one line each."""
+        jobs = [job for job in self.background if job.at_exit is not None]
+        if jobs:
+            await asyncio.gather(*(self._exit_action(job) for job in jobs))
+
+    async def _exit_action(self, job: Background) -> None:
+        action = job.at_exit
+        if inspect.iscoroutinefunction(action):
+            running = asyncio.ensure_future(action())
+        else:
+            running = _in_daemon_thread(action, job.name)
+        done, _ = await asyncio.wait([running], timeout=self.exit_timeout)
+        if not done:
+            running.cancel()
+            log.error(
+                "at exit: %s did not finish within %g s; exiting without it", job.name, self.exit_timeout
+            )
+        elif not running.cancelled() and (exc := running.exception()) is not None:
+            # one line, no traceback: the exit stays the last thing the log says
+            log.error("at exit: %s failed: %s: %s", job.name, type(exc).__name__, exc)
 
     def _log_started(self, room: int) -> None:
         for plan in self._plans:
@@ -312,13 +382,74 @@ def _bound_tls_buffers() -> None:
         protocol.max_size = TLS_READ_BUFFER_BYTES
 
 
-async def every(seconds: float, action: Callable[[], object]) -> None:
-    """Run the blocking `action` in a thread every `seconds`; log and go on when it fails."""
-    while True:
-        await asyncio.sleep(seconds)
+def _in_daemon_thread(action: Callable[[], object], name: str) -> asyncio.Future:
+    """`action()` in a new daemon thread, as a future of this loop.
+
+    Not the loop's default executor: `asyncio.run` waits for that executor's threads before it
+    returns, so one hung call (a certificate fetch, a flush to a blocked stdout) would hold the
+    process past every timeout. A daemon thread that overruns is simply left behind at exit.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
         try:
-            await asyncio.to_thread(action)
-        except Exception:  # a failed refresh must never take the server down
-            log.exception(
-                "periodic %s failed; will retry in %ss", getattr(action, "__name__", "task"), seconds
-            )
+            result, error = action(), None
+        except BaseException as exc:  # handed to the waiting coroutine
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the process is exiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=f"hokusai-mtls {name}", daemon=True).start()
+    return future
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class _Periodic:
+    """The loop behind `periodic` and `every`: one run at a time, the last one awaited at exit."""
+
+    def __init__(self, name: str, seconds: float, action: Callable[[], object]) -> None:
+        self.name = name
+        self.seconds = seconds
+        self.action = action
+        self._current: asyncio.Future | None = None
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.seconds)
+            self._current = _in_daemon_thread(self.action, self.name)
+            self._current.add_done_callback(_retrieved)  # cancelled below, a late failure is not "lost"
+            try:
+                await asyncio.shield(self._current)  # cancelled at shutdown: the run itself goes on
+            except MtlsError as exc:  # a named failure (e.g. `refresh-failed`): its message says it all
+                log.warning(
+                    "periodic %s failed [%s]: %s; will retry in %ss", self.name, exc.code, exc, self.seconds
+                )
+            except Exception:  # a failed refresh must never take the server down
+                log.exception("periodic %s failed; will retry in %ss", self.name, self.seconds)
+
+    async def last_run(self) -> None:
+        """After the run still going (if any), once more: what it held is written, in order."""
+        if self._current is not None and not self._current.done():
+            await asyncio.wait([self._current])
+        await _in_daemon_thread(self.action, self.name)
+
+
+async def every(seconds: float, action: Callable[[], object]) -> None:
+    """Run the blocking `action` in a thread every `seconds`; log and go on when it fails.
+
+    Nothing runs at exit: a job with a last run to make is `periodic(..., at_exit=True)`.
+    """
+    await _Periodic(getattr(action, "__name__", "task"), seconds, action).run()

@@ -59,6 +59,23 @@ def _context(files: ServerFiles) -> tuple[ssl.SSLContext, x509.Certificate]:
     return context, identity.certificate
 
 
+def check_openssl_accepts(directory: Path, kind: names.Kind) -> None:
+    """Load the set in `directory` into the TLS stack that will use it, or raise `CertificateError`.
+
+    `cryptography` and OpenSSL disagree at the edges (key types, encodings): the loader runs this
+    on a new version before it becomes current, so a set OpenSSL refuses never replaces one it took.
+    """
+    try:
+        if kind is names.Kind.SERVER:
+            _context(ServerFiles.from_directory(directory))
+            return
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_cert_chain(directory / names.COMBINED_PEM_FILE)
+        context.load_verify_locations(cafile=str(directory / names.CA_BUNDLE_FILE))
+    except (ssl.SSLError, OSError) as exc:
+        raise CertificateError(f"{directory}: the TLS stack (OpenSSL) refuses the set: {exc}") from exc
+
+
 class ReloadableServerContext:
     """The listener's context (`front`) and the one handshakes really use (swapped by `reload`)."""
 

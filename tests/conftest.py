@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import urllib.request
 
 import boto3
 import pytest
+from hypothesis import HealthCheck, settings
 from moto import mock_aws
 
 from runtime import mlflow_config, names
 from runtime.certset import CertificateSet
 
 REGION = "us-east-1"
+
+# Hypothesis profiles. `suite` (what `make test` loads): 100 examples per property, no deadline,
+# because a loaded CI machine makes per-example timing noise, not a finding. `fuzz` (`make fuzz`,
+# `pytest --hypothesis-profile=fuzz`): HOKUSAI_MTLS_FUZZ_EXAMPLES per property (20,000).
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "fuzz",
+    parent=settings.get_profile("suite"),
+    max_examples=int(os.environ.get("HOKUSAI_MTLS_FUZZ_EXAMPLES", "20000")),
+)
+settings.load_profile("suite")
 
 
 @pytest.fixture(autouse=True)

@@ -41,7 +41,7 @@ import ssl
 
 from cryptography import x509
 
-from runtime import names, pem, rollover
+from runtime import json_input, names, pem, rollover
 from runtime.certset import check_ca_environment, verify_for
 from runtime.errors import MtlsError
 from runtime.identity import TLSIdentity
@@ -261,7 +261,7 @@ def _switch_unfinished(state: rollover.State) -> bool:
 
 def _is_marker(value: str) -> bool:
     try:
-        return json.loads(value) == rollover.NO_NEXT_CA
+        return json_input.loads(value) == rollover.NO_NEXT_CA
     except ValueError:
         return False
 

@@ -266,6 +266,60 @@ def test_inspect_reports_malformed_input_by_file(tmp_path):
     assert f"error [malformed-pem]: {bad}: truncated PEM" in result.stderr
 
 
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory):
+    """Each hostile CA-signed certificate of tests/support/hostile_certificates.py, with its CA."""
+    from runtime import pem
+    from tests.support import der
+    from tests.support.certs import new_ca
+    from tests.support.hostile_certificates import HOSTILE
+
+    directory = tmp_path_factory.mktemp("hostile")
+    ca = new_ca()
+    (directory / "ca.crt").write_bytes(pem.certificate_pem(ca.certificate))
+    (directory / "any.key").write_bytes(ca.identity.private_key_pem())
+    files = {}
+    for name, make in HOSTILE.items():
+        files[name] = directory / (name.replace(" ", "-") + ".crt")
+        files[name].write_bytes(der.pem_of(make(ca)))
+    return directory, files
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_hostile_certificates_get_a_coded_error_and_no_traceback(hostile_files, command):
+    """The outside fuzz run's tracebacks (UnsupportedAlgorithm, DuplicateExtension, InvalidVersion,
+    TypeError rendering a subject) and errors without a code, each as the user meets them."""
+    from tests.support.hostile_certificates import FIELD
+
+    directory, files = hostile_files
+    for name, path in files.items():
+        if command == "inspect":
+            result = run("certs", "inspect", str(path), check=False)
+        else:
+            result = run(
+                "certs",
+                "verify",
+                str(path),
+                "--key",
+                str(directory / "any.key"),
+                "--ca",
+                str(directory / "ca.crt"),
+                check=False,
+            )
+        assert result.returncode == 1, (name, result.stdout)
+        assert "Traceback" not in result.stderr, (name, result.stderr)
+        assert result.stderr.startswith(f"hokusai-mtls: error [malformed-pem]: {path}"), (name, result.stderr)
+        assert FIELD[name] in result.stderr, (name, result.stderr)
+
+
+def test_pem_framing_is_linear(tmp_path):
+    """1 MB of BEGIN lines without an END took about 4 minutes to refuse (quadratic framing)."""
+    hostile = tmp_path / "begins.crt"
+    hostile.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n" * (1024 * 1024 // 34))
+    result = run("certs", "inspect", str(hostile), check=False, timeout=30)  # not a speed test: a bound
+    assert result.returncode == 1 and "truncated PEM" in result.stderr
+
+
 def test_usage_errors_exit_2():
     assert run("certs", "issue", "--env", "qa", "--out", "x", check=False).returncode == 2
 

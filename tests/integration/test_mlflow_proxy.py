@@ -82,6 +82,9 @@ class Echo:
         }
         self.raw_paths: list[str] = []
         """Every request target (path part) the upstream received, in order."""
+        self.peers: set[tuple[str, int]] = set()
+        """The (address, port) of every connection a request came in on: one per TCP+TLS connection."""
+        self.barriers: dict[str, tuple[list[int], asyncio.Event]] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -90,6 +93,7 @@ class Echo:
         query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
         path = scope["path"]
         self.raw_paths.append(scope["raw_path"].decode("latin-1"))
+        self.peers.add(tuple(scope["client"]))
         if path == "/late-500":
             # What Starlette's ServerErrorMiddleware (so MLflow's FastAPI app) does with an exception:
             # a complete 500 with keep-alive framing, then re-raise; uvicorn then closes the connection.
@@ -102,6 +106,9 @@ class Echo:
             await self.download(send, int(query["size"]), gated="gated" in query)
         elif path == "/endless":
             await self.endless(receive, send)
+        elif path == "/barrier":
+            await self.barrier(query["round"], int(query["n"]))
+            await self.respond(send, 200, b"together")
         elif path == "/slow":
             await asyncio.to_thread(self.events["slow_go"].wait, 10)
             await self.respond(send, 200, b"late")
@@ -161,6 +168,16 @@ class Echo:
             if gated and index == 0 and not await asyncio.to_thread(self.events["download_go"].wait, 5):
                 raise RuntimeError("the client never got the first chunk: somebody buffers")
         await send({"type": "http.response.body", "body": b""})
+
+    async def barrier(self, name: str, parties: int) -> None:
+        """Hold each request until `parties` of round `name` are here (at most 10 s): all in flight at once."""
+        arrived, everyone = self.barriers.setdefault(name, ([], asyncio.Event()))
+        arrived.append(1)
+        if len(arrived) >= parties:
+            everyone.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await everyone.wait()
 
     async def endless(self, receive, send) -> None:
         """One chunk, then nothing until the connection goes away (the proxy must notice, not us)."""
@@ -456,6 +473,32 @@ def test_a_client_that_leaves_mid_download_releases_the_upstream(proxy, echo):
         assert len(next(response.iter_raw())) > 0
     # leaving the block closed the connection half-way through the body
     assert echo.events["upstream_disconnected"].wait(5)
+
+
+# --- connection reuse: concurrent proxied calls keep their upstream connections -----------------------
+def concurrent_rounds(proxy: str, parties: int, rounds: int) -> None:
+    """`rounds` times, `parties` requests through the proxy at once, each held upstream until all arrive."""
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=parties, max_keepalive_connections=parties)
+        async with httpx.AsyncClient(base_url=proxy, limits=limits, timeout=30) as client:
+            for number in range(rounds):
+                url = f"/mlflow/barrier?round={number}&n={parties}"
+                responses = await asyncio.gather(*(client.get(url) for _ in range(parties)))
+                assert [r.status_code for r in responses] == [200] * parties
+
+    asyncio.run(run())
+
+
+def test_concurrent_proxied_calls_reuse_their_upstream_connections(proxy, echo):
+    """Issue 11 item 8: a pool that kept 20 idle connections paid a new mTLS handshake for most
+    requests above 20 concurrent ones. Counted where it happens, by the upstream: every round of
+    50 simultaneous requests after the first must find its 50 connections still pooled."""
+    parties, rounds = 50, 4
+    concurrent_rounds(proxy, parties, rounds)
+    assert len(echo.peers) <= parties + 2, (
+        f"{len(echo.peers)} upstream connections for {rounds} rounds of {parties} concurrent requests"
+    )
 
 
 # --- upstream failures -------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def test_the_servers_exit_1_with_the_variable_named_and_no_traceback(command, mo
     assert cli.main([command]) == 1
     err = capsys.readouterr().err
     assert (
-        f"hokusai-mtls: error: {names.ENV_HEADER_TIMEOUT_SECONDS}='ten': expected a number of seconds" in err
+        f"hokusai-mtls: error [invalid-value]: {names.ENV_HEADER_TIMEOUT_SECONDS}='ten': expected a number of seconds"
+        in err
     )
     assert "Traceback" not in err
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from runtime import names
-from runtime.metrics import Metrics
+from runtime.metrics import DEFAULT_INTERVAL_SECONDS, Metrics, interval_from_environ
 
 
 def metrics() -> tuple[Metrics, io.StringIO]:
@@ -120,3 +122,15 @@ def test_an_mtls_request_is_one_success_and_one_latency_sample_in_both_views():
     m.internal_latency(0.002)
     assert "hokusai_mtls_internal_request_seconds_count{" + labels + "} 6.0" in m.prometheus().decode()
     assert by_metric(m.flush())["AuthenticatedRequests/mtls"]["AuthenticatedRequests"] == 1
+
+
+def test_the_interval_setting_both_servers_read():
+    assert interval_from_environ({}) == interval_from_environ({names.ENV_METRICS_SECONDS: " "}) == 60
+    assert DEFAULT_INTERVAL_SECONDS == 60
+    assert interval_from_environ({names.ENV_METRICS_SECONDS: "0.5"}) == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "inf", "nan", "86401"])
+def test_a_bad_interval_is_refused_naming_the_variable(value):
+    with pytest.raises(ValueError, match=f"{names.ENV_METRICS_SECONDS}='{value}': expected seconds"):
+        interval_from_environ({names.ENV_METRICS_SECONDS: value})

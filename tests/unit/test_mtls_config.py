@@ -235,7 +235,7 @@ def test_configure_internal_mtls_sets_mlflow_variables_once(staging_store, tmp_p
     }
     calls = []
     original = staging_store.fetch_identity
-    monkeypatch.setattr(staging_store, "fetch_identity", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(staging_store, "fetch_identity", lambda *a, **k: calls.append(a) or original(*a, **k))
 
     first = configure_internal_mtls(environ=environ, store=staging_store)
     second = configure_internal_mtls(environ=environ, store=staging_store)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.key_cache import cache_from_environ
 from runtime.rate_limit import (
     UNLIMITED,
     MemoryRateLimiter,
@@ -14,6 +15,7 @@ from runtime.rate_limit import (
     RedisRateLimiter,
     limiter_from_environ,
 )
+from runtime.redis_client import redis_from_environ
 
 pytestmark = pytest.mark.anyio
 
@@ -129,3 +131,18 @@ def test_limiter_from_environ_chooses_by_redis_url(caplog):
     assert isinstance(limiter_from_environ({}), MemoryRateLimiter)
     assert "per process" in caplog.text
     assert isinstance(limiter_from_environ({"REDIS_URL": "redis://127.0.0.1:1/0"}), RedisRateLimiter)
+
+
+def test_the_limiter_and_the_key_cache_share_the_processs_one_client(caplog):
+    caplog.set_level("INFO", logger="runtime.rate_limit")
+    environ = {"REDIS_URL": "redis://127.0.0.1:1/0", "HOKUSAI_MTLS_REDIS_MAX_CONNECTIONS": "7"}
+    shared = redis_from_environ(environ)
+    limiter = limiter_from_environ(environ, shared)
+    cache = cache_from_environ(environ, shared)
+    assert limiter._script.registered_client is shared
+    assert cache._redis is shared
+    assert (
+        "rate limit: Redis at redis://127.0.0.1:1/0 (at most 7 connections, waiting at most 0.5 s"
+        in caplog.text
+    )
+    assert isinstance(limiter_from_environ({}, None), MemoryRateLimiter)  # no REDIS_URL: no Redis at all

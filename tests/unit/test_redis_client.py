@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from runtime.redis_client import Breaker, describe, redis_from_environ
+from runtime import names
+from runtime.redis_client import (
+    DEFAULT_MAX_CONNECTIONS,
+    POOL_TIMEOUT_SECONDS,
+    Breaker,
+    describe,
+    max_connections,
+    redis_from_environ,
+)
 
 
 def test_no_url_no_client():
@@ -18,6 +28,30 @@ def test_client_fails_fast():
     assert settings["host"] == "cache.internal" and settings["port"] == 6380 and settings["db"] == 3
     assert settings["socket_timeout"] == settings["socket_connect_timeout"] == 1.0
     assert settings["retry"].get_retries() == 1
+
+
+def test_one_bounded_pool_that_waits_briefly_for_a_connection():
+    client = redis_from_environ({"REDIS_URL": "redis://cache.internal:6380/3"})
+    pool = client.connection_pool
+    assert isinstance(pool, redis.asyncio.BlockingConnectionPool)
+    assert pool.max_connections == DEFAULT_MAX_CONNECTIONS
+    assert pool.timeout == POOL_TIMEOUT_SECONDS
+    assert client.auto_close_connection_pool  # aclose() at shutdown disconnects the pool
+    bounded = redis_from_environ({"REDIS_URL": "redis://c:6379/0", names.ENV_REDIS_MAX_CONNECTIONS: " 5 "})
+    assert bounded.connection_pool.max_connections == 5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5", "10001"])
+def test_a_bad_bound_is_refused_naming_the_variable(value):
+    with pytest.raises(
+        ValueError, match=f"{names.ENV_REDIS_MAX_CONNECTIONS}='{value}': expected a whole number"
+    ):
+        max_connections({names.ENV_REDIS_MAX_CONNECTIONS: value})
+    assert (
+        max_connections({})
+        == max_connections({names.ENV_REDIS_MAX_CONNECTIONS: ""})
+        == DEFAULT_MAX_CONNECTIONS
+    )
 
 
 def test_describe_never_shows_the_password():

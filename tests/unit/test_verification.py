@@ -117,8 +117,25 @@ def test_certificate_of_another_service(ca):
         verify_for(names.API, client(ca, "worker"), [ca.certificate], "development")
 
 
-def test_certificate_of_another_environment():
+def test_the_ca_of_another_environment_is_refused_by_the_one_verification():
+    """The loader, `certs verify --dir` and `certs upload` all verify through `verify_for`."""
     ca = new_ca("staging")
+    staging_api = ca.issue_client("staging", "api")
+    with pytest.raises(CertificateSetError, match="belongs to staging, not production"):
+        verify_for(names.API, staging_api, [ca.certificate], "production")
+
+
+def test_a_development_ca_in_productions_bundle_is_refused_next_to_its_leaf():
+    development = new_ca("development")
+    production = new_ca("production")
+    leaf = development.issue_client("production", "api")  # production's SPIFFE ID, development's CA
+    with pytest.raises(CertificateSetError, match="belongs to development, not production"):
+        verify_for(names.API, leaf, [production.certificate, development.certificate], "production")
+
+
+def test_a_leaf_naming_another_environment_is_refused_by_its_spiffe_id():
+    """The right environment's CA, but the leaf names another environment's identity."""
+    ca = new_ca("production")
     staging_api = ca.issue_client("staging", "api")
     with pytest.raises(IdentityMismatchError):
         verify_for(names.API, staging_api, [ca.certificate], "production")
