@@ -2,7 +2,7 @@
 
 For the record of issue 10 item 10 / issue 11 item 5 (header, body, keep-alive and handshake
 timeouts, a connection bound per listener). Each memory case starts a fresh server process
-(`runtime.serving.Serving`: one plain listener, one mTLS listener), warms it up with one request
+(`runtime.serving.server.Serving`: one plain listener, one mTLS listener), warms it up with one request
 on each, reads its RSS, opens N connections of one kind and reads the RSS again:
 
 - pending_tls  TCP connections to the mTLS port that never send a ClientHello (a pending handshake);
@@ -64,8 +64,8 @@ async def _ping(scope, receive, send):
 def serve(spec: dict) -> None:
     import logging
 
-    from runtime.serving import Listener, Serving
-    from runtime.tls_context import ReloadableServerContext, ServerFiles
+    from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+    from runtime.serving.server import Listener, Serving
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     tls = ReloadableServerContext(ServerFiles.from_directory(Path(spec["dir"])))
@@ -312,7 +312,7 @@ def rps_case(workdir: Path, files: dict, seconds: float, repeat: int, roots: dic
 
 def run(args: argparse.Namespace) -> dict:
     from runtime import names
-    from runtime.certset import CertificateSet
+    from runtime.certificates.certset import CertificateSet
 
     certificates = CertificateSet.issue(ENV, server_sans=(SNI,), identities=(names.SERVER, names.API))
     with tempfile.TemporaryDirectory(prefix="bench-connections-") as tmp:

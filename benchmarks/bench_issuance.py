@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from benchmarks.common import figure, machine  # noqa: E402  (after the path set-up)
-from runtime.certset import CertificateSet  # noqa: E402
+from runtime.certificates.certset import CertificateSet  # noqa: E402
 
 TARGET = 20.0
 """The seed's recipe divided by ours must be at least this."""

@@ -61,6 +61,7 @@ from benchmarks.common import (  # noqa: E402  (after the path set-up)
     stop,
     write_set,
 )
+from runtime.serving.connection_limits import MLFLOW_LIMITS  # noqa: E402
 
 ENVIRONMENT = "staging"
 TARGET_RATIO = 1.2
@@ -76,6 +77,12 @@ CALLS = {
 """The latency calls: MLflow's lightest (its version: our middleware, MLflow's app, no database),
 where the proxy's share of the time is largest, and a database read."""
 CASES = ("direct", "proxied")
+
+
+CLIENT_KEEPALIVE_SECONDS = MLFLOW_LIMITS.keepalive_timeout - 1
+"""The bench's own clients drop an idle connection before MLflow's keep-alive (5 s) closes it: on a
+busy machine a round of the other case can outlast it, and a request on a connection MLflow is
+just closing fails with "Server disconnected" (a CI run did). The API keeps its connections 65 s."""
 
 
 @dataclass
@@ -130,8 +137,8 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
     from local_stack.auth_service import FakeAuthService, key_record
     from local_stack.environment import container_command, service_environment, wait_healthy
     from runtime import names
-    from runtime.certset import CertificateSet
-    from runtime.secret_store import SecretStore
+    from runtime.certificates.certset import CertificateSet
+    from runtime.secrets.secret_store import SecretStore
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every call
     stack = contextlib.ExitStack()
@@ -245,7 +252,9 @@ async def latency(stack: Stack, clients: int, rounds: int, requests: int) -> dic
     """
     import httpx
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=60)
+    limits = httpx.Limits(
+        max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=CLIENT_KEEPALIVE_SECONDS
+    )
     callers = {}
     for case in CASES:
         base, prefix = stack.base(case)
@@ -330,6 +339,7 @@ def transfers(stack: Stack, size: int, repeat: int) -> dict:
             headers=stack.headers(case),
             verify=stack.mtls_context() if case == "direct" else True,
             timeout=60,
+            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_SECONDS),
         )
         for case in CASES
     }

@@ -8,7 +8,7 @@
               in-memory key cache every later one). Target: p50 mTLS / p50 plain <= 1.10.
 2. handshake  full mTLS handshakes per second, a new connection per request, with our default
               keys (ECDSA P-256 on both sides) against the seed's RSA-4096 (both sides): the
-              same server code (runtime.serving + ReloadableServerContext), two listeners in
+              same server code (runtime.serving.server + ReloadableServerContext), two listeners in
               one server process; and the raw handshake alone, in memory, against the
               listener's context. Target: ECDSA / RSA-4096 >= 4.
 3. rps        requests per second through one uvicorn server over mTLS keep-alive: a small
@@ -131,7 +131,7 @@ async def _ping(request):
 
 
 def serve(spec: dict) -> None:
-    """Listeners of one `runtime.serving.Serving`: each mTLS, with or without the middleware."""
+    """Listeners of one `runtime.serving.server.Serving`: each mTLS, with or without the middleware."""
     import ipaddress
     import logging
 
@@ -139,13 +139,13 @@ def serve(spec: dict) -> None:
     from starlette.routing import Route
 
     from runtime import names
-    from runtime.client_address import AddressPolicy
-    from runtime.metrics import Metrics
-    from runtime.middleware import APIKeyAuthMiddleware, mlflow_scope
-    from runtime.peer_identity import IdentityPolicy
-    from runtime.rate_limit import MemoryRateLimiter
-    from runtime.serving import Listener, Serving, every
-    from runtime.tls_context import ReloadableServerContext, ServerFiles
+    from runtime.auth.client_address import AddressPolicy
+    from runtime.auth.middleware import APIKeyAuthMiddleware, mlflow_scope
+    from runtime.auth.peer_identity import IdentityPolicy
+    from runtime.auth.rate_limit import MemoryRateLimiter
+    from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+    from runtime.observability.metrics import Metrics
+    from runtime.serving.server import Listener, Serving, every
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     metrics = Metrics(environment=ENV, service=names.MLFLOW_SERVICE)  # EMF to stdout, as in ECS
@@ -324,8 +324,8 @@ def one_handshake(port: int, context: ssl.SSLContext) -> None:
 
 def bench_handshake(workdir: Path, repeat: int, seconds: float) -> dict:
     from runtime import names
-    from runtime.certset import CertificateSet
-    from runtime.issuance import KeyType
+    from runtime.certificates.certset import CertificateSet
+    from runtime.certificates.issuance import KeyType
 
     root = workdir / "handshake"
     made = time.perf_counter()
@@ -431,7 +431,7 @@ def memory_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[fl
 
 def memory_handshakes(files: dict[str, dict[str, Path]], repeat: int, seconds: float) -> dict:
     """Raw handshakes in this process against `ReloadableServerContext.front`, round-robin."""
-    from runtime.tls_context import ReloadableServerContext, ServerFiles
+    from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
 
     pairs = {
         case: (ReloadableServerContext(ServerFiles.from_directory(f["server"])).front, client_context(f))
@@ -550,12 +550,13 @@ def middleware_breakdown(certificates, count: int = 20_000) -> dict[str, float]:
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    from runtime import names, pem
-    from runtime.client_address import AddressPolicy
-    from runtime.metrics import Metrics
-    from runtime.middleware import APIKeyAuthMiddleware, mlflow_scope
-    from runtime.peer_identity import IdentityPolicy, peer_certificate
-    from runtime.rate_limit import MemoryRateLimiter
+    from runtime import names
+    from runtime.auth.client_address import AddressPolicy
+    from runtime.auth.middleware import APIKeyAuthMiddleware, mlflow_scope
+    from runtime.auth.peer_identity import IdentityPolicy, peer_certificate
+    from runtime.auth.rate_limit import MemoryRateLimiter
+    from runtime.certificates import pem
+    from runtime.observability.metrics import Metrics
 
     app = Starlette(routes=[Route("/ping", _ping)])
     metrics = Metrics(environment=ENV, service=names.MLFLOW_SERVICE, stream=io.StringIO())
@@ -619,7 +620,7 @@ def middleware_breakdown(certificates, count: int = 20_000) -> dict[str, float]:
 
 def bench_rps(workdir: Path, repeat: int, seconds: float, connections: int, metrics_seconds: float) -> dict:
     from runtime import names
-    from runtime.certset import CertificateSet
+    from runtime.certificates.certset import CertificateSet
 
     root = workdir / "rps"
     certificates = CertificateSet.issue(ENV, server_sans=(SNI,), identities=(names.SERVER, names.API))

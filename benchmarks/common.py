@@ -298,8 +298,9 @@ def latency_row(seconds: list[float]) -> dict[str, float]:
 # --- one real serve-mlflow ------------------------------------------------------------------------
 def write_set(directory: Path, certificates, client: str = "api") -> dict[str, Path]:
     """The server's files (as the loader publishes them) and a client's combined PEM and CA bundle."""
-    from runtime import names, pem
-    from runtime.files import publish_files
+    from runtime import names
+    from runtime.certificates import pem
+    from runtime.certificates.files import publish_files
 
     server = certificates.identities["server"]
     bundle = pem.bundle_pem(certificates.trust_bundle)
@@ -378,8 +379,8 @@ def running_mlflow(
     from local_stack.auth_service import FakeAuthService
     from local_stack.redis_server import RedisServer
     from runtime import names
-    from runtime.certset import CertificateSet
-    from runtime.secret_store import SecretStore
+    from runtime.certificates.certset import CertificateSet
+    from runtime.secrets.secret_store import SecretStore
 
     root = workdir / "mlflow"
     root.mkdir()

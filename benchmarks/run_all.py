@@ -12,13 +12,20 @@ report with how to reproduce it. Ratios come from one run of one bench on one ma
 sides of every ratio are measured in the same process run, interleaved.
 
     python benchmarks/run_all.py                     # full sizes, about 6-8 minutes on 2 cores
-    python benchmarks/run_all.py --quick             # smallest sizes, about 2 minutes: a smoke run
+    python benchmarks/run_all.py --quick             # small samples, about 2 minutes: noisy ratios
+    python benchmarks/run_all.py --smoke             # does every bench still run? the least work
+                                                     # each bench accepts, all at once (make test)
     python benchmarks/run_all.py --only prd,tls      # a subset
     python benchmarks/run_all.py --auth-delay-ms 20  # the auth-service double answers 20 ms later
     python benchmarks/run_all.py --output /tmp/r.md  # write the report elsewhere (tests do)
 
 It reports, it does not gate: a missed target is a MISS in the report and the exit status is
 still 0. The status is 1 only if a bench failed to run (its section then says why).
+
+`--smoke` measures nothing worth reading: one sample per case, and the benches run side by side
+(`--jobs`, default all at once; 1, one after the other, for the other sizes), so each slows the
+others down. It checks that every bench starts its servers, runs every case and reports figures
+with a verdict, in a fraction of `--quick`'s time; tests/integration/test_benchmarks.py runs it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +63,8 @@ class Bench:
     what: str
     full: list[str] = field(default_factory=list)
     quick: list[str] = field(default_factory=list)
+    smoke: list[str] = field(default_factory=list)
+    """The least work the bench accepts: every case once, at the smallest size."""
 
 
 BENCHES: dict[str, Bench] = {
@@ -65,6 +78,7 @@ BENCHES: dict[str, Bench] = {
         "auth service are counted by the double.",
         full=[],  # --ops 600 --warmup 20
         quick=["--ops", "60", "--warmup", "5"],
+        smoke=["--ops", "1", "--warmup", "1"],
     ),
     "tls": Bench(
         "bench_tls.py",
@@ -75,6 +89,18 @@ BENCHES: dict[str, Bench] = {
         "the bare app (a trivial Starlette app, so the middleware's share is as large as it gets).",
         full=[],  # --repeat 3 --ops 150 --seconds 4
         quick=["--repeat", "1", "--ops", "30", "--seconds", "1", "--metrics-seconds", "1"],
+        smoke=[
+            "--repeat",
+            "1",
+            "--ops",
+            "1",
+            "--seconds",
+            "0.2",
+            "--connections",
+            "1",
+            "--metrics-seconds",
+            "1",
+        ],
     ),
     "proxy": Bench(
         "bench_proxy.py",
@@ -86,6 +112,7 @@ BENCHES: dict[str, Bench] = {
         "counted per proxied request, and a 50 MB artifact downloaded and uploaded both ways.",
         full=[],  # --clients 50 --rounds 6 --requests 5 --size-mb 50 --transfers 5
         quick=["--rounds", "2", "--requests", "3", "--transfers", "1"],
+        smoke=["--clients", "1", "--rounds", "1", "--requests", "1", "--size-mb", "1", "--transfers", "1"],
     ),
     "issuance": Bench(
         "bench_issuance.py",
@@ -95,6 +122,7 @@ BENCHES: dict[str, Bench] = {
         "certificate our set also issues.",
         full=["--repeat", "5"],
         quick=["--repeat", "1"],
+        smoke=["--repeat", "1"],  # one warm-up round and one timed round: 14 RSA-4096 keys
     ),
     "synth": Bench(
         "bench_synth.py",
@@ -104,8 +132,14 @@ BENCHES: dict[str, Bench] = {
         "target; the check is that it grows no faster than linearly.",
         full=["--repeat", "3", "--stages", "1,3,10"],
         quick=["--repeat", "1", "--stages", "1,3"],
+        smoke=["--repeat", "1", "--stages", "1,2"],  # the CLI's synth, then 1 and 2 stages in-process
     ),
 }
+
+
+RUNNING: set[subprocess.Popen] = set()
+"""The bench processes running now (several with --jobs): what Ctrl-C stops."""
+_running_lock = threading.Lock()
 
 
 @dataclass
@@ -120,7 +154,7 @@ class Outcome:
 
 def run_bench(name: str, bench: Bench, args: argparse.Namespace) -> Outcome:
     """One bench in its own process; its JSON document, or why there is none."""
-    sizes = bench.quick if args.quick else bench.full
+    sizes = bench.smoke if args.smoke else bench.quick if args.quick else bench.full
     extra = ["--auth-delay-ms", f"{args.auth_delay_ms:g}"] if name == "prd" and args.auth_delay_ms else []
     argv = [sys.executable, str(HERE / bench.script), *sizes, *extra, "--json"]
     before = cpu_snapshot()
@@ -136,6 +170,8 @@ def run_bench(name: str, bench: Bench, args: argparse.Namespace) -> Outcome:
         text=True,
         start_new_session=True,
     )
+    with _running_lock:
+        RUNNING.add(process)
     try:
         stdout, stderr = process.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -147,6 +183,9 @@ def run_bench(name: str, bench: Bench, args: argparse.Namespace) -> Outcome:
     except KeyboardInterrupt:
         stop_group(process)
         raise
+    finally:
+        with _running_lock:
+            RUNNING.discard(process)
     outcome = Outcome(name, argv, time.monotonic() - started, others_cores(before))
     if process.returncode != 0:
         tail = "\n".join(stderr.strip().splitlines()[-15:])
@@ -173,6 +212,31 @@ def stop_group(process: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def run_side_by_side(one: Callable[[int, str], Outcome], names: list[str], jobs: int) -> list[Outcome]:
+    """`one` for every bench, `jobs` at a time, in threads; Ctrl-C stops every running bench.
+
+    The benches' process groups do not see the terminal's SIGINT (their own sessions), and only
+    this thread gets KeyboardInterrupt: SIGTERM to each group, SIGKILL to what is left after 30 s.
+    """
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = [pool.submit(one, index, name) for index, name in enumerate(names, start=1)]
+    try:
+        return [future.result() for future in futures]
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            with _running_lock:
+                running = list(RUNNING)
+            for process in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, sig)
+            if not wait_for(futures, timeout=wait).not_done:
+                break
+        raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -215,6 +279,8 @@ def node_version() -> str | None:
 
 def command_line(args: argparse.Namespace) -> str:
     parts = ["python", "benchmarks/run_all.py"]
+    if args.smoke:
+        parts.append("--smoke")
     if args.quick:
         parts.append("--quick")
     if args.only:
@@ -224,6 +290,15 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def sizes_text(args: argparse.Namespace) -> str:
+    if args.smoke:
+        return (
+            f"SMOKE sizes (one sample per case, {args.jobs} bench(es) at a time: it checks that every "
+            "bench runs; its numbers are not figures)"
+        )
+    return "QUICK sizes (small samples, noisy ratios)" if args.quick else "full sizes"
+
+
 def render(outcomes: list[Outcome], args: argparse.Namespace, info: dict, total_s: float) -> str:
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     busy = max((o.others_cores for o in outcomes), default=0.0)
@@ -231,7 +306,7 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, info: dict, total_
         "# Benchmark results",
         "",
         f"Written by `{command_line(args)}` on {started}, working tree `{git_revision()}`, "
-        f"{'QUICK sizes (a smoke run: small samples, noisy ratios)' if args.quick else 'full sizes'}; "
+        f"{sizes_text(args)}; "
         f"the whole run took {total_s:.0f} s.",
         "Every ratio compares two cases measured in the same run of one bench, on this machine, "
         "interleaved so drift hits both. The suite reports, it does not gate: MISS marks a missed target.",
@@ -290,6 +365,7 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, info: dict, total_
         "```sh",
         "make bench                                        # = python benchmarks/run_all.py, full sizes",
         "make bench BENCH_ARGS=--quick                     # about 2 minutes, small samples",
+        "make bench BENCH_ARGS=--smoke                     # does every bench run? (no figures)",
         f"{command_line(args)}",
         "python benchmarks/bench_prd.py --auth-delay-ms 20  # one bench alone, its own table",
         "```",
@@ -390,7 +466,18 @@ def print_figures(outcome: Outcome) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smallest sizes: a ~2-minute smoke run")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="small samples: a ~2-minute run, noisy ratios")
+    sizes.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the least work each bench accepts, benches side by side: does every bench run? (no figures)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="benches run at the same time (default: all with --smoke, else 1: measurements need the machine)",
+    )
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)} (default: all)")
     parser.add_argument(
         "--auth-delay-ms",
@@ -411,18 +498,34 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     if args.auth_delay_ms < 0:
         parser.error("--auth-delay-ms must not be negative")
+    if args.jobs is None:
+        args.jobs = len(names) if args.smoke else 1
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; {info['kernel']}")
     started = time.monotonic()
-    outcomes = []
-    for index, name in enumerate(names, start=1):
+    printing = threading.Lock()
+
+    def one(index: int, name: str) -> Outcome:
         bench = BENCHES[name]
-        print(f"[{index}/{len(names)}] {name}: {bench.title} ...", flush=True)
+        with printing:
+            print(f"[{index}/{len(names)}] {name}: {bench.title} ...", flush=True)
         outcome = run_bench(name, bench, args)
-        outcomes.append(outcome)
-        print(f"  ({outcome.seconds:.0f} s; other processes used {outcome.others_cores:.2f} cores meanwhile)")
-        print_figures(outcome)
+        with printing:  # a bench's lines together, also when benches run side by side
+            done = f"[{index}/{len(names)}] {name} done " if args.jobs > 1 else "  "
+            print(
+                f"{done}({outcome.seconds:.0f} s; other processes used {outcome.others_cores:.2f} cores meanwhile)"
+            )
+            print_figures(outcome)
+            sys.stdout.flush()
+        return outcome
+
+    if args.jobs == 1:  # in this thread: Ctrl-C reaches run_bench, which stops the bench
+        outcomes = [one(index, name) for index, name in enumerate(names, start=1)]
+    else:
+        outcomes = run_side_by_side(one, names, args.jobs)
     total = time.monotonic() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render(outcomes, args, info, total))

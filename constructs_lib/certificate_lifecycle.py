@@ -132,7 +132,7 @@ class CertificateLifecycle(Construct):
             description=f"hokusai-mtls {environment}: encrypts the certificate lifecycle Lambdas' logs",
             removal_policy=removal_policy,
         )
-        self._code = lambda_bundle.lifecycle_code()
+        self._code = lambda_bundle.lifecycle_code(self)
         identities = [certificates.identity(identity) for identity in names.IDENTITIES]
 
         # --- issuance -------------------------------------------------------------------

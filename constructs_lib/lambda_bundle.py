@@ -1,16 +1,19 @@
 """The code asset of the certificate-lifecycle Lambdas: `runtime/` plus its pinned dependencies.
 
-Built on this machine, never in Docker (there is no Docker engine here or in CI): `pip install`
-fetches manylinux2014 x86_64 CPython 3.13 wheels (`--only-binary=:all:`, so nothing compiles
-for the wrong platform) into the asset, then `runtime/` is copied next to them.
+Built on this machine, never in Docker (there is no Docker engine here or in CI), and without the
+network: `pip install --no-index --find-links .wheels/lambda` installs the manylinux2014 x86_64
+CPython 3.13 wheels that set-up fetched once (`lambda_wheels`, `make lambda-wheels`) into the
+asset, then `runtime/` is copied next to them. Wheels missing or fetched for another lock: synth
+stops with one line naming the make target, not a traceback.
 
 The asset hash is ours (`AssetHashType.CUSTOM`): sha256 over every `runtime/**/*.py` file (path
-and bytes), the lock file and the pip arguments. The CDK's own fingerprint of a source folder
-would not see the lock file or the pip flags, and hashing the repository root would walk
-.venv/, node_modules/ and cdk.out/. Same sources, same hash, on any machine.
+and bytes), the lock file and the pip platform arguments (not the wheel directory's path). The
+CDK's own fingerprint of a source folder would not see the lock file or the pip flags, and
+hashing the repository root would walk .venv/, node_modules/ and cdk.out/. Same sources, same
+hash, on any machine; the lock pins exact versions, so the same hash means the same wheels.
 
 Unit tests skip bundling (`aws:cdk:bundling-stacks: []`): the asset then points at `runtime/`
-unbuilt and nothing touches the network.
+unbuilt, nothing is installed and the wheels are not needed.
 """
 
 from __future__ import annotations
@@ -18,29 +21,23 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jsii
-from aws_cdk import AssetHashType, BundlingOptions, DockerImage, ILocalBundling
+from aws_cdk import AssetHashType, BundlingOptions, DockerImage, ILocalBundling, Stack
 from aws_cdk import aws_lambda as lambda_
+from constructs import Construct
 
-ROOT = Path(__file__).resolve().parents[1]
+from constructs_lib import lambda_wheels
+
+ROOT = lambda_wheels.ROOT
 RUNTIME_DIR = ROOT / "runtime"
-LOCK_FILE = Path(__file__).resolve().parent / "lambda_requirements" / "requirements.lock"
+LOCK_FILE = lambda_wheels.LOCK_FILE
 
 PYTHON_RUNTIME = lambda_.Runtime.PYTHON_3_13
 ARCHITECTURE = lambda_.Architecture.X86_64
-PIP_TARGET_OPTIONS: tuple[str, ...] = (
-    "--platform",
-    "manylinux2014_x86_64",
-    "--implementation",
-    "cp",
-    "--python-version",
-    "3.13",
-    "--only-binary=:all:",
-    "--no-compile",
-)
+PIP_TARGET_OPTIONS: tuple[str, ...] = (*lambda_wheels.PIP_TARGET_OPTIONS, "--no-compile")
+"""What the asset hash covers of pip's arguments: the platform (the wheel directory's path is not)."""
 _SKIPPED_PARTS = frozenset({"__pycache__"})
 
 
@@ -63,20 +60,11 @@ def asset_hash() -> str:
 
 
 def pip_command(output_dir: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-input",
-        *PIP_TARGET_OPTIONS,
-        "--requirement",
-        str(LOCK_FILE),
-        "--target",
-        output_dir,
-    ]
+    return lambda_wheels.install_command(output_dir)
+
+
+class LambdaWheelsMissing(SystemExit):
+    """The wheels to bundle are not on disk: exits the app with one line (no traceback)."""
 
 
 def copy_runtime(output_dir: str) -> None:
@@ -88,11 +76,16 @@ def copy_runtime(output_dir: str) -> None:
 
 @jsii.implements(ILocalBundling)
 class LocalPipBundling:
-    """`pip install` for the Lambda platform plus a copy of `runtime/`; failing raises (synth stops)."""
+    """`pip install` from `.wheels/lambda` plus a copy of `runtime/`; failing raises (synth stops)."""
 
     def try_bundle(self, output_dir: str, options: BundlingOptions) -> bool:
+        reason = lambda_wheels.problem()  # lifecycle_code(scope) has normally said so already
+        if reason is not None:
+            raise RuntimeError(f"bundling the lifecycle Lambdas: {reason}")
         command = pip_command(output_dir)  # a fixed argv, no shell
-        result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
+        result = subprocess.run(  # noqa: S603
+            command, capture_output=True, text=True, check=False, env=lambda_wheels.install_environment()
+        )
         if result.returncode != 0:
             raise RuntimeError(
                 f"bundling the lifecycle Lambdas failed: {' '.join(result.args)}\n{result.stdout}{result.stderr}"
@@ -101,8 +94,16 @@ class LocalPipBundling:
         return True
 
 
-def lifecycle_code() -> lambda_.Code:
-    """The asset every lifecycle Lambda shares (one upload per stack, one build per synth)."""
+def lifecycle_code(scope: Construct | None = None) -> lambda_.Code:
+    """The asset every lifecycle Lambda shares (one upload per stack, one build per synth).
+
+    With `scope`, a stack that will bundle (not skipped by `aws:cdk:bundling-stacks`) checks the
+    wheels first and exits with `LambdaWheelsMissing`: one line naming the make target.
+    """
+    if scope is not None and Stack.of(scope).bundling_required:
+        reason = lambda_wheels.problem()
+        if reason is not None:
+            raise LambdaWheelsMissing(f"synth: {reason}")
     return lambda_.Code.from_asset(
         str(RUNTIME_DIR),
         asset_hash_type=AssetHashType.CUSTOM,

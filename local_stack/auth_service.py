@@ -1,6 +1,6 @@
 """A TEST DOUBLE of the external auth service: a fake for a remote service we do not own.
 
-It implements the contract `runtime.api_keys` documents (POST /api/v1/keys/validate) over a
+It implements the contract `runtime.auth.api_keys` documents (POST /api/v1/keys/validate) over a
 dict of keys, and lets a test count calls, slow it down, take it down or script a raw answer.
 Only Starlette and uvicorn are needed, so a local demo stack can run it too:
 

@@ -16,14 +16,11 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from local_stack.auth_service import ACTIVE_KEY, EXAMPLE_KEYS
 from local_stack.environment import DEFAULT_RUN_DIR, LOCAL_ENVIRONMENT
+from local_stack.started import Stack
 from runtime import names
-
-if TYPE_CHECKING:
-    from local_stack.up import Stack
 
 CURL_HINT = "curl is not installed (apt-get install -y curl): the commands are shown, not run"
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=5"

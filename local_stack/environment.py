@@ -6,7 +6,7 @@ ENTRYPOINT + CMD from docker/Dockerfile.* instead of repeating them, so a change
 command changes what is tested and demonstrated too.
 
 Every process gets dummy AWS credentials and `AWS_ENDPOINT_URL_SECRETS_MANAGER` (honoured by
-boto3 itself, so by `runtime.secret_store`): nothing here can reach real AWS.
+boto3 itself, so by `runtime.secrets.secret_store`): nothing here can reach real AWS.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from runtime import names
-from runtime.inspection import uris
+from runtime.certificates.inspection import uris
 
 EXPERIMENT = "local-stack"
 RUN_NAME = "local-stack-worker"

@@ -8,7 +8,7 @@ error's code; `invalid-value` for a setting or argument refused, `os-error`, and
 
 Logging (every command, so also `serve-api`, `serve-mlflow`, `run` and `load-certs`): one
 stderr handler at `--log-level` / HOKUSAI_MTLS_LOG_LEVEL (INFO; `-q`: WARNING), with
-`runtime.log_redaction` installed, so no line of ours or of a library (httpx, httpcore,
+`runtime.observability.log_redaction` installed, so no line of ours or of a library (httpx, httpcore,
 uvicorn, mlflow, botocore) carries a credential at any level; httpx and httpcore log WARNING
 and up only, because their INFO and DEBUG lines are request URLs. `run` execs COMMAND, which
 configures its own logging.
@@ -25,21 +25,32 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from runtime import __version__, log_redaction, names, pem
-from runtime.certset import CertificateSet, load_ca_dir
+from runtime import __version__, names
+from runtime.certificates import pem
+from runtime.certificates.certset import CertificateSet, load_ca_dir
+from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.inspection import describe, format_text
+from runtime.certificates.issuance import DEFAULT_CA_LIFETIME_DAYS, KeyType
+from runtime.certificates.verification import verify_identity
 from runtime.errors import MtlsError, UnexpectedError
-from runtime.identity import TLSIdentity
-from runtime.inspection import describe, format_text
-from runtime.issuance import DEFAULT_CA_LIFETIME_DAYS, KeyType
-from runtime.loader import LoaderSettings, load_certificates
-from runtime.mlflow_config import apply_exports
-from runtime.verification import verify_identity
+from runtime.observability import log_redaction
+from runtime.secrets.loader import LoaderSettings, load_certificates
+from runtime.secrets.mlflow_config import apply_exports
 
 log = logging.getLogger("hokusai_mtls")
 
 ENV_LOG_LEVEL = "HOKUSAI_MTLS_LOG_LEVEL"
 """DEBUG, INFO (default), WARNING or ERROR for every command; `--log-level` and `-q` win over it."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _directory(path: str, option: str) -> Path:
+    """`path` as given for `option`, refused with its name unless it is an existing directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "no such directory"
+        raise MtlsError(f"{option} {path}: {what}")
+    return directory
 
 
 def _read(path: str) -> bytes:
@@ -51,7 +62,7 @@ def _read(path: str) -> bytes:
 
 # --- certs issue ---------------------------------------------------------------------
 def cmd_issue(args: argparse.Namespace) -> int:
-    ca, bundle = load_ca_dir(Path(args.ca_dir)) if args.ca_dir else (None, None)
+    ca, bundle = load_ca_dir(_directory(args.ca_dir, "--ca-dir")) if args.ca_dir else (None, None)
     certificates = CertificateSet.issue(
         args.env,
         key_type=KeyType(args.key_type),
@@ -94,7 +105,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.dir:
         if not args.env:
             raise UsageError("--dir needs --env (the environment the set was issued for)")
-        CertificateSet.read_from_dir(Path(args.dir), args.env).verify()
+        CertificateSet.read_from_dir(_directory(args.dir, "--dir"), args.env).verify()
         print(f"OK: the {args.env} set in {args.dir} verifies (bundle, every identity, keys, usage, names)")
         return 0
     if not (args.cert and args.key and args.ca):
@@ -110,9 +121,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # --- certs upload --------------------------------------------------------------------
 def cmd_upload(args: argparse.Namespace) -> int:
-    from runtime.secret_store import SecretStore  # boto3 only for the commands that talk to AWS
+    from runtime.secrets.secret_store import SecretStore  # boto3 only for the commands that talk to AWS
 
-    certificates = CertificateSet.read_from_dir(Path(args.dir), args.env)
+    certificates = CertificateSet.read_from_dir(_directory(args.dir, "--dir"), args.env)
     if args.no_ca_key:
         certificates.ca = None
     results = SecretStore(args.env, region=args.region).upload(certificates, kms_key_id=args.kms_key_id)
@@ -123,7 +134,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 # --- certs rollover ------------------------------------------------------------------
 def cmd_rollover(args: argparse.Namespace) -> int:
-    from runtime import rollover  # boto3 only for the commands that talk to AWS
+    from runtime.secrets import rollover  # boto3 only for the commands that talk to AWS
 
     store = rollover.RolloverStore(args.env, region=args.region)
     if args.step == "status":
@@ -178,19 +189,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --- serve-mlflow ----------------------------------------------------------------------
 def cmd_serve_mlflow(args: argparse.Namespace) -> int:
-    """MLflow's tracking server behind our mTLS listeners (runtime.mlflow_server)."""
-    from runtime.connection_limits import mlflow_limits
+    """MLflow's tracking server behind our mTLS listeners (runtime.services.mlflow_server)."""
+    from runtime.serving.connection_limits import mlflow_limits
 
     mlflow_limits(os.environ)  # a bad timeout or bound: exit 1 naming the variable, before any work
-    from runtime.mlflow_server import serve_mlflow  # imports MLflow: only for this command
+    from runtime.services.mlflow_server import serve_mlflow  # imports MLflow: only for this command
 
     serve_mlflow(host=args.host, port=args.port, health_port=args.health_port)
     return 0
 
 
 def cmd_serve_api(args: argparse.Namespace) -> int:
-    """The API service's mTLS side: middleware, /mlflow proxy over mTLS, /health (runtime.api_service)."""
-    from runtime.api_service import serve_api
+    """The API service's mTLS side: middleware, /mlflow proxy over mTLS, /health (runtime.services.api_service)."""
+    from runtime.services.api_service import serve_api
 
     serve_api(host=args.host, port=args.port)
     return 0
@@ -238,16 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", type=str.upper, choices=LOG_LEVELS, help=f"default: ${ENV_LOG_LEVEL}, else INFO"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    # metavar: argparse names a missing subcommand by it, never by `dest` (an internal name)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     load = commands.add_parser("load-certs", help="fetch, verify and write one role's certificates")
     _add_load_options(load)
-    load.set_defaults(func=cmd_load)
+    load.set_defaults(func=cmd_load, parser=load)
 
     run = commands.add_parser("run", help="load-certs, then exec COMMAND with the variables set (entrypoint)")
     _add_load_options(run)
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, parser=run)
 
     serve = commands.add_parser(
         "serve-mlflow", help="run MLflow behind mTLS (ENVIRONMENT, HOKUSAI_MTLS_MODE, ...)"
@@ -255,21 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default 0.0.0.0")
     serve.add_argument("--port", type=int, help=f"default {names.MLFLOW_PORT}")
     serve.add_argument("--health-port", type=int, help=f"127.0.0.1 only; default {names.MLFLOW_HEALTH_PORT}")
-    serve.set_defaults(func=cmd_serve_mlflow)
+    serve.set_defaults(func=cmd_serve_mlflow, parser=serve)
 
     api = commands.add_parser("serve-api", help="run the API service's auth middleware and /mlflow proxy")
     api.add_argument("--host", help="default 0.0.0.0")
     api.add_argument("--port", type=int, help=f"default {names.API_PORT}")
-    api.set_defaults(func=cmd_serve_api)
+    api.set_defaults(func=cmd_serve_api, parser=api)
 
     health = commands.add_parser("health", help="container health check against the loopback health port")
     health.add_argument("--port", type=int, required=True)
     health.add_argument("--path", default="/health")
     health.add_argument("--timeout", type=float, default=3.0)
-    health.set_defaults(func=cmd_health)
+    health.set_defaults(func=cmd_health, parser=health)
 
     certs = commands.add_parser("certs", help="issue, inspect, verify and upload certificate sets")
-    sub = certs.add_subparsers(dest="certs_command", required=True)
+    sub = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND", title="commands")
 
     issue = sub.add_parser("issue", help="issue a CA, the MLflow server and every client identity")
     issue.add_argument("--env", required=True, choices=names.ENVIRONMENTS)
@@ -286,12 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     issue.add_argument("--ca-dir", help="issue from the CA in DIR/ca.crt + DIR/ca.key instead of a new one")
     issue.add_argument("--force", action="store_true", help="overwrite files already in --out")
-    issue.set_defaults(func=cmd_issue)
+    issue.set_defaults(func=cmd_issue, parser=issue)
 
     inspect = sub.add_parser("inspect", help="show subject, SANs, validity, key type and usage")
     inspect.add_argument("files", nargs="+", metavar="PEM")
     inspect.add_argument("--json", action="store_true")
-    inspect.set_defaults(func=cmd_inspect)
+    inspect.set_defaults(func=cmd_inspect, parser=inspect)
 
     verify = sub.add_parser("verify", help="verify a whole set (--dir) or one certificate")
     verify.add_argument("cert", nargs="?", metavar="CERT")
@@ -302,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--spiffe-id", help="client certificates: the URI SAN expected")
     verify.add_argument("--dir", help="a directory written by `certs issue`")
     verify.add_argument("--env", choices=names.ENVIRONMENTS)
-    verify.set_defaults(func=cmd_verify)
+    verify.set_defaults(func=cmd_verify, parser=verify)
 
     upload = sub.add_parser("upload", help="verify a set and store it in Secrets Manager")
     upload.add_argument("--env", required=True, choices=names.ENVIRONMENTS)
@@ -312,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--no-ca-key", action="store_true", help="do not upload the CA key even if DIR has it"
     )
-    upload.set_defaults(func=cmd_upload)
+    upload.set_defaults(func=cmd_upload, parser=upload)
 
     rollover = sub.add_parser(
         "rollover",
@@ -327,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca-days", type=int, default=DEFAULT_CA_LIFETIME_DAYS, help="begin: new CA lifetime"
     )
     rollover.add_argument("--leaf-days", type=int, help="switch: default 365 in development, 90 otherwise")
-    rollover.set_defaults(func=cmd_rollover)
+    rollover.set_defaults(func=cmd_rollover, parser=rollover)
     return parser
 
 
@@ -353,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
+        getattr(args, "parser", parser).print_usage(sys.stderr)  # the subcommand's own usage
         print(f"hokusai-mtls: error: {exc}", file=sys.stderr)
         return 2
     except MtlsError as exc:

@@ -54,10 +54,10 @@ ENV_REDIS_URL = "REDIS_URL"
 """Redis for the API-key cache and rate limit, shared by instances; unset: in-memory."""
 ENV_REDIS_MAX_CONNECTIONS = "HOKUSAI_MTLS_REDIS_MAX_CONNECTIONS"
 """The most connections (default 32) one process opens to Redis: the key cache and the rate limiter
-share one pool (`runtime.redis_client`); a request waits briefly for a free one, then skips Redis."""
+share one pool (`runtime.auth.redis_client`); a request waits briefly for a free one, then skips Redis."""
 ENV_SERVICE_SCOPES = "HOKUSAI_MTLS_SERVICE_SCOPES"
 """JSON object service -> list of scopes, e.g. {"api": ["mlflow:read", "mlflow:write"]}; unset: the
-runtime's default (`runtime.peer_identity.DEFAULT_SERVICE_SCOPES`)."""
+runtime's default (`runtime.auth.peer_identity.DEFAULT_SERVICE_SCOPES`)."""
 ENV_REFRESH_SECONDS = "HOKUSAI_MTLS_REFRESH_SECONDS"
 """How often (default 300 s) the servers and the API re-load their certificates from Secrets Manager."""
 ENV_SECRETS_BUDGET_SECONDS = "HOKUSAI_MTLS_SECRETS_BUDGET_SECONDS"
@@ -66,12 +66,12 @@ included; then it fails (start-up: `load-failed` in staging/production) well ins
 health-check grace, instead of after 15 s x 5 attempts x 2 secrets."""
 ENV_METRICS_SECONDS = "HOKUSAI_MTLS_METRICS_SECONDS"
 """How often (default 60 s) serve-mlflow and serve-api write their aggregated EMF metric lines; they
-write the last interval's at shutdown too (`runtime.metrics.interval_from_environ` reads it)."""
+write the last interval's at shutdown too (`runtime.observability.metrics.interval_from_environ` reads it)."""
 ENV_SECURITY_LEVEL = "HOKUSAI_MTLS_SECURITY_LEVEL"
 """Exported by the loader so the serving process can report what it runs with."""
 
 # Connection timeouts and bounds of every listener serve-mlflow and serve-api run
-# (`runtime.connection_limits` reads, checks and documents them; defaults there).
+# (`runtime.serving.connection_limits` reads, checks and documents them; defaults there).
 ENV_HEADER_TIMEOUT_SECONDS = "HOKUSAI_MTLS_HEADER_TIMEOUT_SECONDS"
 """Total time a request's line and headers may take, from the connection (or its first byte on a
 reused connection) until the end of the headers; trickled bytes do not extend it."""
@@ -84,7 +84,7 @@ ENV_HANDSHAKE_TIMEOUT_SECONDS = "HOKUSAI_MTLS_HANDSHAKE_TIMEOUT_SECONDS"
 ENV_MAX_CONNECTIONS = "HOKUSAI_MTLS_MAX_CONNECTIONS"
 """The most connections (pending handshakes included) each listener holds; more are closed at once."""
 
-# The only two TLS variables the MLflow client knows (DESIGN.md: there is no KEY_PATH).
+# The only two TLS variables the MLflow client knows (docs/DESIGN.md: there is no KEY_PATH).
 ENV_MLFLOW_CLIENT_CERT = "MLFLOW_TRACKING_CLIENT_CERT_PATH"
 """requests' `cert=`: ONE PEM file holding the certificate AND its unencrypted key."""
 ENV_MLFLOW_SERVER_CERT = "MLFLOW_TRACKING_SERVER_CERT_PATH"

@@ -1,7 +1,7 @@
 """The three security levels of seed 003, from strongest to none.
 
 A service always knows, and logs once at start, which level it runs at; only
-`development` may run below MTLS while mTLS is enabled (see `runtime.loader`).
+`development` may run below MTLS while mTLS is enabled (see `runtime.secrets.loader`).
 """
 
 from __future__ import annotations

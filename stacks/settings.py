@@ -62,7 +62,7 @@ _SAN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
 _ORIGIN = re.compile(r"https://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?")
 
 KEY_TYPES = ("ecdsa-p256", "rsa-2048", "rsa-3072", "rsa-4096")
-"""`runtime.issuance.KeyType` values (a test keeps them equal; this module does not import cryptography)."""
+"""`runtime.certificates.issuance.KeyType` values (a test keeps them equal; this module does not import cryptography)."""
 
 _Parser = Callable[[object, Where, str], Any]
 

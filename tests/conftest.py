@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from moto import mock_aws
 
-from runtime import mlflow_config, names
-from runtime.certset import CertificateSet
+from runtime import names
+from runtime.certificates.certset import CertificateSet
+from runtime.secrets import mlflow_config
 
 REGION = "us-east-1"
 

@@ -1,4 +1,4 @@
-"""Secrets Manager rotation of the CA secrets: the CA rollover (`runtime.rollover`), one step a time.
+"""Secrets Manager rotation of the CA secrets: the CA rollover (`runtime.secrets.rollover`), one step a time.
 
 A CA cannot be rotated the way a leaf is: a new CA in `ca-key` that no service trusts yet breaks
 every handshake. So each CA secret's rotation stands for the rollover step that changes it, and
@@ -41,11 +41,13 @@ import ssl
 
 from cryptography import x509
 
-from runtime import json_input, names, pem, rollover
-from runtime.certset import check_ca_environment, verify_for
+from runtime import json_input, names
+from runtime.certificates import pem
+from runtime.certificates.certset import check_ca_environment, verify_for
+from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.issuance import DEFAULT_CA_LIFETIME_DAYS, CertificateAuthority
+from runtime.certificates.verification import check_trust_bundle, check_validity
 from runtime.errors import MtlsError
-from runtime.identity import TLSIdentity
-from runtime.issuance import DEFAULT_CA_LIFETIME_DAYS, CertificateAuthority
 from runtime.lifecycle import (
     CA_SOURCE_IMPORTED,
     CA_SOURCES,
@@ -56,7 +58,7 @@ from runtime.lifecycle import (
 from runtime.lifecycle.clients import secrets_client
 from runtime.lifecycle.rotation import handshake, leaf_lifetime_days
 from runtime.lifecycle.rotation_steps import RotationError, current_value, run_step
-from runtime.verification import check_trust_bundle, check_validity
+from runtime.secrets import rollover
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -155,9 +157,11 @@ class CaRotation:
         days_left = (state.issuer.certificate.not_valid_after_utc - self.now).days
         start = _days(ENV_CA_ROLLOVER_START_DAYS)
         if state.phase != rollover.STEADY:
-            return self._not_due(f"a rollover is in progress ({rollover.PHASES[state.phase]})")
+            self._not_due(f"a rollover is in progress ({rollover.PHASES[state.phase]})")
+            return None
         if days_left > start:
-            return self._not_due(f"the issuing CA has {days_left} days left; a rollover begins at {start}")
+            self._not_due(f"the issuing CA has {days_left} days left; a rollover begins at {start}")
+            return None
         if _ca_source() == CA_SOURCE_IMPORTED:
             log.warning(
                 "%s: the imported CA has %d days left; roll it over with the platform's new CA "
@@ -174,25 +178,38 @@ class CaRotation:
         return new.identity.to_secret_string()
 
     def _switch(self, state: rollover.State) -> str | None:
-        if state.phase != rollover.BEGUN or state.next_ca.certificate not in state.bundle:
-            return self._not_due(f"no trusted next CA to switch to ({rollover.PHASES[state.phase]})")
+        # BEGUN is the phase with a next CA; the `is None` test says so to the type checker
+        if (
+            state.next_ca is None
+            or state.phase != rollover.BEGUN
+            or state.next_ca.certificate not in state.bundle
+        ):
+            self._not_due(f"no trusted next CA to switch to ({rollover.PHASES[state.phase]})")
+            return None
         waited = self._waited(state.next_ca.certificate)
         if waited is not None:
-            return self._not_due(f"the next CA has been trusted for {waited}")
+            self._not_due(f"the next CA has been trusted for {waited}")
+            return None
         check_validity(state.next_ca.certificate, self._store.name(names.CA_NEXT_SECRET), self.now)
         return state.next_ca.identity.to_secret_string()
 
     def _finish(self, state: rollover.State) -> str | None:
         if state.phase != rollover.SWITCHED:
-            return self._not_due(f"no switched rollover to finish ({rollover.PHASES[state.phase]})")
+            self._not_due(f"no switched rollover to finish ({rollover.PHASES[state.phase]})")
+            return None
         try:
             bundle = rollover.final_bundle(self._store, state, self.now)
         except rollover.RolloverError as exc:
-            return self._not_due(str(exc))
+            self._not_due(str(exc))
+            return None
         for entry in state.identities:
+            if entry.certificate is None:  # not reached: final_bundle refuses an identity with a problem
+                self._not_due(f"{entry.secret_id} has no readable certificate")
+                return None
             waited = self._waited(entry.certificate)
             if waited is not None:
-                return self._not_due(f"{entry.secret_id} has been on the new CA for {waited}")
+                self._not_due(f"{entry.secret_id} has been on the new CA for {waited}")
+                return None
         return pem.bundle_pem(bundle).decode()
 
     # --- tests of a pending value -----------------------------------------------------------------

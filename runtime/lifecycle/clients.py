@@ -12,12 +12,12 @@ import os
 import boto3
 from botocore.config import Config
 
-from runtime import secret_store
+from runtime.secrets import secret_store
 
 
 @functools.cache
 def secrets_client():
-    """Secrets Manager with botocore's standard retries (`runtime.secret_store.make_client`)."""
+    """Secrets Manager with botocore's standard retries (`runtime.secrets.secret_store.make_client`)."""
     return secret_store.make_client()
 
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from runtime import names
-from runtime.certset import verify_for
+from runtime.certificates.certset import verify_for
 from runtime.errors import MtlsError
 from runtime.lifecycle import CA_IDENTITY
 from runtime.lifecycle.clients import cloudwatch_client, secrets_client
-from runtime.secret_store import SecretStore
+from runtime.secrets.secret_store import SecretStore
 
 log = logging.getLogger("hokusai_mtls")
 _DAY_SECONDS = 86400

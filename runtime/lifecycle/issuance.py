@@ -36,16 +36,17 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography import x509
 
-from runtime import names, pem
-from runtime.certset import check_ca_environment, verify_for
+from runtime import names
+from runtime.certificates import pem
+from runtime.certificates.certset import check_ca_environment, verify_for
+from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.issuance import CertificateAuthority, KeyType
+from runtime.certificates.verification import check_validity
 from runtime.errors import CertificateError, CertificateSetError, SecretContentError, SecretNotFoundError
-from runtime.identity import TLSIdentity
-from runtime.issuance import CertificateAuthority, KeyType
 from runtime.lifecycle import CA_SOURCE_IMPORTED, CA_SOURCE_ISSUED, CA_SOURCES
 from runtime.lifecycle.clients import secrets_client
-from runtime.rollover import NO_NEXT_CA
-from runtime.secret_store import SecretStore, translate
-from runtime.verification import check_validity
+from runtime.secrets.rollover import NO_NEXT_CA
+from runtime.secrets.secret_store import SecretStore, translate
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -78,7 +79,7 @@ class Settings:
         try:
             return cls(
                 environment,
-                int(lifetime) if lifetime not in (None, "") else None,
+                int(lifetime) if lifetime is not None and lifetime != "" else None,
                 tuple(str(s) for s in sans),
                 KeyType(properties.get("KeyType") or KeyType.ECDSA_P256.value),
                 ca_source,
@@ -182,10 +183,23 @@ def _ensure_identity(
     except (SecretContentError, CertificateError) as exc:
         log.warning("re-issuing %s: the current value is not valid (%s)", secret_id, exc)
         action = "reissued"
-    options = {"key_type": settings.key_type, "lifetime_days": settings.leaf_lifetime_days, "now": now}
     if identity.kind is names.Kind.SERVER:
-        options["extra_sans"] = settings.server_sans
-    tls = ca.issue(settings.environment, identity, **options)
+        tls = ca.issue(
+            settings.environment,
+            identity,
+            key_type=settings.key_type,
+            lifetime_days=settings.leaf_lifetime_days,
+            now=now,
+            extra_sans=settings.server_sans,
+        )
+    else:
+        tls = ca.issue(
+            settings.environment,
+            identity,
+            key_type=settings.key_type,
+            lifetime_days=settings.leaf_lifetime_days,
+            now=now,
+        )
     store.put(secret_id, tls.to_secret_string())
     log.info("%s %s serial %x into %s", action, identity.name, tls.certificate.serial_number, secret_id)
     return tls, action

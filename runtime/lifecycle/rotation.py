@@ -23,16 +23,17 @@ from pathlib import Path
 
 from cryptography import x509
 
-from runtime import names, pem
-from runtime.certset import verify_for
+from runtime import names
+from runtime.certificates import pem
+from runtime.certificates.certset import verify_for
+from runtime.certificates.files import PRIVATE_FILE_MODE, write_file_atomic
+from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.issuance import CertificateAuthority, KeyType
 from runtime.errors import CertificateError, SecretStoreError
-from runtime.files import PRIVATE_FILE_MODE, write_file_atomic
-from runtime.identity import TLSIdentity
-from runtime.issuance import CertificateAuthority, KeyType
 from runtime.lifecycle import ENV_KEY_TYPE, ENV_LEAF_LIFETIME_DAYS, ENV_SERVER_SANS
 from runtime.lifecycle.clients import secrets_client
 from runtime.lifecycle.rotation_steps import STEPS, RotationError, run_step
-from runtime.secret_store import SecretStore
+from runtime.secrets.secret_store import SecretStore
 
 __all__ = ["STEPS", "RotationError", "handler", "handshake", "leaf_lifetime_days"]
 
@@ -84,10 +85,18 @@ class IdentityRotation:
 
     def create(self) -> str:
         ca = self._store.fetch_ca()
-        options = {"key_type": _key_type(), "lifetime_days": leaf_lifetime_days()}
-        if self.target.identity.kind is names.Kind.SERVER:
-            options["extra_sans"] = _server_sans()
-        tls = ca.issue(self.target.environment, self.target.identity, **options)
+        environment, identity = self.target.environment, self.target.identity
+        key_type, lifetime_days = _key_type(), leaf_lifetime_days()
+        if identity.kind is names.Kind.SERVER:
+            tls = ca.issue(
+                environment,
+                identity,
+                key_type=key_type,
+                lifetime_days=lifetime_days,
+                extra_sans=_server_sans(),
+            )
+        else:
+            tls = ca.issue(environment, identity, key_type=key_type, lifetime_days=lifetime_days)
         log.info(
             "createSecret %s: issued serial %x, valid until %s",
             self.secret_id,
@@ -124,11 +133,11 @@ def handshake(
     but with no port to bind and no thread in the Lambda. Keys touch disk only because
     `load_cert_chain` reads files: a private temporary directory, removed at once.
     """
-    throwaway = {"lifetime_days": 1}
+    throwaway_days = 1
     if identity.kind is names.Kind.SERVER:
-        server, client = tls, ca.issue_client(environment, "rotation-test", **throwaway)
+        server, client = tls, ca.issue_client(environment, "rotation-test", lifetime_days=throwaway_days)
     else:
-        server, client = ca.issue_server(environment, **throwaway), tls
+        server, client = ca.issue_server(environment, lifetime_days=throwaway_days), tls
     hostname = names.mlflow_hostname(environment)
     cadata = pem.bundle_pem(list(bundle)).decode()
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -139,9 +148,7 @@ def handshake(
             context.load_cert_chain(path)
             context.load_verify_locations(cadata=cadata)
     server_context.verify_mode = ssl.CERT_REQUIRED
-    server = _End(server_context, server_side=True)
-    client = _End(client_context, server_hostname=hostname)
-    _complete(server, client)
+    _complete(_End(server_context, server_side=True), _End(client_context, server_hostname=hostname))
 
 
 class _End:

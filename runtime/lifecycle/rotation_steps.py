@@ -25,7 +25,7 @@ from typing import Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 
 from runtime.errors import MtlsError
-from runtime.secret_store import translate
+from runtime.secrets.secret_store import translate
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -90,10 +90,10 @@ def run_step(event, client, resolve: Callable[[str], Rotation]) -> None:
             VersionStages=[PENDING],
         )
     elif step == "testSecret":
-        value = pending_value(client, secret_id, token)
-        if value is None:
+        pending = pending_value(client, secret_id, token)
+        if pending is None:
             raise RotationError(f"secret {secret_id}: version {token} holds no value to test")
-        rotation.test(value, token)
+        rotation.test(pending, token)
     elif step == "finishSecret":
         _promote(client, secret_id, token, versions)
         rotation.after_finish()
@@ -120,7 +120,7 @@ def current_value(client, secret_id: str) -> str:
 
 
 def call(secret_id: str, method, **arguments):
-    """A Secrets Manager call whose failure names the secret (`runtime.secret_store.translate`)."""
+    """A Secrets Manager call whose failure names the secret (`runtime.secrets.secret_store.translate`)."""
     try:
         return method(**arguments)
     except (ClientError, BotoCoreError) as exc:

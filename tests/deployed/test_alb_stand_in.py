@@ -119,7 +119,7 @@ def test_forwarding_headers_name_the_socket_peer_and_the_listener(deployed, echo
 
 
 def test_a_certificate_of_another_ca_never_reaches_the_upstream(deployed, echo_alb, tmp_path):
-    from runtime.certset import CertificateSet
+    from runtime.certificates.certset import CertificateSet
 
     foreign = CertificateSet.issue("staging").identities["worker"]
     (tmp_path / "f.crt").write_bytes(foreign.certificate_pem())

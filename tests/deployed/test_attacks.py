@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import pytest
 
-from runtime import names, pem
+from runtime import names
+from runtime.certificates import pem
 from tests.support.certs import crafted_client, new_ca
 from tests.support.deployed import ALB_NAME, ENV, MLFLOW_NAME
 from tests.support.hostile import closed_by_peer, listener_in, open_idle_connections, raw_exchange

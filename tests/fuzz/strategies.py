@@ -29,7 +29,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from runtime import names
-from runtime.issuance import CertificateAuthority
+from runtime.certificates.issuance import CertificateAuthority
 from tests.support import der
 
 CA = CertificateAuthority.create("development")

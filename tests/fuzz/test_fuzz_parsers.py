@@ -23,16 +23,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime import cli, json_input, names, pem
-from runtime.asgi_tls import tls_extension
+from runtime import cli, json_input, names
+from runtime.auth.peer_identity import IdentityPolicy
+from runtime.auth.proxy_certificate import ALB_LEAF_HEADER, forwarded_certificate
+from runtime.certificates import pem
+from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.inspection import describe, format_text
+from runtime.certificates.verification import verify_certificate
 from runtime.errors import MtlsError, RefreshError
-from runtime.identity import TLSIdentity
-from runtime.inspection import describe, format_text
-from runtime.loader import LoaderSettings, load_certificates
-from runtime.peer_identity import IdentityPolicy
-from runtime.proxy_certificate import ALB_LEAF_HEADER, forwarded_certificate
-from runtime.secret_store import SecretStore
-from runtime.verification import verify_certificate
+from runtime.secrets.loader import LoaderSettings, load_certificates
+from runtime.secrets.secret_store import SecretStore
+from runtime.serving.asgi_tls import tls_extension
 from tests.fuzz.strategies import (
     CA,
     LEAVES,

@@ -317,7 +317,7 @@ def test_ca_rollover_starts_a_quarter_before_a_leaf_lifetime_by_default(cdk_json
 
 
 def test_key_types_are_the_runtime_key_types():
-    from runtime.issuance import KeyType
+    from runtime.certificates.issuance import KeyType
     from stacks.settings import KEY_TYPES
 
     assert set(KEY_TYPES) == {key.value for key in KeyType}
@@ -336,7 +336,7 @@ def test_asset_hash_follows_runtime_sources_and_the_lock(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_bundle_has_cp313_manylinux_x86_64_cryptography_and_the_runtime(tmp_path):
-    """Runs the ILocalBundling for real (pip talks to PyPI): no Docker anywhere."""
+    """Runs the ILocalBundling for real (pip installs from .wheels/lambda, no index): no Docker anywhere."""
     import aws_cdk as cdk
     from aws_cdk import aws_lambda as lambda_
 

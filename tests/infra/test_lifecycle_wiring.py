@@ -16,8 +16,9 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from runtime import names, rollover
+from runtime import names
 from runtime.lifecycle import CA_IDENTITY, clients
+from runtime.secrets import rollover
 from tests.conftest import REGION
 from tests.support.lifecycle import current_version, rotate, rotation_function
 

@@ -151,7 +151,7 @@ SERVERS = (names.SERVER.role, names.API.role)
 
 
 def test_auth_service_url_and_scopes_reach_mlflow_and_api_only(templates):
-    from runtime.peer_identity import IdentityPolicy
+    from runtime.auth.peer_identity import IdentityPolicy
 
     for role, (_, task) in tasks_by_role(templates["services"]).items():
         variables = environment_of(task)
@@ -166,7 +166,7 @@ def test_auth_service_url_and_scopes_reach_mlflow_and_api_only(templates):
 
 
 def test_edge_settings_reach_the_servers_in_the_form_the_runtime_reads(templates):
-    from runtime.middleware import options_from_environ
+    from runtime.auth.middleware import options_from_environ
 
     for role, (_, task) in tasks_by_role(templates["services"]).items():
         variables = environment_of(task)

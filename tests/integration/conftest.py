@@ -18,8 +18,8 @@ from local_stack.auth_service import FakeAuthService
 from local_stack.environment import NotHealthy, container_command, service_environment
 from local_stack.environment import wait_healthy as _wait_healthy
 from runtime import names
-from runtime.certset import CertificateSet
-from runtime.secret_store import SecretStore
+from runtime.certificates.certset import CertificateSet
+from runtime.secrets.secret_store import SecretStore
 from tests.support.servers import free_port
 
 ENV = "staging"

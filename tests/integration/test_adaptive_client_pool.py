@@ -1,4 +1,4 @@
-"""The async adaptive client's pool (`runtime.adaptive_client.ReusingPool`) against a real server.
+"""The async adaptive client's pool (`runtime.clients.adaptive_client.ReusingPool`) against a real server.
 
 Connections are counted where they arrive: the server records the peer address of every request.
 Plain HTTP on loopback (security level INSECURE) keeps these about pooling; the mTLS path through
@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from runtime import names
-from runtime.adaptive_client import (
+from runtime.clients.adaptive_client import (
     DEFAULT_LIMITS,
     KEEPALIVE_EXPIRY,
     ReusingTransport,
@@ -22,8 +22,8 @@ from runtime.adaptive_client import (
     create_adaptive_sync_client,
     pool_limits,
 )
-from runtime.connection_limits import MLFLOW_LIMITS
-from runtime.serving import Listener, Serving
+from runtime.serving.connection_limits import MLFLOW_LIMITS
+from runtime.serving.server import Listener, Serving
 from tests.support.servers import answer_lifespan, free_port, running
 
 pytestmark = pytest.mark.integration

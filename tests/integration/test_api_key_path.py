@@ -22,11 +22,11 @@ from local_stack.auth_service import (
     UNKNOWN_KEY,
     FakeAuthService,
 )
-from runtime.api_keys import ApiKeyValidator, AuthServiceClient, Validation, fingerprint
+from runtime.auth.api_keys import ApiKeyValidator, AuthServiceClient, Validation, fingerprint
+from runtime.auth.key_cache import NEGATIVE, MemoryKeyCache, RedisKeyCache
+from runtime.auth.rate_limit import UNLIMITED, RedisRateLimiter
+from runtime.auth.redis_client import redis_from_environ
 from runtime.errors import AuthServiceUnavailable
-from runtime.key_cache import NEGATIVE, MemoryKeyCache, RedisKeyCache
-from runtime.rate_limit import UNLIMITED, RedisRateLimiter
-from runtime.redis_client import redis_from_environ
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -292,11 +292,11 @@ async def test_the_limited_example_key_end_to_end(fake, auth, aredis):
 # --- helpers ---------------------------------------------------------------------------------------------
 class _FixedAuth:
     async def validate(self, api_key, *, request_id):
-        from runtime.api_keys import ApiKeyInfo
+        from runtime.auth.api_keys import ApiKeyInfo
 
         return ApiKeyInfo("k-1", "u-1", "svc", ("a",), 10, None, True)
 
 
 def _dead_redis() -> redis.asyncio.Redis:
-    """A client made as production makes it (runtime.redis_client), for a port nothing listens on."""
+    """A client made as production makes it (runtime.auth.redis_client), for a port nothing listens on."""
     return redis_from_environ({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})

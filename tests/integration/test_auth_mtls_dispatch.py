@@ -22,17 +22,18 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from local_stack.auth_service import ACTIVE_KEY, LIMITED_KEY, FakeAuthService
-from runtime import names, pem
-from runtime.api_keys import ApiKeyValidator, AuthServiceClient
-from runtime.client_address import AddressPolicy
-from runtime.files import publish_files
-from runtime.key_cache import MemoryKeyCache
-from runtime.metrics import Metrics
-from runtime.middleware import STATE_KEYS, APIKeyAuthMiddleware
-from runtime.peer_identity import IdentityPolicy
-from runtime.rate_limit import MemoryRateLimiter
-from runtime.serving import Listener, Serving
-from runtime.tls_context import ReloadableServerContext, ServerFiles
+from runtime import names
+from runtime.auth.api_keys import ApiKeyValidator, AuthServiceClient
+from runtime.auth.client_address import AddressPolicy
+from runtime.auth.key_cache import MemoryKeyCache
+from runtime.auth.middleware import STATE_KEYS, APIKeyAuthMiddleware
+from runtime.auth.peer_identity import IdentityPolicy
+from runtime.auth.rate_limit import MemoryRateLimiter
+from runtime.certificates import pem
+from runtime.certificates.files import publish_files
+from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+from runtime.observability.metrics import Metrics
+from runtime.serving.server import Listener, Serving
 from tests.support.servers import free_port, running
 
 pytestmark = pytest.mark.integration

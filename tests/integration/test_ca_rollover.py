@@ -1,6 +1,6 @@
 """A whole CA rollover under live mutual TLS traffic, with zero refused handshakes.
 
-The MLflow side is a real listener (`runtime.serving` + `ReloadableServerContext`) on the files
+The MLflow side is a real listener (`runtime.serving.server` + `ReloadableServerContext`) on the files
 the loader writes from Secrets Manager (moto). The api and worker clients make requests all the
 time from background threads, each over a keep-alive connection and over fresh connections.
 Between the rollover steps every service reloads the way it does in ECS: the server re-runs the
@@ -20,12 +20,13 @@ import httpx
 import pytest
 from cryptography import x509
 
-from runtime import names, rollover
-from runtime.adaptive_client import ClientTLS
-from runtime.loader import LoaderSettings, load_certificates
-from runtime.rollover import RolloverStore
-from runtime.serving import Listener, Serving
-from runtime.tls_context import ReloadableServerContext, ServerFiles
+from runtime import names
+from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+from runtime.clients.adaptive_client import ClientTLS
+from runtime.secrets import rollover
+from runtime.secrets.loader import LoaderSettings, load_certificates
+from runtime.secrets.rollover import RolloverStore
+from runtime.serving.server import Listener, Serving
 from tests.support.servers import echo_tls, free_port, running
 
 pytestmark = pytest.mark.integration

@@ -269,7 +269,7 @@ def test_inspect_reports_malformed_input_by_file(tmp_path):
 @pytest.fixture(scope="module")
 def hostile_files(tmp_path_factory):
     """Each hostile CA-signed certificate of tests/support/hostile_certificates.py, with its CA."""
-    from runtime import pem
+    from runtime.certificates import pem
     from tests.support import der
     from tests.support.certs import new_ca
     from tests.support.hostile_certificates import HOSTILE
@@ -318,6 +318,38 @@ def test_pem_framing_is_linear(tmp_path):
     hostile.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n" * (1024 * 1024 // 34))
     result = run("certs", "inspect", str(hostile), check=False, timeout=30)  # not a speed test: a bound
     assert result.returncode == 1 and "truncated PEM" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("certs", "verify", "--dir", "{missing}", "--env", "staging"),
+        ("certs", "upload", "--dir", "{missing}", "--env", "staging"),
+        ("certs", "issue", "--env", "staging", "--out", "{out}", "--ca-dir", "{missing}"),
+    ],
+    ids=["verify --dir", "upload --dir", "issue --ca-dir"],
+)
+def test_a_missing_directory_is_named_as_a_directory(tmp_path, argv):
+    missing = tmp_path / "no-such-set"
+    result = run(*(a.format(missing=missing, out=tmp_path / "out") for a in argv), check=False)
+    assert result.returncode == 1
+    assert f"{missing}: no such directory" in result.stderr and "ca.crt" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_usage_error_prints_the_subcommands_usage():
+    result = run("certs", "verify", "some.crt", check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: hokusai-mtls certs verify ")
+    assert "give --dir DIR --env ENV, or CERT with --key KEY --ca BUNDLE" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [(), ("certs",)], ids=["no command", "certs without a command"])
+def test_argparse_internal_names_never_show(argv):
+    result = run(*argv, check=False)
+    assert result.returncode == 2
+    assert "certs_command" not in result.stderr and "required: command" not in result.stderr
+    assert "required: COMMAND" in result.stderr
 
 
 def test_usage_errors_exit_2():

@@ -34,7 +34,7 @@ from local_stack.commands import NO_HTTP_ANSWER
 from local_stack.environment import REPO
 from local_stack.stack import group_members, process_exists
 from runtime import names
-from runtime.certset import load_ca_dir
+from runtime.certificates.certset import load_ca_dir
 from tests.support.dial import request_by_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

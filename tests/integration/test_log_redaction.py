@@ -21,8 +21,8 @@ import pytest
 
 from local_stack.auth_service import ACTIVE_KEY, UNKNOWN_KEY
 from runtime import names
-from runtime.serving import Listener, Serving
-from runtime.tls_context import ReloadableServerContext, ServerFiles
+from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+from runtime.serving.server import Listener, Serving
 from tests.integration.conftest import ENV, container_command, server_environment, wait_healthy
 from tests.support.servers import answer_lifespan, free_port, running
 

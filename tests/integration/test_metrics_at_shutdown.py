@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from local_stack.auth_service import ACTIVE_KEY
-from runtime import names, pem
+from runtime import names
+from runtime.certificates import pem
 from tests.integration.conftest import container_command, loopback_options, server_environment, wait_healthy
 from tests.support.servers import free_port
 

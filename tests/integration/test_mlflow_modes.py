@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from local_stack.auth_service import ACTIVE_KEY
-from runtime import names, pem
+from runtime import names
+from runtime.certificates import pem
 from tests.integration.conftest import container_command, server_environment, wait_healthy
 from tests.support.servers import free_port
 from tests.support.slow_clients import HALF_HEADERS, closed_within

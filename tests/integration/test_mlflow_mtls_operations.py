@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime import names, pem
-from runtime.certset import CertificateSet
-from runtime.loader import LoaderSettings, load_certificates
-from runtime.secret_store import SecretStore
+from runtime import names
+from runtime.certificates import pem
+from runtime.certificates.certset import CertificateSet
+from runtime.secrets.loader import LoaderSettings, load_certificates
+from runtime.secrets.secret_store import SecretStore
 from tests.support.certs import days_ago
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

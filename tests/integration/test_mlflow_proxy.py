@@ -1,6 +1,6 @@
 """The `/mlflow` proxy end to end: client -> proxy (plain HTTP) -> upstream over strict mTLS.
 
-The upstream is an echo app behind `runtime.serving` with the reloadable server context, so it
+The upstream is an echo app behind `runtime.serving.server` with the reloadable server context, so it
 sees the proxy's client certificate through the ASGI TLS extension; the proxy is mounted in a
 Starlette app served by uvicorn, with the adaptive client built from the real loader's exports
 (certificates uploaded to moto, loaded for the `mlflow-server` and `api` roles).
@@ -31,19 +31,19 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from runtime import names
-from runtime.adaptive_client import create_adaptive_client
-from runtime.asgi_tls import TLS_EXTENSION
-from runtime.certset import CertificateSet
-from runtime.loader import LoaderSettings, load_certificates
-from runtime.mlflow_proxy import (
+from runtime.certificates.certset import CertificateSet
+from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+from runtime.clients.adaptive_client import create_adaptive_client
+from runtime.secrets.loader import LoaderSettings, load_certificates
+from runtime.secrets.secret_store import SecretStore
+from runtime.services.mlflow_proxy import (
     classify,
     mlflow_proxy_app,
     strip_hop_by_hop,
     upstream_request_headers,
 )
-from runtime.secret_store import SecretStore
-from runtime.serving import Listener, Serving
-from runtime.tls_context import ReloadableServerContext, ServerFiles
+from runtime.serving.asgi_tls import TLS_EXTENSION
+from runtime.serving.server import Listener, Serving
 from tests.support.path_pieces import URL_PIECES
 from tests.support.raw_http import Victim, dropping_upstream, raw_request, victim
 from tests.support.servers import answer_lifespan, free_port, running

@@ -1,7 +1,7 @@
 """`serve-mlflow` must give clients what `mlflow server` gives them, on the production backend store.
 
 The MLflow image's command is ours, not `mlflow server`, so everything `mlflow server` sets up
-before uvicorn starts has to be done by `runtime.mlflow_setup`. These tests compare the two
+before uvicorn starts has to be done by `runtime.services.mlflow_setup`. These tests compare the two
 where they can differ, each on something a user does:
 
 - MLflow's DNS-rebinding guard (`MLFLOW_SERVER_ALLOWED_HOSTS`) must accept the Cloud Map name
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import names, pem
+from runtime import names
+from runtime.certificates import pem
 from tests.integration.conftest import ENV, server_environment, start_serve_mlflow, wait_healthy
 from tests.support.dial import request_by_name
 from tests.support.servers import free_port

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.certset import CertificateSet
-from runtime.issuance import KeyType
-from runtime.loader import LoaderSettings, load_certificates
-from runtime.secret_store import SecretStore
+from runtime.certificates.certset import CertificateSet
+from runtime.certificates.issuance import KeyType
+from runtime.secrets.loader import LoaderSettings, load_certificates
+from runtime.secrets.secret_store import SecretStore
 from tests.support.tls import client_context, exchange, serving
 
 HOST = "mlflow.hokusai-development.local"

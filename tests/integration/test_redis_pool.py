@@ -1,6 +1,6 @@
 """One bounded Redis pool per process, shared by the key cache and the rate limiter, closed at exit.
 
-The API service as `serve-api` builds it (`runtime.api_service.ApiService`, certificates from
+The API service as `serve-api` builds it (`runtime.services.api_service.ApiService`, certificates from
 moto's Secrets Manager), serving on the loopback in this process, in front of a real
 redis-server (tests/conftest.py) or a Redis that accepts and never answers; 50 clients at once
 on the API-key path. Redis itself says how many connections the service opened and holds.
@@ -20,7 +20,7 @@ import redis
 
 from local_stack.auth_service import ACTIVE_KEY
 from runtime import names
-from runtime.api_service import ApiService
+from runtime.services.api_service import ApiService
 from tests.integration.conftest import server_environment
 from tests.support.servers import free_port, running
 

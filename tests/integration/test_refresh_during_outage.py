@@ -16,9 +16,10 @@ import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
-from runtime import names, pem
-from runtime.certset import CertificateSet
-from runtime.secret_store import SecretStore
+from runtime import names
+from runtime.certificates import pem
+from runtime.certificates.certset import CertificateSet
+from runtime.secrets.secret_store import SecretStore
 from tests.integration.conftest import start_serve_mlflow, wait_healthy
 from tests.support.servers import free_port
 

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from runtime.serving import Background, Listener, Serving, periodic
+from runtime.serving.server import Background, Listener, Serving, periodic
 from tests.support.servers import answer_lifespan, free_port
 
 pytestmark = pytest.mark.integration

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime import names, pem
-from runtime.files import publish_files
-from runtime.serving import Listener, Serving
-from runtime.tls_context import ReloadableServerContext, ServerFiles
+from runtime import names
+from runtime.certificates import pem
+from runtime.certificates.files import publish_files
+from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+from runtime.serving.server import Listener, Serving
 from tests.support.servers import answer_lifespan, free_port, running
 from tests.support.slow_clients import HALF_HEADERS, closed_within, still_open
 
@@ -613,7 +614,7 @@ def test_a_port_in_use_fails_the_start_naming_the_listener_and_frees_the_others(
 
 SERVE_PLAIN = """
 import asyncio, sys
-from runtime.serving import Listener, Serving
+from runtime.serving.server import Listener, Serving
 
 async def app(scope, receive, send):
     if scope["type"] != "http":

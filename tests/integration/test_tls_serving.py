@@ -11,12 +11,12 @@ import httpx
 import pytest
 from cryptography import x509
 
-from runtime import pem
-from runtime.certset import CertificateSet
-from runtime.files import publish_files
-from runtime.identity import TLSIdentity
-from runtime.serving import Listener, Serving
-from runtime.tls_context import ReloadableServerContext, ServerFiles
+from runtime.certificates import pem
+from runtime.certificates.certset import CertificateSet
+from runtime.certificates.files import publish_files
+from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+from runtime.serving.server import Listener, Serving
 from tests.support.servers import echo_tls, free_port, running
 
 pytestmark = pytest.mark.integration
@@ -225,7 +225,7 @@ def test_a_client_context_takes_up_a_rotated_certificate_without_a_restart(
     tls_server, tmp_path, development_set
 ):
     """What the API service does every refresh: the loader rewrites the files, the context reloads."""
-    from runtime.adaptive_client import ClientTLS
+    from runtime.clients.adaptive_client import ClientTLS
 
     directory = tmp_path / "api-client"
     old = development_set.identities["api"]

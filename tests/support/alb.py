@@ -1,7 +1,7 @@
 """A stand-in for the platform's ALB in front of the API: nginx configured to do what the ALB does.
 
 What the API relies on from an Application Load Balancer listener with mutual TLS in *verify*
-mode (DESIGN.md, "Deployment facts"), and how nginx (Debian's `nginx`) is made to do it:
+mode (docs/DESIGN.md, "Deployment facts"), and how nginx (Debian's `nginx`) is made to do it:
 
 - terminates TLS with its own server certificate (issued here by a CA of its own, unrelated to
   the environment's: the ALB's certificate comes from ACM, not from our CA);

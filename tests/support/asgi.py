@@ -1,6 +1,6 @@
 """Calling `APIKeyAuthMiddleware` with plain ASGI scopes, as uvicorn builds them.
 
-The TLS extension is what `runtime.asgi_tls` puts there for a verified client; the API-key
+The TLS extension is what `runtime.serving.asgi_tls` puts there for a verified client; the API-key
 validator is a counting stub (these helpers test the dispatch; tests/integration uses the
 real HTTP double of the auth service).
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import io
 
-from runtime import pem
-from runtime.api_keys import ApiKeyInfo, AuthServiceUnavailable, Validation
-from runtime.client_address import AddressPolicy, parse_networks
-from runtime.metrics import Metrics
-from runtime.middleware import APIKeyAuthMiddleware
-from runtime.peer_identity import IdentityPolicy
-from runtime.rate_limit import MemoryRateLimiter
+from runtime.auth.api_keys import ApiKeyInfo, AuthServiceUnavailable, Validation
+from runtime.auth.client_address import AddressPolicy, parse_networks
+from runtime.auth.middleware import APIKeyAuthMiddleware
+from runtime.auth.peer_identity import IdentityPolicy
+from runtime.auth.rate_limit import MemoryRateLimiter
+from runtime.certificates import pem
+from runtime.observability.metrics import Metrics
 
 INTERNAL = parse_networks("10.0.0.0/8", "test")
 PROXIES = parse_networks("10.0.100.0/24", "test")

@@ -1,6 +1,6 @@
 """Checkers that state what a CA and a leaf must look like (as trustme's tests do).
 
-They read the certificate with `cryptography` directly, not through runtime.inspection,
+They read the certificate with `cryptography` directly, not through runtime.certificates.inspection,
 so a bug there cannot hide a bug in issuance.
 """
 
@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from runtime.identity import TLSIdentity
-from runtime.issuance import CertificateAuthority, KeyType
+from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.issuance import CertificateAuthority, KeyType
 
 
 def ext(certificate: x509.Certificate, kind):

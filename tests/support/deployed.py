@@ -42,10 +42,11 @@ import boto3
 
 from local_stack.auth_service import ACTIVE_KEY, EXAMPLE_KEYS, FakeAuthService
 from local_stack.environment import BIN, DOCKER, DUMMY_AWS, REPO, container_command, service_environment
-from runtime import names, pem
-from runtime.certset import CertificateSet
-from runtime.identity import TLSIdentity
-from runtime.secret_store import SecretStore
+from runtime import names
+from runtime.certificates import pem
+from runtime.certificates.certset import CertificateSet
+from runtime.certificates.identity import TLSIdentity
+from runtime.secrets.secret_store import SecretStore
 from tests.support.alb import AlbStandIn, find_nginx
 from tests.support.netns import Namespace, Network, require_netns
 from tests.support.postgres import PostgresServer, find_binaries, redact

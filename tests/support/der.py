@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from runtime.issuance import CertificateAuthority
+from runtime.certificates.issuance import CertificateAuthority
 
 OCTET_STRING = 0x04
 SEQUENCE = 0x30

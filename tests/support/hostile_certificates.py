@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from cryptography import x509
 
-from runtime.issuance import CertificateAuthority
+from runtime.certificates.issuance import CertificateAuthority
 from tests.support import der
 from tests.support.certs import client, crafted_client
 

@@ -1,7 +1,7 @@
 """Secrets as the CDK half creates them (empty shells), reading them back, and rotating them
 with our handler as the Lambda, for the lifecycle tests.
 
-moto invokes a rotation Lambda only through Docker (DESIGN.md), so `rotate` patches
+moto invokes a rotation Lambda only through Docker (docs/DESIGN.md), so `rotate` patches
 `LambdaBackend.invoke` to call our handler with the events Secrets Manager sends.
 """
 
@@ -16,7 +16,7 @@ from unittest import mock
 import boto3
 
 from runtime import names
-from runtime.secret_store import SecretStore
+from runtime.secrets.secret_store import SecretStore
 
 ENVIRONMENT = "staging"
 CERTIFICATE_SUFFIXES = (

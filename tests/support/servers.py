@@ -1,4 +1,4 @@
-"""Run a `runtime.serving.Serving` in a background thread for a test, and stop it after."""
+"""Run a `runtime.serving.server.Serving` in a background thread for a test, and stop it after."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import threading
 from contextlib import contextmanager
 
 from local_stack.ports import free_port  # noqa: F401  (re-exported for the tests)
-from runtime.asgi_tls import TLS_EXTENSION
-from runtime.serving import Serving
+from runtime.serving.asgi_tls import TLS_EXTENSION
+from runtime.serving.server import Serving
 
 
 @contextmanager

@@ -1,0 +1,1 @@
+"""HTTP clients whose TLS follows the loader's security level. Imports only the shared ground."""

@@ -1,0 +1,245 @@
+"""Auth and mTLS metrics, for Prometheus (`/metrics`) and CloudWatch (Embedded Metric Format).
+
+Names, namespace and dimensions are `runtime.names`'s: the CDK dashboard and alarms read
+exactly what is published here. Requests only touch in-memory counters; EMF lines are
+written by `flush()` on an interval (one line per dimension set and interval, not one per
+request), so metrics cost no I/O on the request path. The interval is
+`HOKUSAI_MTLS_METRICS_SECONDS` for serve-mlflow and serve-api alike (`interval_from_environ`),
+and both flush once more at shutdown, after their listeners have drained (`runtime.serving.server`'s
+at-exit actions), so a deploy loses no counts.
+
+Handshakes: OpenSSL calls our SNI callback at the start of every handshake and uvicorn's
+protocol learns of each completed one, so failures = started - completed in an interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
+from typing import TextIO
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+
+from runtime import names
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_EMF_MAX_VALUES = 100  # EMF allows at most 100 distinct values per metric per line
+DEFAULT_INTERVAL_SECONDS = 60.0
+MAX_INTERVAL_SECONDS = 24 * 3600.0
+
+
+def interval_from_environ(environ: Mapping[str, str]) -> float:
+    """`HOKUSAI_MTLS_METRICS_SECONDS` (default 60): how often the EMF lines are written.
+
+    ValueError naming the variable unless it is a number of seconds above 0 and at most a day.
+    """
+    raw = environ.get(names.ENV_METRICS_SECONDS, "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_INTERVAL_SECONDS):
+        raise ValueError(
+            f"{names.ENV_METRICS_SECONDS}={raw!r}: expected seconds, more than 0 and at most "
+            f"{MAX_INTERVAL_SECONDS:.0f}"
+        )
+    return seconds
+
+
+class Metrics:
+    """One service's counters. Thread-safe: handshakes are counted from OpenSSL callbacks."""
+
+    def __init__(
+        self,
+        *,
+        environment: str,
+        service: str,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.environment = names.check_environment(environment)
+        self.service = service
+        self._stream = stream or sys.stdout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._writing = threading.Lock()  # a periodic and the final flush never interleave their lines
+        self.registry = CollectorRegistry()
+        labels = ("environment", "service")
+        self._prom_auth = PromCounter(
+            "hokusai_mtls_auth_requests",
+            "Requests by authentication path and outcome",
+            (*labels, "auth_path", "outcome"),
+            registry=self.registry,
+        )
+        self._prom_started = PromCounter(
+            "hokusai_mtls_handshakes_started",
+            "TLS handshakes begun on the mTLS port",
+            labels,
+            registry=self.registry,
+        )
+        self._prom_completed = PromCounter(
+            "hokusai_mtls_handshakes_completed",
+            "TLS handshakes that verified a client certificate",
+            labels,
+            registry=self.registry,
+        )
+        self._prom_internal_api_key = PromCounter(
+            "hokusai_mtls_internal_api_key_requests",
+            "API-key requests from internal callers",
+            labels,
+            registry=self.registry,
+        )
+        self._prom_plain = PromCounter(
+            "hokusai_mtls_plain_port_requests",
+            "Requests on the permissive plain port",
+            labels,
+            registry=self.registry,
+        )
+        self._prom_latency = Histogram(
+            "hokusai_mtls_internal_request_seconds",
+            "Latency of requests on the internal mTLS path",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._prom_days = Gauge(
+            "hokusai_mtls_certificate_days_to_expiry",
+            "Days until the served certificate expires",
+            ("environment", "identity"),
+            registry=self.registry,
+        )
+        # Label lookups cost microseconds per request: resolve the per-request children once.
+        self._latency_child = self._prom_latency.labels(self.environment, self.service)
+        self._auth_children: dict[tuple[str, str], object] = {}
+        self._reset_interval()
+
+    def _auth_child(self, auth_path: str, outcome: str):
+        child = self._auth_children.get((auth_path, outcome))
+        if child is None:
+            child = self._prom_auth.labels(self.environment, self.service, auth_path, outcome)
+            self._auth_children[(auth_path, outcome)] = child
+        return child
+
+    def _reset_interval(self) -> None:
+        self._auth: Counter[str] = Counter()
+        self._started = 0
+        self._completed = 0
+        self._internal_api_key = 0
+        self._plain = 0
+        self._latency_ms: defaultdict[float, int] = defaultdict(int)
+        self._days: dict[str, int] = {}
+
+    # --- recording (cheap, in memory) ------------------------------------------------------
+    def auth(self, auth_path: str, outcome: str) -> None:
+        self._auth_child(auth_path, outcome).inc()
+        if outcome == "success":
+            with self._lock:
+                self._auth[auth_path] += 1
+
+    def handshake_started(self) -> None:
+        self._prom_started.labels(self.environment, self.service).inc()
+        with self._lock:
+            self._started += 1
+
+    def handshake_completed(self) -> None:
+        self._prom_completed.labels(self.environment, self.service).inc()
+        with self._lock:
+            self._completed += 1
+
+    def internal_api_key_request(self) -> None:
+        self._prom_internal_api_key.labels(self.environment, self.service).inc()
+        with self._lock:
+            self._internal_api_key += 1
+
+    def plain_port_request(self) -> None:
+        self._prom_plain.labels(self.environment, self.service).inc()
+        with self._lock:
+            self._plain += 1
+
+    def internal_latency(self, seconds: float) -> None:
+        self._latency_child.observe(seconds)
+        with self._lock:
+            self._latency_ms[round(seconds * 1000, 1)] += 1
+
+    def certificate_days_left(self, identity: str, days: int) -> None:
+        self._prom_days.labels(self.environment, identity).set(days)
+        with self._lock:
+            self._days[identity] = days
+
+    # --- publishing ------------------------------------------------------------------------
+    def prometheus(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def flush(self) -> list[dict]:
+        """Write this interval's EMF documents (one JSON line each) and start a new interval."""
+        with self._lock:
+            auth, started, completed = dict(self._auth), self._started, self._completed
+            internal_api_key, plain = self._internal_api_key, self._plain
+            latency, days = dict(self._latency_ms), dict(self._days)
+            self._reset_interval()
+        base = {names.DIM_ENVIRONMENT: self.environment, names.DIM_SERVICE: self.service}
+        documents = []
+        if started or completed:
+            documents.append(
+                self._emf(
+                    base,
+                    {
+                        names.METRIC_MTLS_HANDSHAKES: (completed, "Count"),
+                        names.METRIC_MTLS_HANDSHAKE_FAILURES: (max(started - completed, 0), "Count"),
+                    },
+                )
+            )
+        for auth_path, count in sorted(auth.items()):
+            documents.append(
+                self._emf(
+                    {**base, names.DIM_AUTH_PATH: auth_path}, {names.METRIC_AUTH_REQUESTS: (count, "Count")}
+                )
+            )
+        if internal_api_key:
+            documents.append(
+                self._emf(base, {names.METRIC_INTERNAL_API_KEY_REQUESTS: (internal_api_key, "Count")})
+            )
+        if plain:
+            documents.append(self._emf(base, {names.METRIC_PLAIN_PORT_REQUESTS: (plain, "Count")}))
+        values = sorted(latency.items())
+        for start in range(0, len(values), _EMF_MAX_VALUES):
+            chunk = values[start : start + _EMF_MAX_VALUES]
+            distribution = {"Values": [v for v, _ in chunk], "Counts": [c for _, c in chunk]}
+            documents.append(self._emf(base, {names.METRIC_INTERNAL_LATENCY: (distribution, "Milliseconds")}))
+        for identity, left in sorted(days.items()):
+            documents.append(
+                self._emf(
+                    {names.DIM_ENVIRONMENT: self.environment, names.DIM_IDENTITY: identity},
+                    {names.METRIC_CERT_DAYS_TO_EXPIRY: (left, "None")},
+                )
+            )
+        text = "".join(json.dumps(document, separators=(",", ":")) + "\n" for document in documents)
+        with self._writing:
+            if text:
+                self._stream.write(text)
+            self._stream.flush()
+        return documents
+
+    def _emf(self, dimensions: dict[str, str], metrics: dict[str, tuple[object, str]]) -> dict:
+        return {
+            "_aws": {
+                "Timestamp": int(self._clock() * 1000),
+                "CloudWatchMetrics": [
+                    {
+                        "Namespace": names.METRIC_NAMESPACE,
+                        "Dimensions": [list(dimensions)],
+                        "Metrics": [{"Name": name, "Unit": unit} for name, (_, unit) in metrics.items()],
+                    }
+                ],
+            },
+            **dimensions,
+            **{name: value for name, (value, _) in metrics.items()},
+        }

@@ -1,0 +1,1 @@
+"""What the images run: the MLflow server, the API service and its /mlflow proxy. Imports every other concern."""

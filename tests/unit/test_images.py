@@ -1,0 +1,321 @@
+"""The container images build reproducibly and run the Python the tests run.
+
+No Docker engine runs here or in CI, so no test builds an image: these read docker/Dockerfile.*
+and each image's lock file (docker/<image>.lock.txt, `make locks`; docker/README.md) and check
+what a build would install. The base image is pinned to a patch release, and its Python is the one
+the lock was compiled for, the one pyproject.toml allows and the one these tests run with (the
+integration tests run the images' commands in this interpreter). The lock is pinned and hashed,
+installed before the source is copied (an edit to runtime/ reuses that layer), agrees with
+pyproject.toml's ranges for the image's extra, and is not stale.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+PROJECT = canonicalize_name(PYPROJECT["project"]["name"])
+BUILD_SYSTEM_IN = "docker/build-system.in"
+
+IMAGES = {"mlflow": "server", "api": "api", "worker": "client"}
+"""Each image and the pyproject.toml extra its lock is compiled from (the Makefile's `locks`)."""
+
+BASE_IMAGE = re.compile(r"python:(?P<version>\d+\.\d+\.\d+)-slim-(?P<suite>[a-z]+)(?:@sha256:[0-9a-f]{64})?")
+"""`python:X.Y.Z-slim-<Debian suite>`, optionally with a digest: no floating `3.11` or `slim`."""
+
+
+# --- reading a Dockerfile ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    arguments: str
+
+
+def instructions(image: str) -> list[Instruction]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    result: list[Instruction] = []
+    pending = ""
+    for line in (DOCKER / f"Dockerfile.{image}").read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + stripped).partition(" ")
+        result.append(Instruction(keyword.upper(), arguments.strip()))
+        pending = ""
+    assert not pending, f"Dockerfile.{image} ends inside a continued line"
+    return result
+
+
+def base_image(image: str) -> re.Match[str]:
+    froms = [i.arguments for i in instructions(image) if i.keyword == "FROM"]
+    assert len(froms) == 1, f"Dockerfile.{image}: expected one FROM, found {froms}"
+    match = BASE_IMAGE.fullmatch(froms[0])
+    assert match, f"Dockerfile.{image}: FROM {froms[0]} is not pinned to python:X.Y.Z-slim-<suite>"
+    return match
+
+
+def image_python(image: str) -> Version:
+    return Version(base_image(image)["version"])
+
+
+def copies(instruction: Instruction) -> tuple[list[str], str]:
+    """A COPY's sources and destination (flags such as --chown dropped)."""
+    words = [w for w in shlex.split(instruction.arguments) if not w.startswith("--")]
+    return words[:-1], words[-1]
+
+
+def first(steps: list[Instruction], predicate: Callable[[Instruction], bool]) -> int | None:
+    return next((n for n, step in enumerate(steps) if predicate(step)), None)
+
+
+def pip_installs(instruction: Instruction) -> list[list[str]]:
+    """The argument lists of every `pip install` in a RUN (`&&`- or `;`-separated commands)."""
+    commands = re.split(r"&&|;|\|\|", instruction.arguments)
+    found = []
+    for words in (shlex.split(command) for command in commands):
+        for prefix in (["pip", "install"], ["python", "-m", "pip", "install"]):
+            if words[: len(prefix)] == prefix:
+                found.append(words[len(prefix) :])
+    return found
+
+
+# --- reading a lock file ----------------------------------------------------------------------
+@dataclass
+class Pin:
+    name: str
+    version: Version
+    hashes: list[str]
+    via: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Lock:
+    command: list[str]
+    pins: dict[str, Pin]
+
+    def option(self, name: str) -> str:
+        assert name in self.command, f"the lock's command has no {name}: {shlex.join(self.command)}"
+        return self.command[self.command.index(name) + 1]
+
+
+def lock_path(image: str) -> Path:
+    return DOCKER / f"{image}.lock.txt"
+
+
+def read_lock(image: str) -> Lock:
+    """uv's requirements format: a header with the command, then `name==version` with hashes and `# via`."""
+    lines = lock_path(image).read_text().splitlines()
+    assert lines[0] == "# This file was autogenerated by uv via the following command:", lines[0]
+    command = shlex.split(lines[1].removeprefix("#"))
+    pins: dict[str, Pin] = {}
+    current: Pin | None = None
+    for line in lines[2:]:
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if not line.startswith((" ", "#")):
+            requirement = Requirement(stripped.removesuffix("\\").strip())
+            specifiers = list(requirement.specifier)
+            assert len(specifiers) == 1 and specifiers[0].operator == "==", f"not pinned: {stripped}"
+            assert not requirement.url and not requirement.marker, f"not a plain pin: {stripped}"
+            name = canonicalize_name(requirement.name)
+            assert name not in pins, f"{name} pinned twice"
+            current = pins[name] = Pin(name, Version(specifiers[0].version), [])
+        elif stripped.startswith("--hash="):
+            assert current is not None
+            current.hashes.append(stripped.removeprefix("--hash=").removesuffix("\\").strip())
+        elif stripped.startswith("#") and current is not None:
+            via = stripped.lstrip("#").strip().removeprefix("via").strip()
+            if via:
+                current.via.append(via)
+        else:
+            raise AssertionError(f"{lock_path(image).name}: unexpected line {line!r}")
+    return Lock(command, pins)
+
+
+# --- what pyproject.toml asks of an image ----------------------------------------------------
+def marker_environment(python: Version, extra: str) -> dict[str, str]:
+    """Marker values of the image: CPython `python` on linux x86_64."""
+    return {
+        **default_environment(),
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "python_version": f"{python.major}.{python.minor}",
+        "python_full_version": str(python),
+        "implementation_version": str(python),
+        "os_name": "posix",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "extra": extra,
+    }
+
+
+def direct_requirements(extra: str, python: Version) -> list[Requirement]:
+    """The project's dependencies plus the extra's, its own extras (`hokusai-mtls[serving]`) expanded."""
+    optional = PYPROJECT["project"]["optional-dependencies"]
+    found: list[Requirement] = []
+    pending = [(Requirement(r), "") for r in PYPROJECT["project"]["dependencies"]]
+    pending += [(Requirement(r), extra) for r in optional[extra]]
+    seen = {extra}
+    while pending:
+        requirement, in_extra = pending.pop(0)
+        if requirement.marker and not requirement.marker.evaluate(marker_environment(python, in_extra)):
+            continue
+        if canonicalize_name(requirement.name) != PROJECT:
+            found.append(requirement)
+            continue
+        for nested in sorted(requirement.extras - seen):
+            seen.add(nested)
+            pending += [(Requirement(r), nested) for r in optional[nested]]
+    return found
+
+
+def build_requirements() -> list[Requirement]:
+    return [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]
+
+
+# --- the tests --------------------------------------------------------------------------------
+def test_every_image_has_its_dockerfile_and_lock():
+    dockerfiles = {p.name.removeprefix("Dockerfile.") for p in DOCKER.glob("Dockerfile.*")}
+    locks = {p.name.removesuffix(".lock.txt") for p in DOCKER.glob("*.lock.txt")}
+    assert dockerfiles == set(IMAGES)
+    assert locks == set(IMAGES)
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_the_base_image_is_pinned_to_a_patch_release(image):
+    match = base_image(image)
+    assert match["suite"] == "bookworm", "the tests run on Debian 12 (bookworm) and its OpenSSL 3.0"
+
+
+def test_all_images_run_one_python():
+    assert len({str(image_python(image)) for image in IMAGES}) == 1, {i: str(image_python(i)) for i in IMAGES}
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_the_lock_is_compiled_for_the_images_python_platform_and_extra(image):
+    lock = read_lock(image)
+    assert lock.command[:3] == ["uv", "pip", "compile"]
+    assert lock.option("--python-version") == str(image_python(image))
+    assert lock.option("--python-platform").startswith("x86_64-manylinux_")
+    assert lock.option("--extra") == IMAGES[image]
+    assert lock.option("-o") == f"docker/{image}.lock.txt"
+    assert lock.option("--only-binary") == ":all:", "the slim image has no compiler: wheels only"
+    assert "--generate-hashes" in lock.command
+    assert lock.command[3:5] == ["pyproject.toml", BUILD_SYSTEM_IN]
+
+
+def test_pyproject_allows_the_images_python():
+    python = image_python("mlflow")
+    requires_python = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    assert requires_python.contains(python), f"requires-python {requires_python} excludes {python}"
+
+
+def test_these_tests_run_the_images_python_minor():
+    """The integration tests run the images' commands in this interpreter: it must be the images' minor."""
+    python = image_python("mlflow")
+    here = sys.version_info
+    assert (here.major, here.minor) == (python.major, python.minor), (
+        f"the tests run Python {here.major}.{here.minor}.{here.micro} but the images run {python}: "
+        f"make the venv with python{python.major}.{python.minor} (make PYTHON=python{python.major}.{python.minor})"
+    )
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_every_package_is_pinned_with_hashes(image):
+    lock = read_lock(image)
+    assert lock.pins, f"{image}.lock.txt pins nothing"
+    for pin in lock.pins.values():
+        assert pin.hashes, f"{pin.name} has no hash"
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in pin.hashes), pin.name
+    assert PROJECT not in lock.pins, "the runtime itself is installed from the source, not the lock"
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_the_lock_is_installed_before_the_source_is_copied(image):
+    steps = instructions(image)
+    lock = f"docker/{image}.lock.txt"
+    copy_lock = first(steps, lambda s: s.keyword == "COPY" and copies(s)[0] == [lock])
+    assert copy_lock is not None, f"Dockerfile.{image} does not COPY {lock} on its own"
+    destination = copies(steps[copy_lock])[1]
+    if destination.endswith("/"):
+        destination += Path(lock).name
+    install_lock = first(
+        steps, lambda s: s.keyword == "RUN" and any(destination in args for args in pip_installs(s))
+    )
+    assert install_lock is not None, f"Dockerfile.{image} never installs {destination}"
+    copy_source = first(
+        steps,
+        lambda s: (
+            s.keyword in {"COPY", "ADD"}
+            and bool({"runtime", "runtime/", "pyproject.toml"} & set(copies(s)[0]))
+        ),
+    )
+    assert copy_source is not None, f"Dockerfile.{image} never copies the runtime"
+    assert copy_lock < install_lock < copy_source, "the lock must be installed before the source is copied"
+    # Nothing but the lock reaches the dependency layer, so only a lock change reinstalls it.
+    for step in steps[:install_lock]:
+        assert step.keyword not in {"COPY", "ADD"} or step is steps[copy_lock], step
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_every_pip_install_is_hash_checked_or_adds_nothing_but_the_runtime(image):
+    installs = [args for step in instructions(image) if step.keyword == "RUN" for args in pip_installs(step)]
+    from_lock = [args for args in installs if "-r" in args]
+    assert len(from_lock) == 1, installs
+    assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(from_lock[0])
+    for args in installs:
+        if args not in from_lock:
+            assert "--no-deps" in args and "--no-build-isolation" in args, args
+            assert [a for a in args if not a.startswith("-")] == ["/src"], args
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_every_pin_satisfies_pyproject(image):
+    lock = read_lock(image)
+    python = image_python(image)
+    requirements = direct_requirements(IMAGES[image], python) + build_requirements()
+    for requirement in requirements:
+        name = canonicalize_name(requirement.name)
+        assert name in lock.pins, f"{requirement} is missing from {image}.lock.txt: run `make locks`"
+        pinned = lock.pins[name].version
+        assert requirement.specifier.contains(pinned, prereleases=True), (
+            f"{image}.lock.txt pins {name}=={pinned}, pyproject.toml asks {requirement}: run `make locks`"
+        )
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_the_lock_is_not_stale(image):
+    """What the lock records as pyproject.toml's (and build-system.in's) is exactly what they ask for now."""
+    lock = read_lock(image)
+    python = image_python(image)
+    direct = {canonicalize_name(r.name) for r in direct_requirements(IMAGES[image], python)}
+    recorded = {pin.name for pin in lock.pins.values() if f"{PROJECT} (pyproject.toml)" in pin.via}
+    assert recorded == direct, f"{image}.lock.txt is stale: run `make locks`"
+    for_build = {pin.name for pin in lock.pins.values() if f"-r {BUILD_SYSTEM_IN}" in pin.via}
+    assert for_build == {canonicalize_name(r.name) for r in build_requirements()}
+
+
+def test_build_system_in_is_pyprojects_build_system():
+    lines = (REPO / BUILD_SYSTEM_IN).read_text().splitlines()
+    listed = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    assert sorted(map(str, listed)) == sorted(map(str, build_requirements()))
