@@ -58,8 +58,8 @@ from benchmarks.common import (  # noqa: E402  (after the path set-up)
     machine,
     others_cores,
     percentile,
+    secrets_with_a_set,
     stop,
-    write_set,
 )
 from runtime.serving.connection_limits import MLFLOW_LIMITS  # noqa: E402
 
@@ -131,14 +131,11 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
     """serve-mlflow (strict) and serve-api as the images run them; everything stopped on exit."""
     import logging
 
-    import boto3
     from moto.server import ThreadedMotoServer
 
     from local_stack.auth_service import FakeAuthService, key_record
     from local_stack.environment import container_command, service_environment, wait_healthy
     from runtime import names
-    from runtime.certificates.certset import CertificateSet
-    from runtime.secrets.secret_store import SecretStore
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every call
     stack = contextlib.ExitStack()
@@ -146,18 +143,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         moto.start()
         stack.callback(moto.stop)
-        host, moto_port = moto.get_host_and_port()
-        endpoint = f"http://{host}:{moto_port}"
-        certificates = CertificateSet.issue(ENVIRONMENT, server_sans=(SNI, "127.0.0.1"))
-        secrets = boto3.client(
-            "secretsmanager",
-            region_name="us-east-1",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",  # noqa: S106 - moto's fake credentials
-        )
-        SecretStore(ENVIRONMENT, client=secrets).upload(certificates)
-        files = write_set(workdir / "client", certificates)
+        endpoint, files = secrets_with_a_set(moto, ENVIRONMENT, workdir / "client")
         auth = FakeAuthService(
             {
                 BENCH_KEY: key_record(

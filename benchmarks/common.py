@@ -350,6 +350,28 @@ class MlflowServer:
         return counts
 
 
+def secrets_with_a_set(moto, environment: str, client_dir: Path):
+    """A fresh certificate set for `environment` uploaded to the started moto server `moto`, and
+    the client files of every identity in `client_dir`: (endpoint, `write_set`'s files)."""
+    import boto3
+
+    from runtime.certificates.certset import CertificateSet
+    from runtime.secrets.secret_store import SecretStore
+
+    host, port = moto.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    certificates = CertificateSet.issue(environment, server_sans=(SNI, "127.0.0.1"))
+    secrets = boto3.client(
+        "secretsmanager",
+        region_name="us-east-1",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # noqa: S106 - moto's fake credentials
+    )
+    SecretStore(environment, client=secrets).upload(certificates)
+    return endpoint, write_set(client_dir, certificates)
+
+
 @contextlib.contextmanager
 def running_mlflow(
     workdir: Path,
@@ -373,14 +395,11 @@ def running_mlflow(
     certificate (to find stragglers during the migration), a cost the seed's path never had.
     Everything is stopped on exit.
     """
-    import boto3
     from moto.server import ThreadedMotoServer
 
     from local_stack.auth_service import FakeAuthService
     from local_stack.redis_server import RedisServer
     from runtime import names
-    from runtime.certificates.certset import CertificateSet
-    from runtime.secrets.secret_store import SecretStore
 
     root = workdir / "mlflow"
     root.mkdir()
@@ -400,18 +419,7 @@ def running_mlflow(
             redis_server.start()
             stack.callback(redis_server.stop)
 
-        host, moto_port = moto.get_host_and_port()
-        endpoint = f"http://{host}:{moto_port}"
-        certificates = CertificateSet.issue(MLFLOW_ENV, server_sans=(SNI, "127.0.0.1"))
-        secrets = boto3.client(
-            "secretsmanager",
-            region_name="us-east-1",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",  # noqa: S106 - moto's fake credentials
-        )
-        SecretStore(MLFLOW_ENV, client=secrets).upload(certificates)
-        files = write_set(root / "client", certificates)
+        endpoint, files = secrets_with_a_set(moto, MLFLOW_ENV, root / "client")
         shm = Path("/dev/shm")  # noqa: S108 - a private TemporaryDirectory inside it
         database = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else root)))
 

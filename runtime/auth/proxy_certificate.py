@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from runtime import names
+from runtime.certificates import pem
 from runtime.certificates.verification import verify_certificate
 from runtime.names import Kind
 
@@ -168,7 +169,7 @@ def forwarded_certificate(
         text, claimed_hash = found
         if text.count("-----BEGIN") != 1:
             return None  # exactly one certificate: the leaf
-        certificate = x509.load_pem_x509_certificate(text.encode("latin-1"))
+        certificate = pem.load_certificate(text, "forwarded client certificate")  # every field decoded
         if claimed_hash is not None:
             der = certificate.public_bytes(Encoding.DER)
             if hashlib.sha256(der).hexdigest() != claimed_hash.lower():

@@ -68,6 +68,17 @@ def start_serve_mlflow(env: dict[str, str], port: int, health: int, log: Path) -
         )
 
 
+def secretsmanager_at(endpoint: str):
+    """A boto3 Secrets Manager client of moto's server at `endpoint` (its fake credentials)."""
+    return boto3.client(
+        "secretsmanager",
+        region_name="us-east-1",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory):
     """moto's Secrets Manager over HTTP, holding a verified staging set (module-wide)."""
@@ -76,13 +87,7 @@ def aws(tmp_path_factory):
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     certificates = CertificateSet.issue(ENV, server_sans=("localhost", "127.0.0.1"))
-    client = boto3.client(
-        "secretsmanager",
-        region_name="us-east-1",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = secretsmanager_at(endpoint)
     SecretStore(ENV, client=client).upload(certificates)
     yield {"endpoint": endpoint, "client": client, "set": certificates}
     server.stop()

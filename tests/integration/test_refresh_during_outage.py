@@ -20,7 +20,7 @@ from runtime import names
 from runtime.certificates import pem
 from runtime.certificates.certset import CertificateSet
 from runtime.secrets.secret_store import SecretStore
-from tests.integration.conftest import start_serve_mlflow, wait_healthy
+from tests.integration.conftest import secretsmanager_at, start_serve_mlflow, wait_healthy
 from tests.support.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def test_an_outage_keeps_the_served_certificate_and_every_handshake_succeeds(tmp
     host, moto_port = moto.get_host_and_port()
     endpoint = f"http://{host}:{moto_port}"
     certificates = CertificateSet.issue("development", server_sans=("localhost", "127.0.0.1"))
-    client = SecretStore("development", client=_boto(endpoint))
+    client = SecretStore("development", client=secretsmanager_at(endpoint))
     client.upload(certificates)
 
     port, health = free_port(), free_port()
@@ -93,15 +93,3 @@ def test_an_outage_keeps_the_served_certificate_and_every_handshake_succeeds(tmp
         process.terminate()
         process.wait(timeout=30)
         moto.stop()
-
-
-def _boto(endpoint: str):
-    import boto3
-
-    return boto3.client(
-        "secretsmanager",
-        region_name="us-east-1",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
