@@ -69,6 +69,9 @@ def service_environment(
         names.ENV_ENVIRONMENT: names.check_environment(environment),
         **DUMMY_AWS,
         "AWS_ENDPOINT_URL_SECRETS_MANAGER": secrets_endpoint,
+        # one worker process per service, as the stacks configure today's task sizes (1 vCPU and
+        # less): a laptop's many cores would otherwise start an MLflow process per core
+        names.ENV_WORKERS: "1",
         **extra,
     }
 

@@ -39,8 +39,7 @@ from runtime.secrets.mlflow_config import apply_exports
 
 log = logging.getLogger("hokusai_mtls")
 
-ENV_LOG_LEVEL = "HOKUSAI_MTLS_LOG_LEVEL"
-"""DEBUG, INFO (default), WARNING or ERROR for every command; `--log-level` and `-q` win over it."""
+ENV_LOG_LEVEL = names.ENV_LOG_LEVEL
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -195,7 +194,7 @@ def cmd_serve_mlflow(args: argparse.Namespace) -> int:
     mlflow_limits(os.environ)  # a bad timeout or bound: exit 1 naming the variable, before any work
     from runtime.services.mlflow_server import serve_mlflow  # imports MLflow: only for this command
 
-    serve_mlflow(host=args.host, port=args.port, health_port=args.health_port)
+    serve_mlflow(host=args.host, port=args.port, health_port=args.health_port, workers=args.workers)
     return 0
 
 
@@ -203,7 +202,7 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
     """The API service's mTLS side: middleware, /mlflow proxy over mTLS, /health (runtime.services.api_service)."""
     from runtime.services.api_service import serve_api
 
-    serve_api(host=args.host, port=args.port)
+    serve_api(host=args.host, port=args.port, workers=args.workers)
     return 0
 
 
@@ -267,11 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default 0.0.0.0")
     serve.add_argument("--port", type=int, help=f"default {names.MLFLOW_PORT}")
     serve.add_argument("--health-port", type=int, help=f"127.0.0.1 only; default {names.MLFLOW_HEALTH_PORT}")
+    serve.add_argument("--workers", type=int, metavar="N", help=WORKERS_HELP)
     serve.set_defaults(func=cmd_serve_mlflow, parser=serve)
 
     api = commands.add_parser("serve-api", help="run the API service's auth middleware and /mlflow proxy")
     api.add_argument("--host", help="default 0.0.0.0")
     api.add_argument("--port", type=int, help=f"default {names.API_PORT}")
+    api.add_argument("--workers", type=int, metavar="N", help=WORKERS_HELP)
     api.set_defaults(func=cmd_serve_api, parser=api)
 
     health = commands.add_parser("health", help="container health check against the loopback health port")
@@ -380,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+WORKERS_HELP = f"worker processes on the one port; default ${names.ENV_WORKERS}, else the CPUs the task has"
 INVALID_VALUE = "invalid-value"
 OS_ERROR = "os-error"
 

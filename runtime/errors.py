@@ -153,6 +153,14 @@ class RefreshError(LoadError):
     code = "refresh-failed"
 
 
+# --- serving --------------------------------------------------------------------------------
+class WorkerError(MtlsError):
+    """A worker process of serve-mlflow or serve-api could not start or kept dying: the task stops
+    (and ECS replaces it) instead of serving on fewer cores than it was given, unnoticed."""
+
+    code = "worker-failed"
+
+
 class OutputExistsError(MtlsError):
     """Refusing to overwrite certificates or keys that are already there."""
 

@@ -83,6 +83,14 @@ ENV_HANDSHAKE_TIMEOUT_SECONDS = "HOKUSAI_MTLS_HANDSHAKE_TIMEOUT_SECONDS"
 """How long a TLS handshake may take from the accepted connection."""
 ENV_MAX_CONNECTIONS = "HOKUSAI_MTLS_MAX_CONNECTIONS"
 """The most connections (pending handshakes included) each listener holds; more are closed at once."""
+ENV_LOG_LEVEL = "HOKUSAI_MTLS_LOG_LEVEL"
+"""DEBUG, INFO (default), WARNING or ERROR for every command; `--log-level` and `-q` win over it.
+Worker processes get their supervisor's level through it."""
+MAX_WORKERS = 64
+"""The most worker processes one task runs (the runtime refuses more, and so does synth)."""
+ENV_WORKERS = "HOKUSAI_MTLS_WORKERS"
+"""How many worker processes serve-mlflow and serve-api run on their one port (default: the CPUs the
+task has, `runtime.serving.workers.worker_count`); the CDK stacks set it from the task's cpu setting."""
 
 # The only two TLS variables the MLflow client knows (docs/DESIGN.md: there is no KEY_PATH).
 ENV_MLFLOW_CLIENT_CERT = "MLFLOW_TRACKING_CLIENT_CERT_PATH"

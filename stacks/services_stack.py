@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -31,7 +30,7 @@ from constructs_lib.mtls_task_definition import MtlsTaskDefinition
 from runtime import names
 from stacks.network import Network
 from stacks.settings import EnvironmentSettings
-from stacks.settings_services import PROJECT_ROOT, SERVICES, ImageSource, MlflowStores
+from stacks.settings_services import PROJECT_ROOT, SERVICES, SERVING_SERVICES, ImageSource, MlflowStores
 
 ARTIFACT_OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
 """MLflow's proxied artifacts (S3ArtifactRepository): download, upload (multipart too), delete."""
@@ -39,18 +38,12 @@ ARTIFACT_BUCKET_ACTIONS = ("s3:ListBucket",)
 """list_artifacts / delete_artifacts list the keys under the prefix."""
 
 
-@dataclass(frozen=True)
-class _Service:
-    identity: names.Identity
-    cpu: int
-    memory_limit_mib: int
-
-
-_SERVICES = {
-    names.MLFLOW_SERVICE: _Service(names.SERVER, cpu=1024, memory_limit_mib=2048),
-    names.API_SERVICE: _Service(names.API, cpu=512, memory_limit_mib=1024),
-    names.WORKER_SERVICE: _Service(names.WORKER, cpu=512, memory_limit_mib=1024),
+_IDENTITIES = {
+    names.MLFLOW_SERVICE: names.SERVER,
+    names.API_SERVICE: names.API,
+    names.WORKER_SERVICE: names.WORKER,
 }
+"""The mTLS identity each service's tasks run as. Their cpu and memory: the `taskSizes` setting."""
 CLIENT_SERVICES = (names.API_SERVICE, names.WORKER_SERVICE)
 """The services that call MLflow: only their security groups reach its ports."""
 
@@ -137,12 +130,17 @@ class ServicesStack(Stack):
             **self._authentication_environment(settings),
         }
         serving_secrets = self._authentication_secrets(settings)
+        # One process per whole vCPU of the task unless `taskSizes.<service>.workers` says otherwise.
+        workers = {
+            service: str(settings.task_sizes[service].worker_processes) for service in SERVING_SERVICES
+        }
         options: dict[str, dict[str, Any]] = {
             names.MLFLOW_SERVICE: {
                 "ports": mlflow_ports(settings.mtls_mode),
                 "health_check_port": names.MLFLOW_HEALTH_PORT,
                 "extra_environment": {
                     names.ENV_MLFLOW_ARTIFACTS_DESTINATION: settings.mlflow.artifacts_destination,
+                    names.ENV_WORKERS: workers[names.MLFLOW_SERVICE],
                     **serving,
                 },
                 "secrets": {
@@ -154,7 +152,11 @@ class ServicesStack(Stack):
                 "ports": (names.API_PORT,),
                 "health_check_port": names.API_PORT,
                 # Only the API sits behind the platform's proxy (the ALB); MLflow is dialed directly.
-                "extra_environment": {**serving, names.ENV_PROXY_KIND: settings.trusted_proxy_kind},
+                "extra_environment": {
+                    **serving,
+                    names.ENV_PROXY_KIND: settings.trusted_proxy_kind,
+                    names.ENV_WORKERS: workers[names.API_SERVICE],
+                },
                 "secrets": serving_secrets,
             },
             names.WORKER_SERVICE: {},
@@ -163,20 +165,20 @@ class ServicesStack(Stack):
         task_definitions: dict[str, MtlsTaskDefinition] = {}
         services: dict[str, ecs.FargateService] = {}
         for service in SERVICES:
-            spec = _SERVICES[service]
+            identity, size = _IDENTITIES[service], settings.task_sizes[service]
             task = MtlsTaskDefinition(
                 self,
                 f"{service.capitalize()}Task",
                 environment=env,
-                identity=spec.identity,
+                identity=identity,
                 mtls_mode=settings.mtls_mode,
                 image=self._image(service, settings.images[service]),
                 log_group=log_groups[service],
-                cpu=spec.cpu,
-                memory_limit_mib=spec.memory_limit_mib,
+                cpu=size.cpu,
+                memory_limit_mib=size.memory_mib,
                 **options[service],
             )
-            certificates.grant_identity(spec.identity, task.task_role)
+            certificates.grant_identity(identity, task.task_role)
             self._acknowledge_image_pull(task, settings.images[service])
             task_definitions[service] = task
             services[service] = ecs.FargateService(

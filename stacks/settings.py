@@ -28,14 +28,17 @@ from stacks.settings_network import (
 from stacks.settings_services import (
     ImageSource,
     MlflowStores,
+    TaskSize,
     default_desired_counts,
     default_images,
+    default_task_sizes,
     parse_auth_service_url,
     parse_desired_counts,
     parse_images,
     parse_mlflow,
     parse_secret_name,
     parse_service_scopes,
+    parse_task_sizes,
 )
 
 __all__ = ["CONTEXT_KEY", "EnvironmentSettings", "SettingsError", "load_settings"]
@@ -92,6 +95,7 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "mtlsFailureMinRequests": ("mtls_failure_min_requests", _as_is),
     "images": ("images", lambda raw, where, _: parse_images(raw, where)),
     "desiredCounts": ("desired_counts", lambda raw, where, _: parse_desired_counts(raw, where)),
+    "taskSizes": ("task_sizes", lambda raw, where, _: parse_task_sizes(raw, where)),
     "vpc": ("vpc", lambda raw, where, _: parse_vpc(raw, where)),
     "cluster": ("cluster", lambda raw, where, _: parse_cluster(raw, where)),
     "namespace": ("namespace", lambda raw, where, _: parse_namespace(raw, where)),
@@ -155,6 +159,10 @@ class EnvironmentSettings:
     """[images] service -> `{"dockerfile": "docker/Dockerfile.<service>"}` or `{"uri": ...}`."""
     desired_counts: Mapping[str, int] = field(default_factory=default_desired_counts)
     """[desiredCounts] service -> number of tasks (default 1 each)."""
+    task_sizes: Mapping[str, TaskSize] = field(default_factory=default_task_sizes)
+    """[taskSizes] service -> `{"cpu", "memoryMiB", "workers"?}`: a Fargate cpu/memory pair; `workers` (mlflow
+    and api only) is their HOKUSAI_MTLS_WORKERS, 1..4 per vCPU (default: one per whole vCPU, at least 1).
+    A service left out keeps `DEFAULT_TASK_SIZES` (mlflow 1024/2048, api and worker 512/1024)."""
     cluster: ImportCluster | None = None
     """[cluster] None (`"create"`) or the imported cluster."""
     namespace: ImportNamespace | None = None

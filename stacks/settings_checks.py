@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -60,12 +60,21 @@ class Where:
             self.fail(f"{raw!r} is not one of {', '.join(choices)}")
         return str(raw)
 
-    def whole_number(self, raw: object, low: int, high: int) -> int:
+    def whole_number(self, raw: object, low: int, high: int, *, why: str = "") -> int:
+        """`why`, if given, follows the range in the message (`: at most 4 per vCPU`)."""
         # bool is an int in Python; `true` in cdk.json is not a number.
         if not isinstance(raw, int) or isinstance(raw, bool):
             self.fail(f"{raw!r} is not a whole number")
         if not low <= raw <= high:
-            self.fail(f"{raw} is outside {low}..{high}")
+            self.fail(f"{raw} is outside {low}..{high}{why}")
+        return raw
+
+    def whole_number_in(self, raw: object, allowed: Container[int], what: str) -> int:
+        """A whole number that is one of `allowed` (a tuple or a range); `what` says which they are."""
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            self.fail(f"{raw!r} is not a whole number")
+        if raw not in allowed:
+            self.fail(f"{raw} is not {what}")
         return raw
 
     def number(self, raw: object, *, above: float, at_most: float) -> float:

@@ -1,9 +1,9 @@
-"""Service settings: container images, desired counts and MLflow's stores. Pure Python, no aws-cdk-lib."""
+"""Service settings: images, desired counts, task sizes and MLflow's stores. Pure Python, no aws-cdk-lib."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -13,13 +13,34 @@ from runtime import names
 from stacks.settings_checks import Where
 
 SERVICES: tuple[str, ...] = (names.MLFLOW_SERVICE, names.API_SERVICE, names.WORKER_SERVICE)
-"""The ECS services, in the order the stacks build them; the keys of `images` and `desiredCounts`."""
+"""The ECS services, in the order the stacks build them; the keys of `images`, `desiredCounts` and
+`taskSizes`."""
+SERVING_SERVICES: tuple[str, ...] = (names.MLFLOW_SERVICE, names.API_SERVICE)
+"""The services whose containers serve (serve-mlflow, serve-api) and so run `HOKUSAI_MTLS_WORKERS` processes;
+the data-pipeline worker service only calls MLflow."""
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The Docker build context of image assets: the repository root (see .dockerignore)."""
 DOCKERFILE_DIR = "docker"
 
 MAX_DESIRED_COUNT = 50
+
+CPU_UNITS_PER_VCPU = 1024
+MAX_WORKERS_PER_VCPU = 4
+"""`workers` may be at most this many processes per vCPU of the task (and at least 1)."""
+FARGATE_TASK_SIZES: Mapping[int, Sequence[int]] = MappingProxyType(
+    {
+        256: (512, 1024, 2048),
+        512: range(1024, 4096 + 1, 1024),
+        1024: range(2048, 8192 + 1, 1024),
+        2048: range(4096, 16384 + 1, 1024),
+        4096: range(8192, 30720 + 1, 1024),
+        8192: range(16384, 61440 + 1, 4096),  # Linux platform 1.4.0 or later (unset in the services: LATEST)
+        16384: range(32768, 122880 + 1, 8192),  # the same
+    }
+)
+"""Task cpu units -> the memory sizes (MiB) Fargate accepts with it (the ECS Developer Guide's table of
+valid task CPU and memory combinations; RegisterTaskDefinition refuses any other pair)."""
 
 _DOCKERFILE = re.compile(rf"{DOCKERFILE_DIR}/[A-Za-z0-9_.-]+")
 _IMAGE_URI = re.compile(
@@ -79,6 +100,50 @@ class ImageSource:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskSize:
+    """A Fargate task's size, one of `FARGATE_TASK_SIZES`, and the serving processes it runs."""
+
+    cpu: int
+    """CPU units: 1024 = 1 vCPU."""
+    memory_mib: int
+    workers: int | None = None
+    """HOKUSAI_MTLS_WORKERS of a serving container; None: `default_workers(cpu)`."""
+
+    def __post_init__(self) -> None:
+        if self.memory_mib not in FARGATE_TASK_SIZES.get(self.cpu, ()):
+            raise ValueError(f"cpu {self.cpu} with {self.memory_mib} MiB is not a Fargate task size")
+        if self.workers is not None and not 1 <= self.workers <= max_workers(self.cpu):
+            raise ValueError(
+                f"{self.workers} workers: expected 1..{max_workers(self.cpu)} for cpu {self.cpu}"
+            )
+
+    @property
+    def worker_processes(self) -> int:
+        """The worker processes a serving container runs: `workers`, else one per whole vCPU."""
+        return default_workers(self.cpu) if self.workers is None else self.workers
+
+
+DEFAULT_TASK_SIZES: Mapping[str, TaskSize] = MappingProxyType(
+    {
+        names.MLFLOW_SERVICE: TaskSize(cpu=1024, memory_mib=2048),
+        names.API_SERVICE: TaskSize(cpu=512, memory_mib=1024),
+        names.WORKER_SERVICE: TaskSize(cpu=512, memory_mib=1024),
+    }
+)
+"""The size of a service that `taskSizes` leaves out."""
+
+
+def default_workers(cpu: int) -> int:
+    """One worker process per whole vCPU, at least one (0.25 and 0.5 vCPU: 1)."""
+    return max(1, cpu // CPU_UNITS_PER_VCPU)
+
+
+def max_workers(cpu: int) -> int:
+    """`MAX_WORKERS_PER_VCPU` per vCPU: 1 for the smallest Fargate size (256 units, 0.25 vCPU)."""
+    return min(MAX_WORKERS_PER_VCPU * cpu // CPU_UNITS_PER_VCPU, names.MAX_WORKERS)
+
+
+@dataclass(frozen=True, kw_only=True)
 class MlflowStores:
     """Where the MLflow tracking server keeps runs (a database) and artifacts (S3, proxied)."""
 
@@ -106,6 +171,20 @@ def parse_desired_counts(raw: object, where: Where) -> Mapping[str, int]:
     raw = where.mapping(raw, allowed=SERVICES, required=SERVICES)
     return MappingProxyType(
         {service: (where / service).whole_number(raw[service], 0, MAX_DESIRED_COUNT) for service in SERVICES}
+    )
+
+
+def parse_task_sizes(raw: object, where: Where) -> Mapping[str, TaskSize]:
+    """`{"<service>": {"cpu": N, "memoryMiB": M, "workers": W?}, ...}`; a service left out keeps its
+    default size (`DEFAULT_TASK_SIZES`)."""
+    raw = where.mapping(raw, allowed=SERVICES)
+    return MappingProxyType(
+        {
+            service: _parse_task_size(raw[service], where / service, service=service)
+            if service in raw
+            else DEFAULT_TASK_SIZES[service]
+            for service in SERVICES
+        }
     )
 
 
@@ -189,6 +268,53 @@ def default_images() -> Mapping[str, ImageSource]:
 
 def default_desired_counts() -> Mapping[str, int]:
     return MappingProxyType(dict.fromkeys(SERVICES, 1))
+
+
+def default_task_sizes() -> Mapping[str, TaskSize]:
+    return DEFAULT_TASK_SIZES
+
+
+def _parse_task_size(raw: object, where: Where, *, service: str) -> TaskSize:
+    serving = service in SERVING_SERVICES
+    if not serving and isinstance(raw, Mapping) and "workers" in raw:
+        (where / "workers").fail(
+            f"only {' and '.join(SERVING_SERVICES)} run worker processes (HOKUSAI_MTLS_WORKERS); "
+            f"the {service} service serves nothing"
+        )
+    raw = where.mapping(
+        raw,
+        allowed=("cpu", "memoryMiB", "workers") if serving else ("cpu", "memoryMiB"),
+        required=("cpu", "memoryMiB"),
+    )
+    cpu = (where / "cpu").whole_number_in(
+        raw["cpu"],
+        FARGATE_TASK_SIZES,
+        f"a Fargate task cpu value: one of {', '.join(map(str, FARGATE_TASK_SIZES))} "
+        f"({CPU_UNITS_PER_VCPU} = 1 vCPU)",
+    )
+    memory = (where / "memoryMiB").whole_number_in(
+        raw["memoryMiB"],
+        FARGATE_TASK_SIZES[cpu],
+        f"a memory size Fargate runs with cpu {cpu} ({cpu / CPU_UNITS_PER_VCPU:g} vCPU): "
+        f"{_describe_sizes(FARGATE_TASK_SIZES[cpu])} MiB",
+    )
+    workers = None
+    if "workers" in raw:
+        workers = (where / "workers").whole_number(
+            raw["workers"],
+            1,
+            max_workers(cpu),
+            why=f": at least 1 and at most {MAX_WORKERS_PER_VCPU} per vCPU "
+            f"(cpu {cpu} is {cpu / CPU_UNITS_PER_VCPU:g} vCPU)",
+        )
+    return TaskSize(cpu=cpu, memory_mib=memory, workers=workers)
+
+
+def _describe_sizes(sizes: Sequence[int]) -> str:
+    """`512, 1024 or 2048`, or `2048 to 8192 in steps of 1024`."""
+    if isinstance(sizes, range):
+        return f"{sizes[0]} to {sizes[-1]} in steps of {sizes.step}"
+    return ", ".join(map(str, sizes[:-1])) + f" or {sizes[-1]}"
 
 
 def _parse_image(raw: object, where: Where) -> ImageSource:

@@ -34,6 +34,13 @@ DEFAULT_INTERVAL_SECONDS = 60.0
 MAX_INTERVAL_SECONDS = 24 * 3600.0
 
 
+def _count(value: object) -> int:
+    """A count from a worker's report: a non-negative int (bool is not a count)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
 def interval_from_environ(environ: Mapping[str, str]) -> float:
     """`HOKUSAI_MTLS_METRICS_SECONDS` (default 60): how often the EMF lines are written.
 
@@ -129,7 +136,7 @@ class Metrics:
         return child
 
     def _reset_interval(self) -> None:
-        self._auth: Counter[str] = Counter()
+        self._auth: Counter[tuple[str, str]] = Counter()
         self._started = 0
         self._completed = 0
         self._internal_api_key = 0
@@ -140,9 +147,8 @@ class Metrics:
     # --- recording (cheap, in memory) ------------------------------------------------------
     def auth(self, auth_path: str, outcome: str) -> None:
         self._auth_child(auth_path, outcome).inc()
-        if outcome == "success":
-            with self._lock:
-                self._auth[auth_path] += 1
+        with self._lock:
+            self._auth[(auth_path, outcome)] += 1
 
     def handshake_started(self) -> None:
         self._prom_started.labels(self.environment, self.service).inc()
@@ -178,10 +184,68 @@ class Metrics:
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)
 
+    # --- worker processes (runtime.serving.workers) -------------------------------------------
+    def take_interval(self) -> dict:
+        """This interval's counts as a JSON-able document, and a new interval: what a worker process
+        reports to its supervisor, which `add_interval`s every worker's into the task's one view."""
+        with self._lock:
+            document = {
+                "auth": [[path, outcome, count] for (path, outcome), count in self._auth.items()],
+                "started": self._started,
+                "completed": self._completed,
+                "internal_api_key": self._internal_api_key,
+                "plain": self._plain,
+                "latency_ms": [[value, count] for value, count in self._latency_ms.items()],
+            }
+            self._reset_interval()
+        return document
+
+    def add_interval(self, document: Mapping) -> None:
+        """Count a worker's `take_interval` document as if its requests had been served here: the
+        Prometheus totals and this interval's EMF figures. ValueError if it is not such a document
+        (nothing is counted then)."""
+        try:
+            auth = [(str(path), str(outcome), _count(n)) for path, outcome, n in document["auth"]]
+            started, completed = _count(document["started"]), _count(document["completed"])
+            internal_api_key, plain = _count(document["internal_api_key"]), _count(document["plain"])
+            latency = [(float(value), _count(n)) for value, n in document["latency_ms"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a metrics interval: {type(exc).__name__}: {exc}") from None
+        if any(not (math.isfinite(value) and value >= 0) for value, _ in latency):
+            raise ValueError("not a metrics interval: a latency that is not a finite positive number")
+        labels = (self.environment, self.service)
+        for path, outcome, n in auth:
+            if n:
+                self._prom_auth.labels(*labels, path, outcome).inc(n)
+        for counter, n in (
+            (self._prom_started, started),
+            (self._prom_completed, completed),
+            (self._prom_internal_api_key, internal_api_key),
+            (self._prom_plain, plain),
+        ):
+            if n:
+                counter.labels(*labels).inc(n)
+        for value, n in latency:
+            for _ in range(n):
+                self._latency_child.observe(value / 1000)
+        with self._lock:
+            for path, outcome, n in auth:
+                self._auth[(path, outcome)] += n
+            self._started += started
+            self._completed += completed
+            self._internal_api_key += internal_api_key
+            self._plain += plain
+            for value, n in latency:
+                self._latency_ms[value] += n
+
     def flush(self) -> list[dict]:
         """Write this interval's EMF documents (one JSON line each) and start a new interval."""
         with self._lock:
-            auth, started, completed = dict(self._auth), self._started, self._completed
+            auth: Counter[str] = Counter()
+            for (auth_path, outcome), count in self._auth.items():
+                if outcome == "success":
+                    auth[auth_path] += count
+            started, completed = self._started, self._completed
             internal_api_key, plain = self._internal_api_key, self._plain
             latency, days = dict(self._latency_ms), dict(self._days)
             self._reset_interval()

@@ -236,6 +236,35 @@ def load_certificates(
     return result
 
 
+def read_published(settings: LoaderSettings, level: SecurityLevel, source: str) -> LoadResult:
+    """The set another process published in the role's directory, as a `LoadResult`, without
+    fetching: for the worker processes of a supervisor (`runtime.serving.workers`), whose loader
+    fetched, verified and published it. `LoadError` naming the file if the set is not there."""
+    directory = settings.directory
+    wanted = [names.CA_BUNDLE_FILE]
+    if level is SecurityLevel.MTLS:
+        wanted += [names.CERT_FILE, names.KEY_FILE]
+        if settings.identity.kind is names.Kind.CLIENT:
+            wanted.append(names.COMBINED_PEM_FILE)
+    files = {name: directory / name for name in wanted if (directory / name).exists()}
+    if level is SecurityLevel.INSECURE:
+        return LoadResult(settings, level, source, {})
+    if missing := [name for name in wanted if name not in files]:
+        raise LoadError(
+            f"role {settings.role}: {directory} lacks {', '.join(missing)} (published by the supervisor)"
+        )
+    tls = None
+    if level is SecurityLevel.MTLS:
+        certificate = files[names.CERT_FILE]
+        try:
+            tls = TLSIdentity.from_pem(
+                certificate.read_bytes(), files[names.KEY_FILE].read_bytes(), str(certificate)
+            )
+        except OSError as exc:
+            raise LoadError(f"role {settings.role}: cannot read {certificate}: {exc.strerror}") from exc
+    return LoadResult(settings, level, source, files, tls)
+
+
 def _publish(
     settings: LoaderSettings,
     level: SecurityLevel,

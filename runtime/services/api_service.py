@@ -13,12 +13,17 @@ Background jobs (`runtime.serving.server`): the EMF metrics every `HOKUSAI_MTLS_
 setting serve-mlflow reads) and once more at shutdown, the certificate refresh; at shutdown the
 MLflow and auth-service clients and the process's one Redis pool (shared by the key cache and the
 rate limiter, `runtime.auth.redis_client`) are closed.
+
+With `HOKUSAI_MTLS_WORKERS` (or `--workers`) above 1, `serve-api` is an `ApiSupervisor` of that many
+`ApiService` worker processes on the one port (`runtime.serving.workers`): the supervisor loads and
+refreshes the certificates and writes the metrics; each worker serves the app, `/health` included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 from collections.abc import Mapping, MutableMapping
 
@@ -38,12 +43,17 @@ from runtime.auth.rate_limit import limiter_from_environ
 from runtime.certificates import pem
 from runtime.certificates.inspection import days_left
 from runtime.clients.adaptive_client import ClientTLS, create_adaptive_client
+from runtime.errors import WorkerError
 from runtime.observability.metrics import Metrics, interval_from_environ
+from runtime.secrets.loader import LoaderSettings, LoadResult, read_published
 from runtime.secrets.mlflow_config import configure_internal_mtls
 from runtime.security_level import SecurityLevel
 from runtime.services.mlflow_proxy import mlflow_proxy_app
 from runtime.serving.connection_limits import api_limits
-from runtime.serving.server import Background, Listener, Serving, periodic
+from runtime.serving.server import Background, Listener, Serving, listen_socket, periodic
+from runtime.serving.workers import Supervisor, SupervisorLink, WorkerSpec, worker_command, worker_count
+
+log = logging.getLogger("hokusai_mtls")
 
 ENV_API_APP = "HOKUSAI_API_APP"
 """`module:attribute` of the platform's ASGI app to mount at `/`; unset: only /health and /mlflow."""
@@ -84,10 +94,23 @@ def _platform_app(environ: Mapping[str, str]):
     return getattr(importlib.import_module(module), attribute)
 
 
+def _load(environ: MutableMapping[str, str], store=None, *, refresh: bool = False) -> LoadResult:
+    """The API's identity through the loader, MLflow's client variables set in `environ`."""
+    if refresh:
+        return configure_internal_mtls(role=names.API.role, environ=environ, refresh=True)
+    return configure_internal_mtls(role=names.API.role, environ=environ, store=store, reload=True)
+
+
 class ApiService:
-    def __init__(self, environ: MutableMapping[str, str] = os.environ, *, store=None) -> None:
+    """The API's app behind the middleware: in one process, or in one worker process (`worker`, which
+    reads the identity its supervisor published and never fetches)."""
+
+    def __init__(
+        self, environ: MutableMapping[str, str] = os.environ, *, store=None, worker: WorkerSpec | None = None
+    ) -> None:
         writable = environ  # configure_internal_mtls sets MLflow's variables in it
-        self.loaded = configure_internal_mtls(role=names.API.role, environ=writable, store=store, reload=True)
+        self.worker = worker
+        self.loaded = _load(writable, store) if worker is None else self._published(writable)
         environment = self.loaded.settings.environment
         self.upstream = mlflow_url(writable, self.loaded.level)
         self.environ = writable
@@ -128,6 +151,11 @@ class ApiService:
             **edge,
         )
 
+    def _published(self, environ: Mapping[str, str]) -> LoadResult:
+        assert self.worker is not None  # noqa: S101 - only workers read what a supervisor published
+        settings = LoaderSettings.from_environ(environ, role=names.API.role)
+        return read_published(settings, SecurityLevel(self.worker.level), self.worker.source)
+
     def _bundle(self) -> list:
         path = self.loaded.files.get(names.CA_BUNDLE_FILE)
         return pem.load_certificates(path.read_bytes(), str(path)) if path else []
@@ -135,8 +163,23 @@ class ApiService:
     def refresh(self) -> None:
         """Load the rotated identity (the loader verifies it, then swaps the files) and use it
         for the next connections to MLflow; the previous set stays if anything is wrong."""
-        self.loaded = configure_internal_mtls(role=names.API.role, environ=self.environ, refresh=True)
+        self.loaded = _load(self.environ, refresh=True)
         self.client_tls.reload()
+
+    def _reload_published(self) -> None:
+        """A worker: its supervisor published a new identity; use it for the next connections to MLflow."""
+        self.loaded = self._published(self.environ)
+        self.client_tls.reload()
+
+    def _describe(self) -> dict:
+        identity = self.loaded.identity
+        if identity is None:
+            return {}
+        certificate = identity.certificate
+        return {
+            "serial": f"{certificate.serial_number:x}",
+            "not_after": certificate.not_valid_after_utc.isoformat(),
+        }
 
     async def health(self, request: Request) -> JSONResponse:
         report: dict[str, object] = {
@@ -153,16 +196,24 @@ class ApiService:
         return JSONResponse(report)
 
     def serving(self, host: str, port: int) -> Serving:
+        limits = api_limits(self.environ)  # keep-alive 65 s: longer than the ALB's idle timeout
+        if self.worker is not None:
+            listener = Listener(
+                "api", host, port, self.app, sock=self.worker.socket("service"), accept_batch=1
+            )
+            serving = Serving([listener], limits=limits, background=self._clients_to_close())
+            serving.background.extend(
+                SupervisorLink(self.worker).background(
+                    serving, self.metrics, on_reload=self._reload_published, describe=self._describe
+                )
+            )
+            return serving
         return Serving(
             [Listener("api", host, port, self.app)],
-            limits=api_limits(self.environ),  # keep-alive 65 s: longer than the ALB's idle timeout
+            limits=limits,
             background=[
                 periodic("metrics", self.metrics_seconds, self.metrics.flush, at_exit=True),
-                periodic(
-                    "certificate refresh",
-                    float(self.environ.get(names.ENV_REFRESH_SECONDS, 300)),
-                    self.refresh,
-                ),
+                periodic("certificate refresh", refresh_seconds(self.environ), self.refresh),
                 *self._clients_to_close(),
             ],
         )
@@ -177,11 +228,65 @@ class ApiService:
         return jobs
 
 
+def refresh_seconds(environ: Mapping[str, str]) -> float:
+    return float(environ.get(names.ENV_REFRESH_SECONDS, 300))
+
+
+class ApiSupervisor:
+    """serve-api with worker processes: the identity loaded and refreshed, the metrics written, once."""
+
+    def __init__(self, environ: MutableMapping[str, str], *, host: str, port: int, workers: int) -> None:
+        self.environ = environ
+        self.loaded = _load(environ)  # exports MLflow's client variables, which the workers inherit
+        self.metrics = Metrics(environment=self.loaded.settings.environment, service=names.API_SERVICE)
+        self.supervisor = Supervisor(
+            command=worker_command("serve-api", "--host", host, "--port", str(port)),
+            environ={**os.environ, **environ},
+            count=workers,
+            sockets={"service": listen_socket("api", host, port)},
+            level=self.loaded.level.value,
+            source=self.loaded.source,
+            metrics=self.metrics,
+            on_failure=lambda _message: self.serving.stop(),
+        )
+        self.serving = Serving(
+            [],
+            background=[
+                periodic("metrics", interval_from_environ(environ), self.metrics.flush, at_exit=True),
+                periodic("certificate refresh", refresh_seconds(environ), self.refresh),
+                self.supervisor.background(),
+            ],
+        )
+        log.info("serving the API with %d worker processes on port %d", workers, port)
+
+    def refresh(self) -> None:
+        """Load the rotated identity; the workers reload it only once the loader has published it."""
+        self.loaded = _load(self.environ, refresh=True)
+        self.supervisor.reload()
+
+    def run(self) -> None:
+        asyncio.run(self.serving.run())
+        if self.supervisor.failure is not None:
+            raise WorkerError(self.supervisor.failure)
+
+
 def serve_api(
-    *, host: str | None = None, port: int | None = None, environ: MutableMapping[str, str] = os.environ
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int | None = None,
+    environ: MutableMapping[str, str] = os.environ,
 ) -> None:
+    """serve-api: one process, a supervisor of `workers` (else HOKUSAI_MTLS_WORKERS, else the CPUs), or,
+    started by such a supervisor, one of its workers."""
     api_limits(environ)  # a bad timeout or bound: exit 1 naming the variable, before any work
     interval_from_environ(environ)
     redis_client.max_connections(environ)
-    service = ApiService(environ)
-    asyncio.run(service.serving(host or "0.0.0.0", port or names.API_PORT).run())  # noqa: S104 - in its SG
+    spec = WorkerSpec.from_environ(environ)
+    count = 1 if spec is not None else worker_count(environ, workers)
+    host, port = host or "0.0.0.0", port or names.API_PORT  # noqa: S104 - the task's interface, in its SG
+    if count > 1:
+        ApiSupervisor(environ, host=host, port=port, workers=count).run()
+        return
+    service = ApiService(environ, worker=spec)
+    asyncio.run(service.serving(host, port).run())

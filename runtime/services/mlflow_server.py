@@ -20,6 +20,11 @@ The certificates are re-fetched and re-verified every `refresh_seconds` through 
 metrics are written every `HOKUSAI_MTLS_METRICS_SECONDS` and once more at shutdown, after the
 listeners have drained, so the last interval's requests and refused handshakes are not lost; the
 auth-service client and the Redis pool (one per process, `runtime.auth.redis_client`) are closed then.
+
+With `HOKUSAI_MTLS_WORKERS` (or `--workers`) above 1 this process becomes the supervisor of that many
+worker processes (`runtime.serving.workers`): it loads and refreshes the certificates, migrates the
+store, runs MLflow's job runner, answers the health port and writes the metrics, once per task; each
+worker serves MLflow behind the middleware on the one shared port.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from redis import asyncio as redis
 
 from runtime import names
 from runtime.auth import redis_client
@@ -43,12 +50,15 @@ from runtime.auth.rate_limit import limiter_from_environ
 from runtime.certificates import pem
 from runtime.certificates.inspection import days_left, dns_names, ip_addresses
 from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
+from runtime.errors import WorkerError
 from runtime.observability.metrics import DEFAULT_INTERVAL_SECONDS, Metrics, interval_from_environ
-from runtime.secrets.loader import LoaderSettings, LoadResult, load_certificates
+from runtime.secrets.loader import LoaderSettings, LoadResult, load_certificates, read_published
 from runtime.security_level import SecurityLevel
 from runtime.services import mlflow_setup
+from runtime.serving.acceptor import ACCEPT_BATCH
 from runtime.serving.connection_limits import mlflow_limits
-from runtime.serving.server import Background, Listener, Serving, periodic
+from runtime.serving.server import Background, Listener, Serving, listen_socket, periodic
+from runtime.serving.workers import Supervisor, SupervisorLink, WorkerSpec, worker_command, worker_count
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -94,12 +104,12 @@ class MlflowServerSettings:
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def mlflow_app(settings: MlflowServerSettings, certificate_hosts: Iterable[str] = ()):
-    """MLflow's FastAPI app, configured as `mlflow server` configures it before uvicorn starts.
+def prepare_mlflow(settings: MlflowServerSettings, certificate_hosts: Iterable[str] = ()) -> None:
+    """Configure MLflow as `mlflow server` does before uvicorn starts, once per task.
 
-    `runtime.services.mlflow_setup` sets MLflow's variables (the allowed hosts first: MLflow's host check
-    reads them when its apps are imported) and migrates the backend store; only then is the app
-    imported.
+    `runtime.services.mlflow_setup` sets MLflow's variables in this process's environment (the
+    allowed hosts first: MLflow's host check reads them when its apps are imported) and migrates the
+    backend store. Worker processes inherit the variables and import the app without migrating.
     """
     artifact_root = mlflow_setup.configure(
         environment=settings.loader.environment,
@@ -108,18 +118,35 @@ def mlflow_app(settings: MlflowServerSettings, certificate_hosts: Iterable[str] 
         certificate_hosts=certificate_hosts,
     )
     mlflow_setup.initialize_stores(settings.backend_store_uri, artifact_root)
-    from mlflow.server.fastapi_app import app
-
-    return app
 
 
 class MlflowServer:
-    """Everything the MLflow container runs: listeners, middleware, refresh and metrics."""
+    """Everything the MLflow container runs: listeners, middleware, refresh and metrics.
 
-    def __init__(self, settings: MlflowServerSettings, *, app=None, store=None, environ=os.environ) -> None:
+    Three shapes: one process serving everything (`workers=1`); the supervisor of `workers` worker
+    processes (the listeners are theirs, the rest is its own); or one of those workers (`worker`, its
+    `WorkerSpec`), which reads the certificates its supervisor published and never fetches.
+    """
+
+    def __init__(
+        self,
+        settings: MlflowServerSettings,
+        *,
+        app=None,
+        store=None,
+        environ: Mapping[str, str] = os.environ,
+        workers: int = 1,
+        worker: WorkerSpec | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.loaded: LoadResult = load_certificates(settings.loader, store=store)
+        self.worker = worker
+        if worker is not None:
+            self.loaded: LoadResult = read_published(
+                settings.loader, SecurityLevel(worker.level), worker.source
+            )
+        else:
+            self.loaded = load_certificates(settings.loader, store=store)
         environment = settings.loader.environment
         self.metrics = Metrics(environment=environment, service=names.MLFLOW_SERVICE)
         self.tls = None
@@ -129,29 +156,82 @@ class MlflowServer:
                 on_handshake=self.metrics.handshake_started,
             )
             self._record_expiry()
+        self.jobs: mlflow_setup.JobRunner | None = None
+        self.supervisor: Supervisor | None = None
+        self.redis: redis.Redis | None = None
+        self.auth_client: AuthServiceClient | None = None
+        if workers > 1 and worker is None:
+            self._supervise(workers, environ)
+            return
+        self.app = self._middleware(app, environ)
+        self.serving = Serving(
+            self._listeners(),
+            background=self._background(),
+            limits=mlflow_limits(environ),
+        )
+        if worker is not None:
+            self.serving.background.extend(
+                SupervisorLink(worker).background(
+                    self.serving, self.metrics, on_reload=self._reload_published, describe=self._describe
+                )
+            )
+
+    def _supervise(self, workers: int, environ: Mapping[str, str]) -> None:
+        """The supervisor: MLflow's once-per-task set-up here, the serving in `workers` processes."""
+        s = self.settings
+        self._prepare_mlflow()
+        # The workers' environment: ours with what MLflow's set-up exported (allowed hosts, stores, jobs).
+        worker_environ = {**os.environ, **environ}
+        self.supervisor = Supervisor(
+            command=worker_command("serve-mlflow", "--host", s.host, "--port", str(s.port)),
+            environ=worker_environ,
+            count=workers,
+            sockets={"service": listen_socket(self._service_name(), s.host, s.port)},
+            level=self.loaded.level.value,
+            source=self.loaded.source,
+            metrics=self.metrics,
+            on_failure=lambda _message: self.serving.stop(),
+        )
+        self.serving = Serving(
+            [Listener("health", "127.0.0.1", s.health_port, self.health_app)],
+            background=[*self._background(), self.supervisor.background()],
+            limits=mlflow_limits(environ),
+        )
+        log.info("serving MLflow with %d worker processes on port %d", workers, s.port)
+
+    def _prepare_mlflow(self) -> None:
+        """MLflow's set-up as `mlflow server` does it (allowed hosts, stores, migrations), and its job runner."""
+        prepare_mlflow(self.settings, self._certificate_hosts())
+        jobs = mlflow_setup.JobRunner(
+            self.settings.backend_store_uri, os.environ[mlflow_setup.ARTIFACT_ROOT_ENV_VAR], os.environ
+        )
+        self.jobs = jobs if jobs.prepare() else None
+
+    def _middleware(self, app, environ: Mapping[str, str]) -> APIKeyAuthMiddleware:
+        """MLflow's app (or `app`) behind the hybrid middleware, with this process's Redis and auth client."""
+        settings = self.settings
         self.redis = redis_client.redis_from_environ(environ)  # one bounded pool: cache and limiter
         auth_url = environ.get(names.ENV_AUTH_SERVICE_URL)
         self.auth_client = AuthServiceClient(auth_url) if auth_url else None
         validator = None
         if self.auth_client is not None:
             validator = ApiKeyValidator(self.auth_client, cache_from_environ(environ, self.redis))
-        else:
+        elif self.worker is None or self.worker.index == 1:  # said once per task
             log.warning(
                 "%s is not set: requests without a client certificate are refused (401)",
                 names.ENV_AUTH_SERVICE_URL,
             )
         permissive = settings.mode == names.MTLS_MODE_PERMISSIVE
         edge = options_from_environ(environ)
-        self.jobs: mlflow_setup.JobRunner | None = None
         if app is None:
-            app = mlflow_app(settings, self._certificate_hosts())
-            jobs = mlflow_setup.JobRunner(
-                settings.backend_store_uri, os.environ[mlflow_setup.ARTIFACT_ROOT_ENV_VAR], os.environ
-            )
-            self.jobs = jobs if jobs.prepare() else None
-        self.app = APIKeyAuthMiddleware(
+            if self.worker is None:
+                self._prepare_mlflow()
+            from mlflow.server.fastapi_app import app  # a worker: configured by its supervisor's environment
+        return APIKeyAuthMiddleware(
             app,
-            identities=IdentityPolicy.from_environ({**environ, names.ENV_ENVIRONMENT: environment}),
+            identities=IdentityPolicy.from_environ(
+                {**environ, names.ENV_ENVIRONMENT: settings.loader.environment}
+            ),
             addresses=AddressPolicy.from_environ(environ),
             validator=validator,
             limiter=limiter_from_environ(environ, self.redis),
@@ -163,18 +243,15 @@ class MlflowServer:
             proxy_trust_bundle=self._proxy_trust_bundle(edge["proxy_kind"]),
             **edge,
         )
-        self.serving = Serving(
-            self._listeners(),
-            background=self._background(),
-            limits=mlflow_limits(environ),
-        )
 
     def _background(self) -> list[Background]:
         s = self.settings
-        jobs = [
-            periodic("certificate refresh", s.refresh_seconds, self.refresh),
-            periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
-        ]
+        jobs = []
+        if self.worker is None:  # a worker's supervisor refreshes, and writes the task's metrics
+            jobs = [
+                periodic("certificate refresh", s.refresh_seconds, self.refresh),
+                periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
+            ]
         if self.auth_client is not None:
             jobs.append(Background("auth service client", at_exit=self.auth_client.aclose))
         if self.redis is not None:
@@ -194,26 +271,36 @@ class MlflowServer:
             return []
         return [*dns_names(self.tls.certificate), *ip_addresses(self.tls.certificate)]
 
-    def _listeners(self) -> list[Listener]:
-        s = self.settings
-        health = Listener("health", "127.0.0.1", s.health_port, self.health_app)
+    def _service_name(self) -> str:
         if self.tls is None:
-            if s.mode != names.MTLS_MODE_OFF:
+            return "plain"
+        return "mtls" + (" + plain (permissive)" if self.settings.mode == names.MTLS_MODE_PERMISSIVE else "")
+
+    def _listeners(self) -> list[Listener]:
+        """The service port (a worker's: the socket its supervisor bound), and the health port unless a worker."""
+        s = self.settings
+        # a worker serves the socket its supervisor bound, one connection per readiness event
+        sock = self.worker.socket("service") if self.worker is not None else None
+        batch = 1 if self.worker is not None else ACCEPT_BATCH
+        if self.tls is None:
+            if s.mode != names.MTLS_MODE_OFF and (self.worker is None or self.worker.index == 1):
                 log.warning("mTLS mode %s but no certificates (development): serving plain HTTP", s.mode)
-            return [Listener("plain", s.host, s.port, self.app), health]
-        permissive = s.mode == names.MTLS_MODE_PERMISSIVE
-        listeners = [
-            Listener(
-                "mtls" + (" + plain (permissive)" if permissive else ""),
+            service = Listener(self._service_name(), s.host, s.port, self.app, sock=sock, accept_batch=batch)
+        else:
+            service = Listener(
+                self._service_name(),
                 s.host,
                 s.port,
                 self.app,
                 self.tls,
                 self.metrics.handshake_completed,
-                plain_too=permissive,
+                plain_too=s.mode == names.MTLS_MODE_PERMISSIVE,
+                sock=sock,
+                accept_batch=batch,
             )
-        ]
-        return [*listeners, health]
+        if self.worker is not None:
+            return [service]
+        return [service, Listener("health", "127.0.0.1", s.health_port, self.health_app)]
 
     # --- background ----------------------------------------------------------------------------
     def refresh(self) -> bool:
@@ -224,7 +311,24 @@ class MlflowServer:
         self.loaded = load_certificates(self.settings.loader, store=self.store, refresh=True)
         changed = self.tls.reload() if self.tls is not None else False
         self._record_expiry()
+        if self.supervisor is not None:
+            self.supervisor.reload()
         return changed
+
+    def _reload_published(self) -> None:
+        """A worker: the supervisor published a new set; serve it from the next handshake."""
+        if self.tls is not None:
+            self.tls.reload()
+
+    def _describe(self) -> dict:
+        """What a worker tells its supervisor it serves (the health answer lists it per worker)."""
+        if self.tls is None:
+            return {}
+        certificate = self.tls.certificate
+        return {
+            "serial": f"{certificate.serial_number:x}",
+            "not_after": certificate.not_valid_after_utc.isoformat(),
+        }
 
     def _record_expiry(self) -> None:
         if self.tls is not None:
@@ -248,12 +352,24 @@ class MlflowServer:
             }
             if left < 0:
                 report["status"] = "certificate-expired"
+        if self.supervisor is not None:
+            state = self.supervisor.state()
+            report["workers"] = {
+                "configured": state.configured,
+                "ready": state.ready,
+                "restarts": state.restarts,
+                "processes": state.workers,
+            }
+            if state.ready == 0 and report["status"] == "ok":
+                report["status"] = "starting" if self.supervisor.failure is None else "workers-failed"
         return report
 
     async def health_app(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             return
         if scope["path"] == "/metrics":
+            if self.supervisor is not None:
+                await self.supervisor.collect()  # every worker's requests so far, not a second old
             status, body, kind = 200, self.metrics.prometheus(), b"text/plain; version=0.0.4"
         elif scope["path"] == "/health":
             report = self.health()
@@ -272,10 +388,17 @@ class MlflowServer:
         finally:
             if self.jobs is not None:
                 self.jobs.stop()
+        if self.supervisor is not None and self.supervisor.failure is not None:
+            raise WorkerError(self.supervisor.failure)
 
 
-def serve_mlflow(environ: Mapping[str, str] = os.environ, **overrides) -> None:
-    MlflowServer(MlflowServerSettings.from_environ(environ, **overrides), environ=environ).run()
+def serve_mlflow(environ: Mapping[str, str] = os.environ, *, workers: int | None = None, **overrides) -> None:
+    """serve-mlflow: one process, a supervisor of `workers` (else HOKUSAI_MTLS_WORKERS, else the CPUs), or,
+    started by such a supervisor, one of its workers."""
+    spec = WorkerSpec.from_environ(environ)
+    count = 1 if spec is not None else worker_count(environ, workers)
+    settings = MlflowServerSettings.from_environ(environ, **overrides)
+    MlflowServer(settings, environ=environ, workers=count, worker=spec).run()
 
 
 __all__ = ["MlflowServer", "MlflowServerSettings", "serve_mlflow"]

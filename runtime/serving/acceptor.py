@@ -63,6 +63,7 @@ class Acceptor:
         plain: ProtocolFactory | None = None,
         tls: ProtocolFactory | None = None,
         context: ssl.SSLContext | None = None,
+        accept_batch: int = ACCEPT_BATCH,
     ) -> None:
         """`plain` and/or `tls` make the protocols; both: permissive (told apart by the first byte)."""
         if tls is not None and context is None:
@@ -75,6 +76,7 @@ class Acceptor:
         self.plain = plain
         self.tls = tls
         self.context = context
+        self.accept_batch = accept_batch
         self.open = 0
         """Connections held now: pending (sniff, handshake) and served."""
         self.refused = 0
@@ -115,7 +117,7 @@ class Acceptor:
 
     def _accept(self) -> None:
         loop = self._started_loop
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self.accept_batch):
             try:
                 connection, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):

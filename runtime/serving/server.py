@@ -54,7 +54,7 @@ from uvicorn.config import LifespanType
 from runtime import names
 from runtime.certificates.tls_context import ReloadableServerContext
 from runtime.errors import MtlsError
-from runtime.serving.acceptor import Acceptor
+from runtime.serving.acceptor import ACCEPT_BATCH, Acceptor
 from runtime.serving.asgi_tls import TLSExtensionH11Protocol
 from runtime.serving.bounded_h11 import BoundedH11Protocol
 from runtime.serving.connection_limits import ConnectionLimits, mlflow_limits
@@ -89,6 +89,12 @@ class Listener:
     """With `tls`: plain HTTP on the same port as well, told apart by the first byte."""
     limits: ConnectionLimits | None = None
     """Timeouts and the connection bound of this listener; None: those of its `Serving`."""
+    sock: socket.socket | None = None
+    """A socket already listening (a worker process's, from its supervisor: `runtime.serving.workers`);
+    None: `Serving` binds host:port itself."""
+    accept_batch: int = ACCEPT_BATCH
+    """Connections taken per readiness event. Worker processes sharing one socket take 1, so a worker
+    busy with a handshake leaves the next connection to an idle one instead of queueing a batch."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class Background:
     run: Callable[[], Coroutine[Any, Any, None]] | None = None
     """A coroutine function: `asyncio.create_task` takes a coroutine, not any awaitable."""
     at_exit: Callable[[], object] | None = None
+    on_stop: Callable[[], None] | None = None
+    """Called on the loop as soon as the `Serving` is told to stop, before its listeners drain (a
+    supervisor tells its workers to stop then, not after its own shutdown)."""
 
 
 def periodic(name: str, seconds: float, action: Callable[[], object], *, at_exit: bool = False) -> Background:
@@ -211,10 +220,13 @@ class Serving:
             self._plans.append(_Plan(listener, limits_, server, twin))
         self.acceptors: list[Acceptor] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._stop_requested = False
         self.started = threading.Event()
 
     def stop(self) -> None:
         """Stop accepting and shut the listeners down gracefully; callable from any thread."""
+        self._stop_requested = True
         for server in self.servers:
             server.should_exit = True
         loop = self._loop
@@ -225,10 +237,18 @@ class Serving:
     def _close_acceptors(self) -> None:
         for acceptor in self.acceptors:
             acceptor.close()
+        if self._stopping is not None and not self._stopping.is_set():
+            self._stopping.set()
+            for job in self.background:
+                if job.on_stop is not None:
+                    job.on_stop()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        stopping = self._stopping = asyncio.Event()
+        if self._stop_requested:
+            stopping.set()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 loop.add_signal_handler(sig, self.stop)
@@ -236,7 +256,11 @@ class Serving:
         sockets: list[socket.socket] = []
         try:
             for plan in self._plans:
-                sockets.append(_bind(plan.listener))  # OSError here: nothing has started yet
+                # OSError here: nothing has started yet
+                sockets.append(
+                    plan.listener.sock
+                    or listen_socket(plan.listener.name, plan.listener.host, plan.listener.port)
+                )
         except OSError:
             for sock in sockets:
                 sock.close()
@@ -261,6 +285,8 @@ class Serving:
                     self.started.set()
                 else:
                     self._close_acceptors()  # stop() came during start-up
+            if not serving:  # only background jobs (a supervisor of workers): until stop()
+                await stopping.wait()
             await asyncio.gather(*serving)
         finally:
             self.stop()
@@ -335,18 +361,17 @@ def _acceptor(plan: _Plan, sock: socket.socket) -> Acceptor:
         plain=_protocol_factory(plan.plain_server) if plan.plain_server is not None else None,
         tls=_protocol_factory(plan.tls_server) if plan.tls_server is not None else None,
         context=listener.tls.front if listener.tls is not None else None,
+        accept_batch=listener.accept_batch,
     )
 
 
-def _bind(listener: Listener) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+def listen_socket(name: str, host: str, port: int) -> socket.socket:
+    """A socket listening on host:port; OSError naming the listener if it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((listener.host, listener.port), family=family, backlog=BACKLOG)
+        return socket.create_server((host, port), family=family, backlog=BACKLOG)
     except OSError as exc:
-        raise OSError(
-            exc.errno,
-            f"listener {listener.name} cannot listen on {listener.host}:{listener.port}: {exc.strerror}",
-        ) from exc
+        raise OSError(exc.errno, f"listener {name} cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def _raise_open_file_limit() -> int:

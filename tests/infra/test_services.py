@@ -241,6 +241,8 @@ def test_container_environment_is_the_documented_contract(services, settings, en
             )
     if identity is names.API:  # only the API sits behind the platform's proxy
         expected[names.ENV_PROXY_KIND] = settings[env].trusted_proxy_kind
+    if identity is not names.WORKER:  # cdk.json sets no `workers`: mlflow's 1 vCPU and api's 0.5 run 1 each
+        expected[names.ENV_WORKERS] = "1"
     assert environment_of(task) == expected
 
 
@@ -446,6 +448,37 @@ def test_desired_counts_and_removal_policies_follow_the_settings(services, setti
     kept = {**resources(template, "AWS::KMS::Key"), **resources(template, "AWS::Logs::LogGroup")}
     assert len(kept) == 4
     assert {resource["DeletionPolicy"] for resource in kept.values()} == {expected}
+
+
+TODAYS_TASK_SIZES = {
+    names.SERVER.role: {"Cpu": "1024", "Memory": "2048"},
+    names.API.role: {"Cpu": "512", "Memory": "1024"},
+    names.WORKER.role: {"Cpu": "512", "Memory": "1024"},
+}
+"""The sizes the services had before `taskSizes` existed: cdk.json keeps them in every environment."""
+
+
+@ENVIRONMENTS
+def test_task_sizes_follow_the_settings_and_keep_the_sizes_of_before(services, settings, env):
+    for role, (_, task) in tasks_by_role(services[env]).items():
+        size = settings[env].task_sizes[SERVICE_OF_ROLE[role]]
+        rendered = {key: task["Properties"][key] for key in ("Cpu", "Memory")}
+        assert rendered == {"Cpu": str(size.cpu), "Memory": str(size.memory_mib)}, role
+        assert rendered == TODAYS_TASK_SIZES[role], role
+        assert task["Properties"]["RequiresCompatibilities"] == ["FARGATE"], role
+
+
+@ENVIRONMENTS
+def test_serving_containers_run_one_worker_per_whole_vcpu_and_the_worker_service_none(services, env):
+    """HOKUSAI_MTLS_WORKERS follows the task's cpu (1024 units = 1 vCPU, at least 1) in mlflow and api;
+    the data-pipeline worker service serves nothing and gets no such variable."""
+    for role, (_, task) in tasks_by_role(services[env]).items():
+        variables = environment_of(task)
+        if role == names.WORKER.role:
+            assert names.ENV_WORKERS not in variables
+            continue
+        assert variables[names.ENV_WORKERS] == str(max(1, int(task["Properties"]["Cpu"]) // 1024)), role
+        assert variables[names.ENV_WORKERS] == "1", role
 
 
 def test_the_environments_differ_where_the_settings_say(services, settings):

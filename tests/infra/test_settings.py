@@ -8,8 +8,9 @@ import pytest
 
 from runtime import names
 from stacks.settings import CONTEXT_KEY, EnvironmentSettings, SettingsError, load_settings
+from stacks.settings_checks import Where
 from stacks.settings_network import CreateVpc, ImportCluster, ImportNamespace, ImportVpc
-from stacks.settings_services import ImageSource
+from stacks.settings_services import ImageSource, TaskSize, parse_task_sizes
 
 
 def _required(env: str, second_octet: int) -> dict:
@@ -107,6 +108,79 @@ def test_account_and_region_are_optional_and_checked():
         ("staging", "images.api.dockerfile", "docker/Dockerfile.missing", "does not exist"),
         ("staging", "images.api.uri", "hokusai/api", "with a tag or digest"),
         ("staging", "desiredCounts.worker", -1, "outside 0..50"),
+        ("staging", "taskSizes", [], "expected an object, got list"),
+        ("staging", "taskSizes.reporter", {"reporter": {"cpu": 256, "memoryMiB": 512}}, "unknown setting"),
+        ("staging", "taskSizes.api", {"api": 512}, "expected an object, got int"),
+        ("staging", "taskSizes.api.memoryMiB", {"api": {"cpu": 512}}, "missing"),
+        ("staging", "taskSizes.api.memory", {"api": {"cpu": 512, "memory": 1024}}, "unknown setting"),
+        (
+            "staging",
+            "taskSizes.mlflow.memoryMiB",
+            {"mlflow": {"cpu": 1024, "memoryMiB": 1024}},
+            "1024 is not a memory size Fargate runs with cpu 1024 (1 vCPU): 2048 to 8192 in steps of 1024 MiB",
+        ),
+        (
+            "production",
+            "taskSizes.worker.memoryMiB",
+            {"worker": {"cpu": 256, "memoryMiB": 1536}},
+            "cpu 256 (0.25 vCPU): 512, 1024 or 2048 MiB",
+        ),
+        ("staging", "taskSizes.api.memoryMiB", {"api": {"cpu": 512, "memoryMiB": 5120}}, "1024 to 4096"),
+        (
+            "staging",
+            "taskSizes.api.memoryMiB",
+            {"api": {"cpu": 8192, "memoryMiB": 18432}},
+            "16384 to 61440 in steps of 4096",
+        ),
+        (
+            "staging",
+            "taskSizes.api.memoryMiB",
+            {"api": {"cpu": 16384, "memoryMiB": 131072}},
+            "32768 to 122880 in steps of 8192",
+        ),
+        (
+            "staging",
+            "taskSizes.api.memoryMiB",
+            {"api": {"cpu": 512, "memoryMiB": "1GB"}},
+            "not a whole number",
+        ),
+        (
+            "development",
+            "taskSizes.worker.cpu",
+            {"worker": {"cpu": 768, "memoryMiB": 2048}},
+            "768 is not a Fargate task cpu value: one of 256, 512, 1024, 2048, 4096, 8192, 16384",
+        ),
+        ("staging", "taskSizes.api.cpu", {"api": {"cpu": 0.5, "memoryMiB": 1024}}, "not a whole number"),
+        (
+            "staging",
+            "taskSizes.api.workers",
+            {"api": {"cpu": 512, "memoryMiB": 1024, "workers": 0}},
+            "0 is outside 1..2: at least 1 and at most 4 per vCPU (cpu 512 is 0.5 vCPU)",
+        ),
+        (
+            "production",
+            "taskSizes.mlflow.workers",
+            {"mlflow": {"cpu": 1024, "memoryMiB": 2048, "workers": 5}},
+            "5 is outside 1..4: at least 1 and at most 4 per vCPU (cpu 1024 is 1 vCPU)",
+        ),
+        (
+            "staging",
+            "taskSizes.api.workers",
+            {"api": {"cpu": 512, "memoryMiB": 1024, "workers": True}},
+            "not a whole number",
+        ),
+        (
+            "staging",
+            "taskSizes.api.workers",
+            {"api": {"cpu": 512, "memoryMiB": 1024, "workers": None}},
+            "not a whole number",
+        ),
+        (
+            "staging",
+            "taskSizes.worker.workers",
+            {"worker": {"cpu": 512, "memoryMiB": 1024, "workers": 1}},
+            "only mlflow and api run worker processes (HOKUSAI_MTLS_WORKERS)",
+        ),
         ("staging", "vpc", {"create": {}, "import": {}}, '{"create": ...} or {"import": ...}'),
         ("staging", "vpc.create.cidr", {"create": {"cidr": "10.20.0.1/16"}}, "host bits set"),
         ("staging", "vpc.create.cidr", {"create": {"cidr": "10.20.0.0/28"}}, "/16 to /24"),
@@ -301,6 +375,97 @@ def test_a_bad_setting_fails_synthesis_with_its_name(cdk_context):
         build_app(app)
 
 
+@pytest.mark.infra
+@pytest.mark.parametrize(
+    ("service", "size", "field"),
+    [
+        ("mlflow", {"cpu": 1024, "memoryMiB": 1024}, "memoryMiB"),
+        ("api", {"cpu": 512, "memoryMiB": 1024, "workers": 0}, "workers"),
+    ],
+)
+def test_a_bad_task_size_fails_synthesis_with_environment_service_and_field(
+    cdk_context, service, size, field
+):
+    import aws_cdk as cdk
+
+    from app import build_app
+
+    environments = copy.deepcopy(cdk_context[CONTEXT_KEY])
+    environments["staging"]["taskSizes"][service] = size
+    app = cdk.App(context={**cdk_context, CONTEXT_KEY: environments})
+    with pytest.raises(SettingsError, match=rf"^{CONTEXT_KEY}\.staging\.taskSizes\.{service}\.{field}: "):
+        build_app(app)
+
+
+# Fargate's task cpu -> memory (MiB) combinations, as the ECS Developer Guide lists them
+# ("Task CPU and memory"; 8 and 16 vCPU need Linux platform 1.4.0; the services run LATEST).
+FARGATE_COMBINATIONS = {
+    256: [512, 1024, 2048],
+    512: [1024, 2048, 3072, 4096],
+    1024: [2048, 3072, 4096, 5120, 6144, 7168, 8192],
+    2048: [gib * 1024 for gib in range(4, 16 + 1)],
+    4096: [gib * 1024 for gib in range(8, 30 + 1)],
+    8192: [gib * 1024 for gib in range(16, 60 + 1, 4)],
+    16384: [gib * 1024 for gib in range(32, 120 + 1, 8)],
+}
+
+
+def test_task_sizes_accept_exactly_fargates_cpu_and_memory_combinations():
+    where = Where(f"{CONTEXT_KEY}.staging.taskSizes")
+    for cpu in (128, *FARGATE_COMBINATIONS, 32768):
+        for memory in range(256, 131072 + 1, 256):
+            raw = {"worker": {"cpu": cpu, "memoryMiB": memory}}
+            if memory in FARGATE_COMBINATIONS.get(cpu, ()):
+                assert parse_task_sizes(raw, where)["worker"] == TaskSize(cpu=cpu, memory_mib=memory)
+            else:
+                with pytest.raises(SettingsError, match=r"staging\.taskSizes\.worker\.(cpu|memoryMiB): "):
+                    parse_task_sizes(raw, where)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "derived", "most"),
+    [(256, 1, 1), (512, 1, 2), (1024, 1, 4), (2048, 2, 8), (4096, 4, 16), (8192, 8, 32), (16384, 16, 64)],
+)
+def test_workers_default_to_one_per_whole_vcpu_and_go_up_to_four_per_vcpu(cpu, derived, most):
+    memory = FARGATE_COMBINATIONS[cpu][0]
+    where = Where(f"{CONTEXT_KEY}.production.taskSizes")
+    sizes = parse_task_sizes({"api": {"cpu": cpu, "memoryMiB": memory}}, where)
+    assert (sizes["api"].workers, sizes["api"].worker_processes) == (None, derived)
+    for workers in (1, most):
+        sizes = parse_task_sizes({"mlflow": {"cpu": cpu, "memoryMiB": memory, "workers": workers}}, where)
+        assert sizes["mlflow"].worker_processes == workers
+    with pytest.raises(
+        SettingsError, match=rf"production\.taskSizes\.mlflow\.workers: {most + 1} is outside"
+    ):
+        parse_task_sizes({"mlflow": {"cpu": cpu, "memoryMiB": memory, "workers": most + 1}}, where)
+
+
+def test_a_service_left_out_of_task_sizes_keeps_its_default():
+    raw = with_setting("staging", "taskSizes", {"api": {"cpu": 2048, "memoryMiB": 4096, "workers": 3}})
+    sizes = load_settings(raw)["staging"].task_sizes
+    assert dict(sizes) == {
+        "mlflow": TaskSize(cpu=1024, memory_mib=2048),
+        "api": TaskSize(cpu=2048, memory_mib=4096, workers=3),
+        "worker": TaskSize(cpu=512, memory_mib=1024),
+    }
+    assert load_settings(with_setting("staging", "taskSizes", {}))["staging"].task_sizes == (
+        load_settings(VALID)["staging"].task_sizes
+    )
+
+
+def test_cdk_json_keeps_the_default_task_sizes_everywhere(cdk_json_settings):
+    defaults = load_settings(VALID)["staging"].task_sizes
+    for env, settings in load_settings(cdk_json_settings).items():
+        assert dict(settings.task_sizes) == dict(defaults), env
+
+
+def test_task_size_refuses_what_fargate_would():
+    with pytest.raises(ValueError, match="not a Fargate task size"):
+        TaskSize(cpu=1024, memory_mib=1024)
+    with pytest.raises(ValueError, match="expected 1..2"):
+        TaskSize(cpu=512, memory_mib=1024, workers=3)
+
+
 def test_missing_setting_is_named():
     raw = copy.deepcopy(VALID)
     del raw["staging"]["logRetentionDays"]
@@ -334,6 +499,14 @@ def test_defaults_of_the_optional_settings():
         s: ImageSource(dockerfile=f"docker/Dockerfile.{s}") for s in ("mlflow", "api", "worker")
     }
     assert dict(staging.desired_counts) == {"mlflow": 1, "api": 1, "worker": 1}
+    assert dict(staging.task_sizes) == {
+        "mlflow": TaskSize(cpu=1024, memory_mib=2048),
+        "api": TaskSize(cpu=512, memory_mib=1024),
+        "worker": TaskSize(cpu=512, memory_mib=1024),
+    }
+    assert {s: size.worker_processes for s, size in staging.task_sizes.items()} == dict.fromkeys(
+        ("mlflow", "api", "worker"), 1
+    )
     assert staging.vpc == CreateVpc(cidr="10.20.0.0/16", max_azs=2, nat_gateways=1)
     assert (staging.cluster, staging.namespace) == (None, None)
     assert staging.internal_cidrs == ("10.20.0.0/16",), "defaults to the VPC's CIDR"

@@ -1,6 +1,7 @@
 """The variant app (tests/infra/conftest.py): permissive mode, imported network, registry images, a proxy.
 
-cdk.json runs strict mode and creates everything; these are the settings it does not exercise.
+cdk.json runs strict mode, creates everything and keeps the default task sizes; these are the settings it
+does not exercise.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from tests.support.variant import (
     VARIANT_IMPORTS,
     VARIANT_REDIS_URL_SECRET,
     VARIANT_SERVICE_SCOPES,
+    VARIANT_TASK_SIZES,
     VARIANT_TRUSTED_PROXIES,
+    VARIANT_WORKERS,
 )
 
 pytestmark = pytest.mark.infra
@@ -216,3 +219,30 @@ def test_only_the_servers_execution_roles_read_the_redis_secret(templates):
                 }, role
             else:
                 assert reads == [], (role, role_arn)
+
+
+# --- task sizes: taskSizes -----------------------------------------------------------------------
+
+SERVICE_OF_ROLE = {
+    names.SERVER.role: names.MLFLOW_SERVICE,
+    names.API.role: names.API_SERVICE,
+    names.WORKER.role: names.WORKER_SERVICE,
+}
+
+
+def test_task_definitions_carry_the_configured_cpu_and_memory(templates):
+    for role, (_, task) in tasks_by_role(templates["services"]).items():
+        size = VARIANT_TASK_SIZES[SERVICE_OF_ROLE[role]]
+        assert (task["Properties"]["Cpu"], task["Properties"]["Memory"]) == (
+            str(size["cpu"]),
+            str(size["memoryMiB"]),
+        ), role
+
+
+def test_worker_counts_are_set_or_one_per_vcpu_in_mlflow_and_api_and_absent_in_the_worker(templates):
+    """mlflow: no `workers`, 4 vCPU -> 4; api: `workers` 6 wins over its 2 vCPU; the worker: none."""
+    found = {
+        SERVICE_OF_ROLE[role]: environment_of(task).get(names.ENV_WORKERS)
+        for role, (_, task) in tasks_by_role(templates["services"]).items()
+    }
+    assert found == {**VARIANT_WORKERS, names.WORKER_SERVICE: None}

@@ -23,6 +23,9 @@ from runtime.secrets.secret_store import SecretStore
 from tests.support.servers import free_port
 
 ENV = "staging"
+WORKERS = 1
+"""Worker processes per server, as the stacks configure today's task sizes; tests/integration/test_workers.py
+runs 2, as a 2-vCPU task does."""
 SCOPES = {
     "api": ["mlflow:read", "mlflow:write"],
     "worker": ["mlflow:read", "mlflow:write"],
@@ -47,6 +50,7 @@ def server_environment(aws: dict, **extra: str) -> dict[str, str]:
         **{
             names.ENV_INTERNAL_CIDRS: "127.0.0.0/8",
             names.ENV_SERVICE_SCOPES: json.dumps(SCOPES),
+            names.ENV_WORKERS: str(WORKERS),  # whatever this machine has
             **extra,
         },
     )

@@ -2,8 +2,9 @@
 
 Permissive mode, an imported VPC, cluster and namespace, an ECR image and a public registry image,
 two trusted proxy networks of an ALB in mutual-TLS verify mode, an auth service URL with a port
-and a path, the Redis URL secret, service scopes, a CORS origin, and an imported CA whose
-certificates are identified by CN.
+and a path, the Redis URL secret, service scopes, a CORS origin, an imported CA whose
+certificates are identified by CN, and task sizes other than the defaults (a derived and a set
+worker count).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ VARIANT_SERVICE_SCOPES = {
     "reporter": ["mlflow:read"],
 }
 
+VARIANT_TASK_SIZES = {
+    "mlflow": {"cpu": 4096, "memoryMiB": 12288},  # 4 vCPU, workers unset: 4
+    "api": {"cpu": 2048, "memoryMiB": 5120, "workers": 6},  # 2 vCPU, at most 8
+    "worker": {"cpu": 256, "memoryMiB": 512},
+}
+VARIANT_WORKERS = {"mlflow": "4", "api": "6"}
+"""HOKUSAI_MTLS_WORKERS that VARIANT_TASK_SIZES give mlflow and api; the worker service gets none."""
+
 
 def variant_settings_context(context: dict) -> dict:
     """cdk.json's environments (from `context`) with staging switched to every alternative tested."""
@@ -64,5 +73,6 @@ def variant_settings_context(context: dict) -> dict:
         authServiceUrl=VARIANT_AUTH_SERVICE_URL,
         redisUrlSecretName=VARIANT_REDIS_URL_SECRET,
         serviceScopes=copy.deepcopy(VARIANT_SERVICE_SCOPES),
+        taskSizes=copy.deepcopy(VARIANT_TASK_SIZES),
     )
     return raw
