@@ -144,7 +144,7 @@ def test_a_malformed_report_is_refused_and_counts_nothing(document):
 # --- a supervisor and real worker processes ------------------------------------------------------
 WORKER = textwrap.dedent(
     """
-    import json, os, signal, socket, sys, time
+    import json, os, signal, socket, sys, threading, time
     spec = json.loads(os.environ["HOKUSAI_MTLS_WORKER_SPEC"])
     channel = socket.socket(fileno=spec["channel_fd"])
     behaviour = sys.argv[1]
@@ -154,6 +154,14 @@ WORKER = textwrap.dedent(
               "plain": 0, "latency_ms": [[1.5, 2]]}
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+
+    def answer_orders():
+        for line in channel.makefile("rb"):
+            order = json.loads(line)
+            if "report" in order and behaviour != "mute":
+                channel.sendall(json.dumps({"metrics": report, "reply": order["report"]}).encode() + b"\\n")
+
+    threading.Thread(target=answer_orders, daemon=True).start()
     channel.sendall(json.dumps({"ready": {"pid": os.getpid(), "serial": "ab"}}).encode() + b"\\n")
     marker = sys.argv[2]
     if behaviour == "die-once" and not os.path.exists(marker):
@@ -243,3 +251,31 @@ def test_a_worker_that_dies_after_serving_is_replaced(tmp_path):
 
     asyncio.run(scenario())
     assert failures == []
+
+
+@pytest.mark.parametrize("behaviour", ["serve", "mute"])
+def test_a_scrape_waits_for_every_workers_counts_but_not_for_ever(tmp_path, behaviour):
+    failures: list[str] = []
+    sup = supervisor(tmp_path, behaviour, 2, failures)
+
+    async def scenario() -> float:
+        job = asyncio.create_task(sup.run())
+        await until(lambda: sup.state().ready == 2)
+        started = asyncio.get_running_loop().time()
+        await sup.collect(timeout=2.0)
+        took = asyncio.get_running_loop().time() - started
+        sup.stop()
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+        return took
+
+    took = asyncio.run(scenario())
+    assert failures == []
+    if behaviour == "serve":  # both answered: 2 requests each, counted before the scrape returned
+        assert took < 2.0
+    else:  # nobody answers: the scrape gives up at its timeout and shows what it has
+        assert took >= 2.0
+    documents = sup.metrics.flush()
+    counted = sum(d.get(names.METRIC_AUTH_REQUESTS, 0) for d in documents)
+    # the answers to the scrape (2 x 2 when they answer) and the last reports at stop (2 x 2)
+    assert counted == (8 if behaviour == "serve" else 4)
