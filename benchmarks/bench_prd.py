@@ -50,10 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,13 +59,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from benchmarks.common import (  # noqa: E402  (after the path set-up)
     OPERATIONS,
-    cpu_snapshot,
     figure,
     latency_row,
-    machine,
     mlflow_client_environment,
     mtls_credentials,
-    others_cores,
+    run_bench,
     running_mlflow,
     time_operations,
     token_credentials,
@@ -303,21 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "auth_delay_ms": args.auth_delay_ms,
     }
-    try:
-        report["machine"] = machine()
-        before = cpu_snapshot()
-        with tempfile.TemporaryDirectory(prefix="bench-prd-") as tmp:
-            report["result"] = measure(Path(tmp), args.ops, args.warmup, args.auth_delay_ms)
-        report["others_cores"] = others_cores(before)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        sys.stderr.write(f"bench_prd: error: {exc}\n")
-        return 1
-    report["figures"] = figures(report)
-    if args.json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    else:
-        print_report(report)
-    return 0
+    return run_bench(
+        "prd",
+        report,
+        lambda tmp: measure(tmp, args.ops, args.warmup, args.auth_delay_ms),
+        figures,
+        print_report,
+        as_json=args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import ssl
 import statistics
@@ -52,12 +51,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from benchmarks.common import (  # noqa: E402  (after the path set-up)
     SNI,
-    cpu_snapshot,
     figure,
     free_port,
-    machine,
-    others_cores,
     percentile,
+    run_bench,
     secrets_with_a_set,
     stop,
 )
@@ -491,21 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.clients, args.rounds, args.requests, args.transfers) < 1 or args.size_mb <= 0:
         parser.error("--clients, --rounds, --requests and --transfers must be at least 1, --size-mb positive")
     report: dict = {"date": dt.date.today().isoformat(), "args": vars(args)}
-    try:
-        report["machine"] = machine()
-        before = cpu_snapshot()
-        with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
-            report["result"] = measure(Path(tmp), args)
-        report["others_cores"] = others_cores(before)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        sys.stderr.write(f"bench_proxy: error: {exc}\n")
-        return 1
-    report["figures"] = figures(report)
-    if args.json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    else:
-        print_report(report)
-    return 0
+    return run_bench(
+        "proxy", report, lambda tmp: measure(tmp, args), figures, print_report, as_json=args.json
+    )
 
 
 if __name__ == "__main__":

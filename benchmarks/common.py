@@ -13,6 +13,7 @@ measured against a target, in the form `run_all.py` tabulates.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -54,10 +55,15 @@ __all__ = [
     "others_cores",
     "percentile",
     "process_cpu",
+    "process_tree",
+    "run_bench",
     "running_mlflow",
     "stop",
+    "stop_tree",
     "time_operations",
     "token_credentials",
+    "tree_cpu",
+    "tree_memory",
     "use_credentials",
     "verdict",
     "write_set",
@@ -141,6 +147,88 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: index k is the man page's field k + 3."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every living process below it, from /proc's parent links.
+
+    A server's CPU and memory are its whole tree's: uvicorn's and nginx's workers, MLflow's job
+    runner and its huey consumers. A process group would not do: our job runner leads its own.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
+    tree, queue = [], [pid]
+    while queue:
+        tree.append(queue.pop())
+        queue.extend(children.get(tree[-1], []))
+    return tree
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of `pid`'s tree, with the children each has waited for
+    (cutime, cstime), so a worker that exited and was reaped still counts."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += sum(int(v) for v in _stat_fields(member)[11:15])
+    return total / CLK_TCK
+
+
+def tree_memory(pid: int) -> dict[str, float]:
+    """Processes, and the sum of RSS and of PSS in MiB, over `pid`'s tree.
+
+    RSS counts a page shared by forked workers once per process; PSS splits it between them,
+    so PSS adds up to what the tree really holds.
+    """
+    rss = pss = 0
+    processes = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+            processes += 1
+    return {"processes": processes, "rss_mib": rss / 1024, "pss_mib": pss / 1024}
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (tells it from a later one with the same pid); None once it is gone."""
+    try:
+        fields = _stat_fields(pid)
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def stop_tree(process: subprocess.Popen, timeout: float = 20) -> None:
+    """`stop()` the process, then SIGKILL whatever of its tree outlives it by `timeout`.
+
+    Children of a server can outlive it (`mlflow server`'s huey consumers take seconds to notice
+    that their runner's parent is gone); the tree is read before the signal, while it is whole.
+    """
+    members = {pid: _started(pid) for pid in process_tree(process.pid)} if process.poll() is None else {}
+    members.pop(process.pid, None)
+    stop(process)
+
+    def alive() -> list[int]:
+        return [pid for pid, started in members.items() if started is not None and _started(pid) == started]
+
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def cpu_snapshot() -> tuple[float, float, float]:
     """(wall, machine-wide busy CPU seconds, this process's + its waited-for children's CPU seconds)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -161,6 +249,36 @@ def others_cores(before: tuple[float, float, float]) -> float:
     """
     after = cpu_snapshot()
     return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
+
+
+def run_bench(
+    name: str,
+    report: dict,
+    measure: Callable[[Path], dict],
+    figures: Callable[[dict], list],
+    print_report: Callable[[dict], None],
+    *,
+    as_json: bool,
+    errors: tuple[type[BaseException], ...] = (RuntimeError, OSError, subprocess.SubprocessError),
+) -> int:
+    """A bench's `main` after its arguments: the machine, `measure(tmp)` in a temporary directory,
+    the other load meanwhile, the figures, then the JSON document or the table; 1 (one stderr line)
+    if measuring raised one of `errors`."""
+    try:
+        report["machine"] = machine()
+        before = cpu_snapshot()
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+            report["result"] = measure(Path(tmp))
+        report["others_cores"] = others_cores(before)
+    except errors as exc:
+        sys.stderr.write(f"bench_{name}: error: {exc}\n")
+        return 1
+    report["figures"] = figures(report)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        print_report(report)
+    return 0
 
 
 # --- the machine ----------------------------------------------------------------------------------
@@ -379,8 +497,11 @@ def running_mlflow(
     keys: dict[str, dict[str, Any]],
     redis: bool = False,
     metrics_seconds: float | None = None,
+    mode: str | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> Iterator[MlflowServer]:
-    """One `hokusai-mtls serve-mlflow` in permissive mode (mTLS and plain HTTP on ONE port).
+    """One `hokusai-mtls serve-mlflow`, in permissive mode (mTLS and plain HTTP on ONE port) unless
+    `mode` names another (`names.MTLS_MODE_STRICT`: mTLS only); `environment` adds variables.
 
     As ECS runs it, pointed at loopback doubles: certificates from moto's Secrets Manager
     (ThreadedMotoServer, never real AWS), the API-key path's auth service = the test double
@@ -427,7 +548,7 @@ def running_mlflow(
         env = {
             **{k: v for k, v in child_env().items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))},
             names.ENV_ENVIRONMENT: MLFLOW_ENV,
-            names.ENV_MTLS_MODE: names.MTLS_MODE_PERMISSIVE,
+            names.ENV_MTLS_MODE: mode or names.MTLS_MODE_PERMISSIVE,
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_REGION": "us-east-1",
@@ -443,6 +564,7 @@ def running_mlflow(
             env[names.ENV_REDIS_URL] = redis_server.url
         if metrics_seconds is not None:
             env[names.ENV_METRICS_SECONDS] = str(metrics_seconds)
+        env.update(environment or {})
         stdout, stderr = root / "server.stdout", root / "server.stderr"
         with stdout.open("w") as out, stderr.open("w") as err:
             process = subprocess.Popen(

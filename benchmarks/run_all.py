@@ -2,7 +2,8 @@
 
 Runs bench_prd (the PRD's comparison), bench_tls (keep-alive mTLS vs plain, ECDSA vs RSA-4096
 handshakes, the middleware's cost), bench_proxy (the API's `/mlflow` proxy against calling MLflow
-directly: p50 at 50 concurrent clients, a 50 MB download and upload), bench_issuance (our CLI vs
+directly: p50 at 50 concurrent clients, a 50 MB download and upload), bench_sidecar (ours against
+nginx terminating mTLS in front of a plain `mlflow server`), bench_issuance (our CLI vs
 the seed's openssl script) and bench_synth (cdk synth of 1/3/10 environments), each as its own
 process with `--json`, so one
 bench's servers, environment variables and imports cannot touch another's and a crash is
@@ -113,6 +114,44 @@ BENCHES: dict[str, Bench] = {
         full=[],  # --clients 50 --rounds 6 --requests 5 --size-mb 50 --transfers 5
         quick=["--rounds", "2", "--requests", "3", "--transfers", "1"],
         smoke=["--clients", "1", "--rounds", "1", "--requests", "1", "--size-mb", "1", "--transfers", "1"],
+    ),
+    "sidecar": Bench(
+        "bench_sidecar.py",
+        "Ours against the sidecar: nginx terminating mTLS before a plain mlflow server",
+        "The same certificates and worker count N (the machine's CPUs) on both sides. Ours: `serve-mlflow` "
+        "in strict mode with `HOKUSAI_MTLS_WORKERS=N`. Sidecar: Debian's nginx (`worker_processes N`, "
+        "`ssl_verify_client on`) proxying over kept-alive upstream connections to `mlflow server --workers N`. "
+        "MLflow's `experiments/get`: p50 over one kept-alive connection, p50 with a full handshake per "
+        "request, server CPU per full handshake (each side's whole process tree), requests/s at 32 "
+        "keep-alive clients (the load generator shares the cores), and memory. Sides alternate.",
+        full=[],  # --rounds 3 --requests 200 --new-connections 100 --seconds 4 --clients 32
+        quick=[
+            "--rounds",
+            "1",
+            "--requests",
+            "50",
+            "--new-connections",
+            "30",
+            "--seconds",
+            "2",
+            "--settle",
+            "30",
+        ],
+        smoke=[
+            "--rounds",
+            "1",
+            "--requests",
+            "1",
+            "--new-connections",
+            "1",
+            "--seconds",
+            "0.2",
+            "--clients",
+            "2",
+            "--settle",
+            "0",
+            "--no-jobs",  # no MLflow job runners: 14 huey consumers importing MLflow, 20-30 s of CPU
+        ],
     ),
     "issuance": Bench(
         "bench_issuance.py",
@@ -437,6 +476,41 @@ def details(name: str, report: dict) -> list[str]:
                 f"| {kind} / {case} | {row['median_s']:.3f} s | {row['mb_per_s']:.0f} |"
                 for case, row in bodies[kind]["rows"].items()
             ]
+        return lines
+    if name == "sidecar":
+        r = report["result"]
+        o, c = r["ours"], r["sidecar"]
+        upstream = "kept-alive" if report["upstream_keepalive"] else "a new connection per request"
+        lines = [
+            "",
+            f"{report['workers']} worker(s) per side, {report['rounds']} round(s); per side and round "
+            f"{report['requests']} keep-alive and {report['new_connections']} new-connection calls, "
+            f"{report['seconds']:g} s of handshakes and {report['seconds']:g} s at {report['clients']} "
+            f"clients; nginx {report['nginx']}, upstream {upstream}, MLflow's job runners "
+            f"{'on' if report['jobs'] else 'off'}. Answers: ours {o['statuses']}, "
+            f"sidecar {c['statuses']}; without a certificate: ours {o['without_certificate']}, "
+            f"sidecar {c['without_certificate']}.",
+            "",
+            "| | ours | sidecar |",
+            "| --- | ---: | ---: |",
+        ]
+        rows = [
+            (
+                "keep-alive p50 / p99",
+                lambda x: f"{x['keepalive']['p50_ms']:.2f} / {x['keepalive']['p99_ms']:.2f} ms",
+            ),
+            (
+                "new connection p50 / p99",
+                lambda x: f"{x['new_connection']['p50_ms']:.2f} / {x['new_connection']['p99_ms']:.2f} ms",
+            ),
+            ("server CPU per full handshake", lambda x: f"{x['handshake_server_cpu_ms']:.2f} ms"),
+            (f"req/s at {report['clients']} clients", lambda x: f"{x['requests_per_s']:.0f}"),
+            ("server CPU per request under load", lambda x: f"{x['server_cpu_ms_per_request']:.2f} ms"),
+            ("load generator (same cores)", lambda x: f"{x['load_generator_cores']:.2f} cores"),
+            ("RSS / PSS", lambda x: f"{x['rss_mib']:.0f} / {x['pss_mib']:.0f} MiB"),
+            ("processes", lambda x: str(x["processes"])),
+        ]
+        lines += [f"| {label} | {fmt(o)} | {fmt(c)} |" for label, fmt in rows]
         return lines
     if name == "issuance":
         lines = ["", "| case | median | min |", "| --- | ---: | ---: |"]

@@ -21,7 +21,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-SCRIPTS = ("bench_prd.py", "bench_tls.py", "bench_issuance.py", "bench_synth.py", "bench_proxy.py")
+SCRIPTS = (
+    "bench_prd.py",
+    "bench_tls.py",
+    "bench_issuance.py",
+    "bench_synth.py",
+    "bench_proxy.py",
+    "bench_sidecar.py",
+)
 FIGURE_ROW = re.compile(
     r"^\| [^|]+ \| -?[0-9][0-9.]*(x| s)? \| [^|]*[0-9][^|]* \| [^|]+ \| \*\*(PASS|MISS)\*\* \|$"
 )
@@ -60,7 +67,7 @@ def test_smoke_suite_reports_every_benchmark(tmp_path):
         assert rows, f"{script}: no figure with a number and a PASS/MISS verdict:\n{found[heading]}"
     assert "**ERROR**" not in report
     summary = found["Summary"]
-    assert {"prd", "tls", "issuance", "synth", "proxy"} <= {
+    assert {"prd", "tls", "issuance", "synth", "proxy", "sidecar"} <= {
         line.split(" | ")[0].lstrip("| ") for line in summary.splitlines()
     }
     assert "## How to reproduce" in report
