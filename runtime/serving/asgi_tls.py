@@ -11,10 +11,23 @@ so every request on it carries the extension
 Only the TLS layer can put it there: headers cannot, and a plain-HTTP connection gets no
 extension at all. The class depends on uvicorn internals (`connection_made`, `self.app`):
 the uvicorn range is pinned and tests/integration exercises it.
+
+What the extension says of a certificate (its PEM, its subject, or why it cannot be read) depends
+on the certificate alone, so it is worked out once per certificate (`_described`, a bounded cache
+keyed by the DER OpenSSL verified), not once per connection: a client making a new connection per
+request costs a lookup, not a parse. Each connection still gets its own dict and list.
+
+A resumed TLS session (`ssl_object.session_reused`) was not verified by this handshake: OpenSSL
+brings back the certificate of the full handshake it descends from. It is served only if that
+certificate would pass a full handshake now (`runtime.certificates.tls_context.ResumedSessions`,
+the current context's); otherwise the connection is dropped before a request is read, and it
+counts as a handshake that did not complete.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -23,28 +36,53 @@ from runtime.certificates.pem import certificate_pem, load_der_certificate
 from runtime.errors import PemError
 from runtime.serving.bounded_h11 import BoundedH11Protocol
 
+log = logging.getLogger("hokusai_mtls")
+
 TLS_EXTENSION = "tls"
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+DESCRIBED_CERTIFICATES_KEPT = 512
+"""Distinct client certificates whose description `_described` keeps (a few per service and rotation)."""
 
 
-def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
-    """The asgiref TLS extension for one connection; no client certificate unless verified."""
-    der = ssl_object.getpeercert(binary_form=True)
+@functools.lru_cache(maxsize=DESCRIBED_CERTIFICATES_KEPT)
+def _described(der: bytes) -> tuple[str | None, str | None, str | None]:
+    """(PEM, RFC 4514 subject, None) of a verified certificate, or (None, None, why it cannot be read)."""
+    try:  # OpenSSL verified it, but cryptography may still refuse a field: then it names no one
+        certificate = load_der_certificate(der, "the client certificate")
+    except PemError as exc:
+        return None, None, str(exc)
+    return certificate_pem(certificate).decode(), certificate.subject.rfc4514_string(), None
+
+
+def tls_extension(ssl_object: ssl.SSLObject, der: bytes | None = None) -> dict[str, Any]:
+    """The asgiref TLS extension for one connection; no client certificate unless verified.
+
+    `der`: the peer certificate if the caller has read it already (`getpeercert(binary_form=True)`).
+    """
+    if der is None:
+        der = ssl_object.getpeercert(binary_form=True)
     # With CERT_NONE OpenSSL hands over a peer certificate it never checked: never expose that.
-    certificate, error = None, None
+    certificate_pem_text, name, error = None, None, None
     if der is not None and ssl_object.context.verify_mode != ssl.CERT_NONE:
-        try:  # OpenSSL verified it, but cryptography may still refuse a field: then it names no one
-            certificate = load_der_certificate(der, "the client certificate")
-        except PemError as exc:
-            error = str(exc)
+        certificate_pem_text, name, error = _described(der)
     return {
         "server_cert": None,
-        "client_cert_chain": [certificate_pem(certificate).decode()] if certificate else [],
-        "client_cert_name": certificate.subject.rfc4514_string() if certificate else None,
+        "client_cert_chain": [certificate_pem_text] if certificate_pem_text else [],
+        "client_cert_name": name,
         "client_cert_error": error,
         "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
         "cipher_suite": None,  # the ssl module exposes the cipher's name, not its IANA number
     }
+
+
+def resumption_admitted(ssl_object: ssl.SSLObject, der: bytes | None) -> bool:
+    """Whether a resumed session's client certificate would pass a full handshake now.
+
+    Only a context of ours knows how to tell (`ServerContext.resumed_sessions`); with any other, a
+    resumed session is refused: nothing re-checks it.
+    """
+    check = getattr(ssl_object.context, "resumed_sessions", None)
+    return check is not None and check.admits(der)
 
 
 def with_tls_extension(app, extension: dict[str, Any]):
@@ -52,7 +90,8 @@ def with_tls_extension(app, extension: dict[str, Any]):
 
     async def app_with_tls(scope, receive, send):
         if scope["type"] in ("http", "websocket"):
-            scope = {**scope, "extensions": {**(scope.get("extensions") or {}), TLS_EXTENSION: extension}}
+            # The server makes a new scope for each request: set the key on it, copy only `extensions`.
+            scope["extensions"] = {**(scope.get("extensions") or {}), TLS_EXTENSION: extension}
         await app(scope, receive, send)
 
     return app_with_tls
@@ -68,10 +107,16 @@ class TLSExtensionH11Protocol(BoundedH11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            self.app = with_tls_extension(self.app, tls_extension(ssl_object))
-            if self.on_tls_connection is not None:
-                self.on_tls_connection()
+        if ssl_object is None:
+            return
+        der = ssl_object.getpeercert(binary_form=True)
+        if ssl_object.session_reused and not resumption_admitted(ssl_object, der):
+            log.debug("dropping %s: its resumed TLS session would fail a full handshake now", self.client)
+            transport.abort()  # before any request is read; connection_lost releases the slot
+            return
+        self.app = with_tls_extension(self.app, tls_extension(ssl_object, der))
+        if self.on_tls_connection is not None:
+            self.on_tls_connection()
 
     @classmethod
     def with_hook(cls, on_tls_connection: Callable[[], None]) -> type[TLSExtensionH11Protocol]:
