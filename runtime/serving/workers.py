@@ -84,16 +84,29 @@ _LINE_LIMIT = 1 << 20
 
 
 # --- how many ------------------------------------------------------------------------------------
-def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (rounded up)."""
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (rounded up):
+    cgroup v2's `cpu.max`, or v1's `cpu/cpu.cfs_quota_us` over `cpu.cfs_period_us`."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = cgroup.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):  # no cgroup v2 limit readable: the affinity stands
-        pass
+    quota = _cgroup_quota(cgroup)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """CPUs the cgroup's quota allows, or None without a readable limit."""
+    try:
+        v2_limit, v2_period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if v2_limit == "max" else int(v2_limit) / int(v2_period)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if limit <= 0 or period <= 0 else limit / period  # -1: no limit
+    except (OSError, ValueError):
+        return None
 
 
 def worker_count(environ: Mapping[str, str], flag: int | None = None) -> int:

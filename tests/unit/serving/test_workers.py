@@ -42,12 +42,22 @@ def test_a_bad_flag_names_the_flag():
 
 
 def test_a_cgroup_cpu_quota_caps_the_count(tmp_path):
-    quota = tmp_path / "cpu.max"
-    quota.write_text("150000 100000\n")  # 1.5 CPUs: 2 processes, one of them never busy all the time
-    assert available_cpus(quota) == min(len(os.sched_getaffinity(0)), 2)
-    quota.write_text("max 100000\n")
-    assert available_cpus(quota) == len(os.sched_getaffinity(0))
-    assert available_cpus(tmp_path / "missing") == len(os.sched_getaffinity(0))
+    cpus = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # cgroup v2, 1.5 CPUs: 2 processes
+    assert available_cpus(tmp_path) == min(cpus, 2)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == cpus
+    assert available_cpus(tmp_path / "missing") == cpus
+
+
+def test_a_cgroup_v1_quota_caps_the_count_too(tmp_path):
+    cpus = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")  # half a CPU: still one process
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
+    assert available_cpus(tmp_path) == cpus
 
 
 # --- what a worker is told -----------------------------------------------------------------------
