@@ -22,11 +22,22 @@ BELOW = {
     "secrets": {GROUND, "certificates"},
     "lifecycle": {GROUND, "certificates", "secrets"},
     "observability": {GROUND},
+    "keys": {GROUND},
     "clients": {GROUND},
     "serving": {GROUND, "certificates", "observability"},
-    "auth": {GROUND, "certificates", "observability", "clients", "serving"},
-    "services": {GROUND, "certificates", "secrets", "observability", "clients", "serving", "auth"},
-    "cli": {GROUND, "certificates", "secrets", "observability", "clients", "serving", "auth", "services"},
+    "auth": {GROUND, "certificates", "observability", "clients", "serving", "keys"},
+    "services": {GROUND, "certificates", "secrets", "observability", "clients", "serving", "auth", "keys"},
+    "cli": {
+        GROUND,
+        "certificates",
+        "secrets",
+        "observability",
+        "clients",
+        "serving",
+        "auth",
+        "services",
+        "keys",
+    },
 }
 """What each concern may import besides itself."""
 

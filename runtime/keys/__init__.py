@@ -1,0 +1,1 @@
+"""Our own API keys (seed 002): their format, their keyed hash, the store's tables and migrations. Imports the ground."""
