@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 from urllib.parse import parse_qsl, unquote_plus
 
 import httpx
@@ -165,6 +165,14 @@ class AuthServiceClient:
 
 
 # --- validation -----------------------------------------------------------------------------
+class KeyBackend(Protocol):
+    """Who knows the keys: `AuthServiceClient`, or our store (`runtime.auth.key_store_backend`)."""
+
+    async def validate(self, api_key: str, *, request_id: str | bytes) -> ApiKeyInfo | None: ...
+
+    async def aclose(self) -> None: ...
+
+
 Outcome = Literal["ok", "invalid", "expired", "inactive"]
 
 
@@ -188,7 +196,7 @@ class ApiKeyValidator:
 
     def __init__(
         self,
-        auth: AuthServiceClient,
+        auth: KeyBackend,
         cache: KeyCache,
         *,
         ttl_seconds: int = 300,

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import ipaddress
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +37,8 @@ class ApiKeyInfo:
     rate_limit_per_hour: int | None
     expires_at: datetime | None
     is_active: bool
+    allowed_ips: tuple[str, ...] | None = None
+    """CIDRs the key may be used from (checked against `client_address`'s answer); None: anywhere."""
 
     def is_expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at.timestamp() <= now
@@ -50,6 +54,7 @@ class ApiKeyInfo:
                 "rate_limit_per_hour": self.rate_limit_per_hour,
                 "expires_at": self.expires_at.isoformat() if self.expires_at else None,
                 "is_active": self.is_active,
+                "allowed_ips": list(self.allowed_ips) if self.allowed_ips is not None else None,
             },
             separators=(",", ":"),
         )
@@ -84,6 +89,12 @@ def info_from_fields(data: Any, *, id_field: str) -> ApiKeyInfo:
     limit = field("rate_limit_per_hour", (int,), optional=True)
     if limit is not None and limit < 0:
         raise ValueError(f"field 'rate_limit_per_hour': negative ({limit})")
+    allowed_ips = field("allowed_ips", (list,), optional=True)
+    if allowed_ips is not None:
+        try:
+            allowed_ips = tuple(str(ipaddress.ip_network(entry, strict=False)) for entry in allowed_ips)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"field 'allowed_ips': expected a list of CIDRs ({exc})") from None
     return ApiKeyInfo(
         api_key_id=api_key_id,
         user_id=user_id,
@@ -92,6 +103,7 @@ def info_from_fields(data: Any, *, id_field: str) -> ApiKeyInfo:
         rate_limit_per_hour=limit,
         expires_at=_parse_time(field("expires_at", (str,), optional=True)),
         is_active=field("is_active", (bool,)),
+        allowed_ips=allowed_ips,
     )
 
 
@@ -108,3 +120,22 @@ def _parse_time(text: str | None) -> datetime | None:
 def fingerprint(api_key: str) -> str:
     """SHA-256 hex of the key: the only form of a key that may appear in a cache key or a log line."""
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _networks(allowed_ips: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in allowed_ips)
+
+
+def address_allowed(info: ApiKeyInfo, client: str | None) -> bool:
+    """Whether a request from `client` (as `client_address` decided it) may use the key: anywhere
+    without an allowlist; else only from an address inside one of its networks (no address: no)."""
+    if info.allowed_ips is None:
+        return True
+    if client is None:
+        return False
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in network for network in _networks(info.allowed_ips))

@@ -42,6 +42,7 @@ from runtime.auth.api_keys import (
     without_api_key,
 )
 from runtime.auth.client_address import AddressPolicy
+from runtime.auth.key_info import address_allowed
 from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy, ServiceIdentity, peer_certificate_pem
 from runtime.auth.proxy_certificate import check_proxy_kind, forwarded_certificate, is_forwarding_header
@@ -279,6 +280,11 @@ class APIKeyAuthMiddleware:
             )
             return
         info = validation.info
+        if not address_allowed(
+            info, self._client_address(scope)
+        ):  # a forged X-Forwarded-For counts for nothing
+            await decision.refuse(send, 403, "address_not_allowed", "API key not allowed from this address")
+            return
         rate: RateDecision = await self.limiter.hit(info.api_key_id, info.rate_limit_per_hour)
         if not rate.allowed:
             await decision.refuse(send, 429, "rate_limited", "rate limit exceeded", rate.headers())

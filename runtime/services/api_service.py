@@ -34,9 +34,10 @@ from starlette.routing import Mount, Route
 
 from runtime import names
 from runtime.auth import mlflow_routes, redis_client
-from runtime.auth.api_keys import ApiKeyValidator, AuthServiceClient
+from runtime.auth.api_keys import ApiKeyValidator
 from runtime.auth.client_address import AddressPolicy
 from runtime.auth.key_cache import cache_from_environ
+from runtime.auth.key_store_backend import backend_from_environ
 from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
@@ -128,8 +129,7 @@ class ApiService:
         if (platform := _platform_app(writable)) is not None:
             routes.append(Mount("/", platform))
         self.redis = redis_client.redis_from_environ(writable)  # one bounded pool: cache and limiter
-        auth_url = writable.get(names.ENV_AUTH_SERVICE_URL)
-        self.auth_client = AuthServiceClient(auth_url) if auth_url else None
+        self.auth_client = backend_from_environ(writable)  # our key store, else the auth service, else none
         validator = (
             ApiKeyValidator(self.auth_client, cache_from_environ(writable, self.redis))
             if self.auth_client is not None
@@ -222,7 +222,7 @@ class ApiService:
         """Closed at exit, each on its own (one that fails leaves the others to close)."""
         jobs = [Background("MLflow client", at_exit=self.client.aclose)]
         if self.auth_client is not None:
-            jobs.append(Background("auth service client", at_exit=self.auth_client.aclose))
+            jobs.append(Background("API-key backend", at_exit=self.auth_client.aclose))
         if self.redis is not None:
             jobs.append(Background("Redis pool", at_exit=self.redis.aclose))
         return jobs

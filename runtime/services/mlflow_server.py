@@ -40,9 +40,10 @@ from redis import asyncio as redis
 
 from runtime import names
 from runtime.auth import redis_client
-from runtime.auth.api_keys import ApiKeyValidator, AuthServiceClient
+from runtime.auth.api_keys import ApiKeyValidator, KeyBackend
 from runtime.auth.client_address import AddressPolicy
 from runtime.auth.key_cache import cache_from_environ
+from runtime.auth.key_store_backend import backend_from_environ
 from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy
@@ -159,7 +160,7 @@ class MlflowServer:
         self.jobs: mlflow_setup.JobRunner | None = None
         self.supervisor: Supervisor | None = None
         self.redis: redis.Redis | None = None
-        self.auth_client: AuthServiceClient | None = None
+        self.auth_client: KeyBackend | None = None
         if workers > 1 and worker is None:
             self._supervise(workers, environ)
             return
@@ -211,14 +212,14 @@ class MlflowServer:
         """MLflow's app (or `app`) behind the hybrid middleware, with this process's Redis and auth client."""
         settings = self.settings
         self.redis = redis_client.redis_from_environ(environ)  # one bounded pool: cache and limiter
-        auth_url = environ.get(names.ENV_AUTH_SERVICE_URL)
-        self.auth_client = AuthServiceClient(auth_url) if auth_url else None
+        self.auth_client = backend_from_environ(environ)  # our key store, else the auth service, else none
         validator = None
         if self.auth_client is not None:
             validator = ApiKeyValidator(self.auth_client, cache_from_environ(environ, self.redis))
         elif self.worker is None or self.worker.index == 1:  # said once per task
             log.warning(
-                "%s is not set: requests without a client certificate are refused (401)",
+                "neither %s nor %s is set: requests without a client certificate are refused (401)",
+                names.ENV_KEY_STORE_URL,
                 names.ENV_AUTH_SERVICE_URL,
             )
         permissive = settings.mode == names.MTLS_MODE_PERMISSIVE
@@ -253,7 +254,7 @@ class MlflowServer:
                 periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
             ]
         if self.auth_client is not None:
-            jobs.append(Background("auth service client", at_exit=self.auth_client.aclose))
+            jobs.append(Background("API-key backend", at_exit=self.auth_client.aclose))
         if self.redis is not None:
             jobs.append(Background("Redis pool", at_exit=self.redis.aclose))
         return jobs

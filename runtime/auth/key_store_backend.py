@@ -1,0 +1,139 @@
+"""The API-key path against our own key store (`runtime.keys.store`) instead of an auth service.
+
+`ApiKeyValidator` asks a backend `validate(api_key, request_id=...)` for a key's `ApiKeyInfo` (None:
+unknown). `AuthServiceClient` asks the external service over HTTP; `KeyStoreBackend` looks the key
+up in the store, on a bounded thread pool (the store's driver blocks; `MAX_LOOKUP_THREADS` lookups
+at once, the rest wait their turn) with a deadline (`LOOKUP_TIMEOUT_SECONDS`), and answers exactly
+what the auth service would: so the cache, the rate limit and the judgement of expiry and revocation
+stay the validator's, the same for both. A store that cannot answer (down, too slow, a failed query)
+raises `AuthServiceUnavailable`, and the middleware fails closed with 503.
+
+Configured by `HOKUSAI_MTLS_KEY_STORE_URL` (the database; in ECS from a secret) and
+`HOKUSAI_MTLS_KEY_HASH_SECRET` (at least 32 bytes, base64 or text; from Secrets Manager), see
+`backend_from_environ`; without the store URL the external `AUTH_SERVICE_URL` is used as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import sqlalchemy as sa
+
+from runtime import names
+from runtime.auth.api_keys import AuthServiceClient
+from runtime.auth.key_info import ApiKeyInfo
+from runtime.errors import AuthServiceUnavailable
+from runtime.keys import migrate
+from runtime.keys.hashing import MIN_SECRET_BYTES, KeyHasher
+from runtime.keys.store import KeyRecord, KeyStore
+
+log = logging.getLogger("hokusai_mtls")
+
+MAX_LOOKUP_THREADS = 8
+LOOKUP_TIMEOUT_SECONDS = 2.0
+"""As long as the auth service's call may take (`api_keys.DEFAULT_TIMEOUT`)."""
+STORE_NAME = "key store"
+
+
+def info_of(record: KeyRecord) -> ApiKeyInfo:
+    """What the auth service would say about the key."""
+    return ApiKeyInfo(
+        api_key_id=str(record.id),
+        user_id=record.user_id,
+        service_id=None,
+        scopes=record.scopes,
+        rate_limit_per_hour=record.rate_limit_per_hour,
+        expires_at=record.expires_at,
+        is_active=record.is_active,
+        allowed_ips=record.allowed_ips,
+    )
+
+
+class KeyStoreBackend:
+    """`validate` for `ApiKeyValidator`, from the store; `aclose` stops its threads and its pool."""
+
+    def __init__(
+        self, store: KeyStore, *, threads: int = MAX_LOOKUP_THREADS, timeout: float = LOOKUP_TIMEOUT_SECONDS
+    ):
+        self.store = store
+        self.timeout = timeout
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hokusai-mtls key store")
+        self._threads = asyncio.Semaphore(threads)  # waiting for a thread is part of the deadline
+
+    async def validate(self, api_key: str, *, request_id: str | bytes) -> ApiKeyInfo | None:
+        del request_id  # the store has no log of its own to correlate
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._threads:
+                    record = await loop.run_in_executor(self._pool, self.store.lookup, api_key)
+        except TimeoutError:
+            raise AuthServiceUnavailable(STORE_NAME, f"no answer within {self.timeout:g} s") from None
+        except sa.exc.SQLAlchemyError as exc:
+            raise AuthServiceUnavailable(STORE_NAME, f"{type(exc).__name__}: {_first_line(exc)}") from None
+        return info_of(record) if record is not None else None
+
+    async def aclose(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.store.engine.dispose()
+
+
+def _first_line(exc: BaseException) -> str:
+    """A database error's first line: its later lines can quote the statement and its parameters."""
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def hash_secret(raw: str) -> bytes:
+    """`HOKUSAI_MTLS_KEY_HASH_SECRET` as bytes: base64 if it decodes to enough bytes, else the text."""
+    raw = raw.strip()
+    try:
+        decoded = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    secret = decoded if len(decoded) >= MIN_SECRET_BYTES else raw.encode()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"{names.ENV_KEY_HASH_SECRET}: expected at least {MIN_SECRET_BYTES} bytes")
+    return secret
+
+
+def backend_from_environ(
+    environ: Mapping[str, str] = os.environ,
+) -> KeyStoreBackend | AuthServiceClient | None:
+    """Our key store if `HOKUSAI_MTLS_KEY_STORE_URL` is set, else the auth service of `AUTH_SERVICE_URL`,
+    else None (no API-key path). The store must have been migrated (`runtime.keys.migrate`)."""
+    url = environ.get(names.ENV_KEY_STORE_URL, "").strip()
+    if not url:
+        auth_url = environ.get(names.ENV_AUTH_SERVICE_URL)
+        return AuthServiceClient(auth_url) if auth_url else None
+    secret = environ.get(names.ENV_KEY_HASH_SECRET, "")
+    if not secret:
+        raise ValueError(f"{names.ENV_KEY_STORE_URL} is set: {names.ENV_KEY_HASH_SECRET} must be too")
+    hasher = KeyHasher(hash_secret(secret))
+    engine = migrate.engine(url)
+    try:
+        at = migrate.current(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        engine.dispose()
+        raise ValueError(
+            f"{names.ENV_KEY_STORE_URL}: the key store cannot be read: {_first_line(exc)}"
+        ) from None
+    if at != migrate.head():
+        engine.dispose()
+        raise ValueError(
+            f"{names.ENV_KEY_STORE_URL}: the key store is at revision {at}, this version needs "
+            f"{migrate.head()}: migrate it first"
+        )
+    environment = names.check_environment(environ.get(names.ENV_ENVIRONMENT, "development"))
+    log.info(
+        "API keys: validated against our key store (%s)", engine.url.render_as_string(hide_password=True)
+    )
+    return KeyStoreBackend(KeyStore(engine, hasher, environment=environment))
+
+
+__all__ = ["KeyStoreBackend", "backend_from_environ", "hash_secret", "info_of"]
