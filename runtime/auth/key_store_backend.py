@@ -10,7 +10,8 @@ raises `AuthServiceUnavailable`, and the middleware fails closed with 503.
 
 Configured by `HOKUSAI_MTLS_KEY_STORE_URL` (the database; in ECS from a secret) and
 `HOKUSAI_MTLS_KEY_HASH_SECRET` (at least 32 bytes, base64 or text; from Secrets Manager), see
-`backend_from_environ`; without the store URL the external `AUTH_SERVICE_URL` is used as before.
+`runtime.auth.key_backend`; without the store URL the external `AUTH_SERVICE_URL` is used as before.
+This module needs SQLAlchemy and Alembic (the `keys` extra): only a process with a store imports it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ import asyncio
 import base64
 import binascii
 import logging
-import os
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy as sa
 
 from runtime import names
-from runtime.auth.api_keys import AuthServiceClient
 from runtime.auth.key_info import ApiKeyInfo
 from runtime.errors import AuthServiceUnavailable
 from runtime.keys import migrate
@@ -102,18 +100,11 @@ def hash_secret(raw: str) -> bytes:
     return secret
 
 
-def backend_from_environ(
-    environ: Mapping[str, str] = os.environ,
-) -> KeyStoreBackend | AuthServiceClient | None:
-    """Our key store if `HOKUSAI_MTLS_KEY_STORE_URL` is set, else the auth service of `AUTH_SERVICE_URL`,
-    else None (no API-key path). The store must have been migrated (`runtime.keys.migrate`)."""
-    url = environ.get(names.ENV_KEY_STORE_URL, "").strip()
-    if not url:
-        auth_url = environ.get(names.ENV_AUTH_SERVICE_URL)
-        return AuthServiceClient(auth_url) if auth_url else None
-    secret = environ.get(names.ENV_KEY_HASH_SECRET, "")
-    if not secret:
-        raise ValueError(f"{names.ENV_KEY_STORE_URL} is set: {names.ENV_KEY_HASH_SECRET} must be too")
+__all__ = ["KeyStoreBackend", "hash_secret", "info_of", "store_backend"]
+
+
+def store_backend(url: str, secret: str, environment: str) -> KeyStoreBackend:
+    """A backend on the store at `url`, which must be at this version's migration; ValueError otherwise."""
     hasher = KeyHasher(hash_secret(secret))
     engine = migrate.engine(url)
     try:
@@ -129,11 +120,7 @@ def backend_from_environ(
             f"{names.ENV_KEY_STORE_URL}: the key store is at revision {at}, this version needs "
             f"{migrate.head()}: migrate it first"
         )
-    environment = names.check_environment(environ.get(names.ENV_ENVIRONMENT, "development"))
     log.info(
         "API keys: validated against our key store (%s)", engine.url.render_as_string(hide_password=True)
     )
     return KeyStoreBackend(KeyStore(engine, hasher, environment=environment))
-
-
-__all__ = ["KeyStoreBackend", "backend_from_environ", "hash_secret", "info_of"]

@@ -36,8 +36,8 @@ from runtime import names
 from runtime.auth import mlflow_routes, redis_client
 from runtime.auth.api_keys import ApiKeyValidator
 from runtime.auth.client_address import AddressPolicy
+from runtime.auth.key_backend import backend_from_environ
 from runtime.auth.key_cache import cache_from_environ
-from runtime.auth.key_store_backend import backend_from_environ
 from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ

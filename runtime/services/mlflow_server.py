@@ -42,8 +42,8 @@ from runtime import names
 from runtime.auth import redis_client
 from runtime.auth.api_keys import ApiKeyValidator, KeyBackend
 from runtime.auth.client_address import AddressPolicy
+from runtime.auth.key_backend import backend_from_environ
 from runtime.auth.key_cache import cache_from_environ
-from runtime.auth.key_store_backend import backend_from_environ
 from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy

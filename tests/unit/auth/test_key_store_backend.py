@@ -10,8 +10,9 @@ import pytest
 
 from runtime import names
 from runtime.auth.api_keys import AuthServiceClient
+from runtime.auth.key_backend import backend_from_environ
 from runtime.auth.key_info import ApiKeyInfo, address_allowed
-from runtime.auth.key_store_backend import KeyStoreBackend, backend_from_environ, hash_secret
+from runtime.auth.key_store_backend import KeyStoreBackend, hash_secret
 from runtime.errors import AuthServiceUnavailable
 from runtime.keys import migrate
 from runtime.keys.hashing import KeyHasher
@@ -100,3 +101,19 @@ def test_the_hash_secret_is_base64_or_text_and_long_enough():
 def test_an_allowlist_lets_in_only_its_networks(allowed, client, let_in):
     info = ApiKeyInfo("k", "u", None, (), None, None, True, allowed)
     assert address_allowed(info, client) is let_in
+
+
+def test_without_a_store_neither_sqlalchemy_nor_alembic_is_imported():
+    """The worker image and an API without a store have no database libraries: serve-api must start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runtime.services.api_service, runtime.auth.key_backend as k; "
+        "k.backend_from_environ({}); "
+        "print(sorted(m for m in ('sqlalchemy', 'alembic') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stderr
