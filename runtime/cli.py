@@ -225,6 +225,59 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- auth: API keys (seed 002 §5) ---------------------------------------------------------
+def cmd_auth(args: argparse.Namespace) -> int:
+    """create-key, list-keys, revoke-key, rotate-key, migrate: our key store (runtime.keys.commands)."""
+    from runtime.keys import commands  # SQLAlchemy and Alembic: only for these commands
+
+    environ, url = os.environ, args.url
+    if args.auth_command == "migrate":
+        done = commands.migrate_store(environ, url)
+        _show(args, done, f"key store at revision {done['to']} (was {done['from']})")
+    elif args.auth_command == "create-key":
+        created = commands.create_key(
+            environ,
+            user=args.user,
+            name=args.name,
+            scopes=[*args.scope, *([commands.ADMIN_SCOPE] if args.admin else [])],
+            expires_days=args.expires_days,
+            rate_limit=args.rate_limit,
+            allowed_ips=args.allow_ip or None,
+            url=url,
+        )
+        _show(
+            args,
+            created,
+            f"{created['key']}\n\nkey {created['id']} ({created['key_prefix']}...) for {created['user_id']}: "
+            "shown this once; store it now, it cannot be shown again",
+        )
+    elif args.auth_command == "list-keys":
+        keys = commands.list_keys(environ, user=args.user, url=url)
+        _show(args, keys, "\n".join(_key_line(key) for key in keys) or "no keys")
+    elif args.auth_command == "revoke-key":
+        revoked = commands.revoke_key(environ, args.key_id, url=url)
+        _show(args, revoked, f"revoked {revoked['id']} ({revoked['key_prefix']}...)")
+    else:  # rotate-key
+        rotated = commands.rotate_key(environ, args.key_id, grace_hours=args.grace_hours, url=url)
+        _show(
+            args,
+            rotated,
+            f"{rotated['key']}\n\nkey {rotated['id']} replaces {rotated['rotated_from']}, which works "
+            f"{args.grace_hours:g} more hours: shown this once; store it now",
+        )
+    return 0
+
+
+def _key_line(key: dict) -> str:
+    state = "active" if key["is_active"] else "revoked"
+    expires = f", expires {key['expires_at'][:16]}" if key["expires_at"] else ""
+    return f"{key['id']}  {key['key_prefix']}...  {key['user_id']:<16} {key['name']:<20} {state}{expires}"
+
+
+def _show(args: argparse.Namespace, document: object, text: str) -> None:
+    print(json.dumps(document, indent=2) if args.json else text)
+
+
 class UsageError(Exception):
     """A wrong combination of arguments argparse cannot express: exit 2 like argparse does."""
 
@@ -280,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--path", default="/health")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=cmd_health, parser=health)
+
+    _add_auth_commands(commands)
 
     certs = commands.add_parser("certs", help="issue, inspect, verify and upload certificate sets")
     sub = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND", title="commands")
@@ -342,6 +397,41 @@ def build_parser() -> argparse.ArgumentParser:
     rollover.add_argument("--leaf-days", type=int, help="switch: default 365 in development, 90 otherwise")
     rollover.set_defaults(func=cmd_rollover, parser=rollover)
     return parser
+
+
+def _add_auth_commands(commands) -> None:
+    auth = commands.add_parser(
+        "auth", help="API keys in our key store: create-key, list-keys, revoke-key, ..."
+    )
+    verbs = auth.add_subparsers(dest="auth_command", required=True, metavar="COMMAND", title="commands")
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        parser = verbs.add_parser(name, help=help)
+        parser.add_argument("--url", help=f"the key store; default ${names.ENV_KEY_STORE_URL}")
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.set_defaults(func=cmd_auth, parser=parser)
+        return parser
+
+    verb("migrate", "create or upgrade the key store's tables")
+    create = verb("create-key", "create a key; it is printed this once (--admin: the first admin key)")
+    create.add_argument(
+        "--user", required=True, help="the owner, as the platform's identity provider names them"
+    )
+    create.add_argument("--name", required=True, help="what it is for, e.g. ci")
+    create.add_argument("--scope", action="append", default=[], help="repeatable, e.g. mlflow:read")
+    create.add_argument(
+        "--admin", action="store_true", help="add the keys:admin scope: manages every user's keys"
+    )
+    create.add_argument("--expires-days", type=float, help="default: never")
+    create.add_argument("--rate-limit", type=int, help="requests per hour; default: the service's")
+    create.add_argument("--allow-ip", action="append", metavar="CIDR", help="repeatable; default: anywhere")
+    listing = verb("list-keys", "list keys (never the keys themselves)")
+    listing.add_argument("--user", help="only this owner's")
+    revoke = verb("revoke-key", "revoke a key now")
+    revoke.add_argument("key_id", help="its id (list-keys)")
+    rotate = verb("rotate-key", "a new key like this one; the old one works for a grace period")
+    rotate.add_argument("key_id", help="its id (list-keys)")
+    rotate.add_argument("--grace-hours", type=float, default=24.0, help="default 24; 0 ends the old key now")
 
 
 def configure_logging(level: str | None = None, *, quiet: bool = False) -> None:

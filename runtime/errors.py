@@ -183,6 +183,18 @@ class ClientConfigError(MtlsError):
 
 
 # --- API keys ---------------------------------------------------------------------------
+class KeyNotFoundError(MtlsError):
+    """No API key with this id (or none the caller may see: another user's is not found either)."""
+
+    code = "key-not-found"
+
+
+class KeyStoreError(MtlsError):
+    """The key store is not configured, cannot be reached, or is not at this version's migration."""
+
+    code = "key-store"
+
+
 class AuthServiceUnavailable(MtlsError):
     """The external auth service could not answer (down, slow, malformed): requests fail closed.
 

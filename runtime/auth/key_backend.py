@@ -15,15 +15,12 @@ from runtime.auth.api_keys import AuthServiceClient, KeyBackend
 
 def backend_from_environ(environ: Mapping[str, str] = os.environ) -> KeyBackend | None:
     """Our key store if `HOKUSAI_MTLS_KEY_STORE_URL` is set, else the auth service of `AUTH_SERVICE_URL`,
-    else None (no API-key path). The store must have been migrated (`runtime.keys.migrate`); ValueError
-    naming the variable otherwise, or when its secret is missing."""
+    else None (no API-key path). The store must have been migrated (`hokusai-mtls auth migrate`):
+    `KeyStoreError` otherwise, or when its secret is missing (`runtime.keys.opening`)."""
     url = environ.get(names.ENV_KEY_STORE_URL, "").strip()
     if not url:
         auth_url = environ.get(names.ENV_AUTH_SERVICE_URL)
         return AuthServiceClient(auth_url) if auth_url else None
-    secret = environ.get(names.ENV_KEY_HASH_SECRET, "")
-    if not secret:
-        raise ValueError(f"{names.ENV_KEY_STORE_URL} is set: {names.ENV_KEY_HASH_SECRET} must be too")
     try:
         from runtime.auth.key_store_backend import store_backend
     except ImportError as exc:  # an image built without the `keys` extra
@@ -31,5 +28,4 @@ def backend_from_environ(environ: Mapping[str, str] = os.environ) -> KeyBackend 
             f"{names.ENV_KEY_STORE_URL} is set but this installation has no key store support "
             f"(pip install 'hokusai-mtls[keys]'): {exc}"
         ) from None
-    environment = names.check_environment(environ.get(names.ENV_ENVIRONMENT, "development"))
-    return store_backend(url, secret, environment)
+    return store_backend(environ)

@@ -17,18 +17,15 @@ This module needs SQLAlchemy and Alembic (the `keys` extra): only a process with
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy as sa
 
-from runtime import names
 from runtime.auth.key_info import ApiKeyInfo
 from runtime.errors import AuthServiceUnavailable
-from runtime.keys import migrate
-from runtime.keys.hashing import MIN_SECRET_BYTES, KeyHasher
+from runtime.keys.opening import first_line, open_store
 from runtime.keys.store import KeyRecord, KeyStore
 
 log = logging.getLogger("hokusai_mtls")
@@ -74,7 +71,7 @@ class KeyStoreBackend:
         except TimeoutError:
             raise AuthServiceUnavailable(STORE_NAME, f"no answer within {self.timeout:g} s") from None
         except sa.exc.SQLAlchemyError as exc:
-            raise AuthServiceUnavailable(STORE_NAME, f"{type(exc).__name__}: {_first_line(exc)}") from None
+            raise AuthServiceUnavailable(STORE_NAME, f"{type(exc).__name__}: {first_line(exc)}") from None
         return info_of(record) if record is not None else None
 
     async def aclose(self) -> None:
@@ -82,45 +79,14 @@ class KeyStoreBackend:
         self.store.engine.dispose()
 
 
-def _first_line(exc: BaseException) -> str:
-    """A database error's first line: its later lines can quote the statement and its parameters."""
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+__all__ = ["KeyStoreBackend", "info_of", "store_backend"]
 
 
-def hash_secret(raw: str) -> bytes:
-    """`HOKUSAI_MTLS_KEY_HASH_SECRET` as bytes: base64 if it decodes to enough bytes, else the text."""
-    raw = raw.strip()
-    try:
-        decoded = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        decoded = b""
-    secret = decoded if len(decoded) >= MIN_SECRET_BYTES else raw.encode()
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"{names.ENV_KEY_HASH_SECRET}: expected at least {MIN_SECRET_BYTES} bytes")
-    return secret
-
-
-__all__ = ["KeyStoreBackend", "hash_secret", "info_of", "store_backend"]
-
-
-def store_backend(url: str, secret: str, environment: str) -> KeyStoreBackend:
-    """A backend on the store at `url`, which must be at this version's migration; ValueError otherwise."""
-    hasher = KeyHasher(hash_secret(secret))
-    engine = migrate.engine(url)
-    try:
-        at = migrate.current(engine)
-    except sa.exc.SQLAlchemyError as exc:
-        engine.dispose()
-        raise ValueError(
-            f"{names.ENV_KEY_STORE_URL}: the key store cannot be read: {_first_line(exc)}"
-        ) from None
-    if at != migrate.head():
-        engine.dispose()
-        raise ValueError(
-            f"{names.ENV_KEY_STORE_URL}: the key store is at revision {at}, this version needs "
-            f"{migrate.head()}: migrate it first"
-        )
+def store_backend(environ: Mapping[str, str]) -> KeyStoreBackend:
+    """A backend on the store of `HOKUSAI_MTLS_KEY_STORE_URL` (`runtime.keys.opening.open_store`)."""
+    store = open_store(environ)
     log.info(
-        "API keys: validated against our key store (%s)", engine.url.render_as_string(hide_password=True)
+        "API keys: validated against our key store (%s)",
+        store.engine.url.render_as_string(hide_password=True),
     )
-    return KeyStoreBackend(KeyStore(engine, hasher, environment=environment))
+    return KeyStoreBackend(store)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from runtime.errors import KeyNotFoundError
 from runtime.keys import key_format
 from runtime.keys.hashing import KeyHasher
 from runtime.keys.schema import ApiKey, ApiKeyAudit
@@ -34,8 +35,8 @@ DEFAULT_ROTATION_GRACE = dt.timedelta(hours=24)
 MAX_NAME_LENGTH = 255
 
 
-class KeyNotFound(LookupError):
-    """No key with this id (or not one the caller may see)."""
+KeyNotFound = KeyNotFoundError
+"""No key with this id (or not one the caller may see): `runtime.errors.KeyNotFoundError`."""
 
 
 @dataclass(frozen=True)

@@ -133,5 +133,5 @@ def test_an_unmigrated_store_stops_the_start_with_a_clear_error(aws, tmp_path):
     finally:
         server.kill()
     log = server.stderr.read_text()
-    assert "error [invalid-value]" in log and "migrate it first" in log and names.ENV_KEY_STORE_URL in log
+    assert "error [key-store]" in log and "run `hokusai-mtls auth migrate` first" in log
     assert "Traceback" not in log

@@ -12,10 +12,11 @@ from runtime import names
 from runtime.auth.api_keys import AuthServiceClient
 from runtime.auth.key_backend import backend_from_environ
 from runtime.auth.key_info import ApiKeyInfo, address_allowed
-from runtime.auth.key_store_backend import KeyStoreBackend, hash_secret
-from runtime.errors import AuthServiceUnavailable
+from runtime.auth.key_store_backend import KeyStoreBackend
+from runtime.errors import AuthServiceUnavailable, KeyStoreError
 from runtime.keys import migrate
 from runtime.keys.hashing import KeyHasher
+from runtime.keys.opening import hash_secret
 from runtime.keys.store import KeyStore
 
 SECRET = b"b" * 32
@@ -71,9 +72,9 @@ def test_the_store_is_chosen_over_the_auth_service_and_needs_its_secret(keys, tm
         backend_from_environ({names.ENV_AUTH_SERVICE_URL: "http://127.0.0.1:1"}), AuthServiceClient
     )
     assert backend_from_environ({}) is None
-    with pytest.raises(ValueError, match=names.ENV_KEY_HASH_SECRET):
+    with pytest.raises(KeyStoreError, match=names.ENV_KEY_HASH_SECRET):
         backend_from_environ({names.ENV_KEY_STORE_URL: url})
-    with pytest.raises(ValueError, match="migrate it first"):
+    with pytest.raises(KeyStoreError, match="auth migrate"):
         backend_from_environ(
             {names.ENV_KEY_STORE_URL: f"sqlite:///{tmp_path}/empty.db", names.ENV_KEY_HASH_SECRET: secret}
         )

@@ -1,0 +1,131 @@
+"""`hokusai-mtls auth ...` end to end, as an operator runs it: migrate, the first admin key, list,
+rotate, revoke; a key printed once and never again; clear errors with their codes, never a traceback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from runtime import names
+from runtime.keys import key_format, migrate
+from runtime.keys.hashing import KeyHasher
+from runtime.keys.store import KeyStore
+from tests.integration.conftest import container_command
+
+pytestmark = pytest.mark.integration
+
+SECRET = b"c" * 32
+CLI = container_command("Dockerfile.api")[:1]  # the image's hokusai-mtls
+
+
+def run(
+    tmp_path: Path, *args: str, secret: bool = True, store: str = "keys.db"
+) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        names.ENV_ENVIRONMENT: "staging",
+        names.ENV_KEY_STORE_URL: f"sqlite:///{tmp_path}/{store}",
+        **({names.ENV_KEY_HASH_SECRET: base64.b64encode(SECRET).decode()} if secret else {}),
+    }
+    return subprocess.run(
+        [*CLI, "auth", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> dict | list:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return json.loads(result.stdout)
+
+
+def test_an_operator_manages_keys_and_each_key_is_shown_once(tmp_path):
+    assert ok(run(tmp_path, "migrate", "--json")) == {"from": None, "to": migrate.head()}
+    admin = ok(run(tmp_path, "create-key", "--user", "ops", "--name", "first admin", "--admin", "--json"))
+    assert admin["key"].startswith("hk_test_") and "keys:admin" in admin["scopes"]
+    ci = ok(
+        run(
+            tmp_path,
+            "create-key",
+            "--user",
+            "alice",
+            "--name",
+            "ci",
+            "--scope",
+            "mlflow:read",
+            "--allow-ip",
+            "10.0.0.0/8",
+            "--rate-limit",
+            "100",
+            "--expires-days",
+            "30",
+            "--json",
+        )
+    )
+    listed = run(tmp_path, "list-keys", "--json")
+    assert {k["id"] for k in ok(listed)} == {admin["id"], ci["id"]}
+    assert admin["key"] not in listed.stdout and ci["key"] not in listed.stdout
+    rotated = ok(run(tmp_path, "rotate-key", ci["id"], "--grace-hours", "1", "--json"))
+    assert rotated["rotated_from"] == ci["id"] and rotated["key"] != ci["key"]
+    revoked = ok(run(tmp_path, "revoke-key", rotated["id"], "--json"))
+    assert revoked["is_active"] is False
+    text = run(tmp_path, "list-keys", "--user", "alice")
+    assert text.returncode == 0 and "revoked" in text.stdout and rotated["key"] not in text.stdout
+
+    engine = migrate.engine(f"sqlite:///{tmp_path}/keys.db")
+    store = KeyStore(engine, KeyHasher(SECRET), environment="staging")
+    assert store.lookup(admin["key"]).user_id == "ops"  # what the CLI printed is the key the store knows
+    assert store.lookup(ci["key"]).usable(store.lookup(ci["key"]).created_at)  # within its 1 h grace
+    actors = {row.actor for row in store.audit_trail()}
+    assert len(actors) == 1 and actors.pop().startswith("cli:")
+    engine.dispose()
+
+
+def test_the_key_is_printed_alone_on_its_first_line_for_scripts(tmp_path):
+    run(tmp_path, "migrate")
+    result = run(tmp_path, "create-key", "--user", "alice", "--name", "ci")
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert key_format.parse(first).key == first
+    assert "shown this once" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "secret", "store", "code", "words"),
+    [
+        (
+            ("create-key", "--user", "a", "--name", "n"),
+            False,
+            "keys.db",
+            "key-store",
+            names.ENV_KEY_HASH_SECRET,
+        ),
+        (("list-keys",), True, "never-migrated.db", "key-store", "auth migrate"),
+        (("revoke-key", str(uuid.uuid4())), True, "keys.db", "key-not-found", "no API key"),
+        (("revoke-key", "not-a-uuid"), True, "keys.db", "invalid-value", "expected a UUID"),
+        (
+            ("create-key", "--user", "a", "--name", "n", "--allow-ip", "10.0.0.0/33"),
+            True,
+            "keys.db",
+            "invalid-value",
+            "allowed_ips",
+        ),
+        (
+            ("create-key", "--user", "a", "--name", "n", "--expires-days", "0"),
+            True,
+            "keys.db",
+            "invalid-value",
+            "--expires-days",
+        ),
+    ],
+)
+def test_errors_name_what_is_wrong_with_their_code(tmp_path, args, secret, store, code, words):
+    run(tmp_path, "migrate")
+    result = run(tmp_path, *args, secret=secret, store=store)
+    assert result.returncode == 1
+    assert f"error [{code}]" in result.stderr and words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
