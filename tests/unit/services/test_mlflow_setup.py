@@ -65,18 +65,29 @@ def test_job_execution_follows_mlflow_s_switch():
     assert not mlflow_setup.job_execution_enabled({names.ENV_MLFLOW_JOB_EXECUTION: "false"})
 
 
+def _extra_requirements(extra: str, seen: frozenset[str] = frozenset()) -> list[Requirement]:
+    """What `pip install hokusai-mtls[extra]` installs of ours, through the extras it names
+    (`server` -> `hokusai-mtls[serving,keys]` -> ...)."""
+    found = []
+    for text in importlib.metadata.requires("hokusai-mtls") or []:
+        requirement = Requirement(text)
+        if requirement.marker is None or not requirement.marker.evaluate({"extra": extra}):
+            continue
+        if requirement.name == "hokusai-mtls":
+            for inner in requirement.extras - seen:
+                found += _extra_requirements(inner, seen | {extra})
+        else:
+            found.append(requirement)
+    return found
+
+
 def test_the_server_image_has_the_driver_of_a_plain_postgresql_url():
     """`postgresql://...` (the backend store secret) loads whatever driver SQLAlchemy defaults to."""
     from sqlalchemy.engine import make_url
 
     dialect = make_url("postgresql://user:secret@db.example:5432/mlflow").get_dialect()
     dialect.import_dbapi()  # ModuleNotFoundError without the driver
-    server_extra = [
-        Requirement(r)
-        for r in importlib.metadata.requires("hokusai-mtls")
-        if Requirement(r).marker is not None and Requirement(r).marker.evaluate({"extra": "server"})
-    ]
-    pinned = {r.name.lower(): r for r in server_extra}
+    pinned = {r.name.lower(): r for r in _extra_requirements("server")}
     assert dialect.driver in pinned, f"the server extra must install {dialect.driver}"
     assert pinned[dialect.driver].specifier, "pinned with a range"
     assert "sqlalchemy" in pinned, "SQLAlchemy's minor decides the default driver: pinned with it"
