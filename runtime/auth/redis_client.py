@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from runtime import names
+from runtime import env_numbers, names
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,9 @@ def configured(environ: Mapping[str, str]) -> bool:
 
 def max_connections(environ: Mapping[str, str]) -> int:
     """`HOKUSAI_MTLS_REDIS_MAX_CONNECTIONS`, else the default; ValueError naming the variable if bad."""
-    raw = environ.get(ENV_REDIS_MAX_CONNECTIONS, "").strip()
-    if not raw:
-        return DEFAULT_MAX_CONNECTIONS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_CONNECTIONS_LIMIT:
-        raise ValueError(
-            f"{ENV_REDIS_MAX_CONNECTIONS}={raw!r}: expected a whole number from 1 to {MAX_CONNECTIONS_LIMIT}"
-        )
-    return value
+    return env_numbers.whole(
+        environ, ENV_REDIS_MAX_CONNECTIONS, default=DEFAULT_MAX_CONNECTIONS, low=1, high=MAX_CONNECTIONS_LIMIT
+    )
 
 
 def redis_from_environ(environ: Mapping[str, str]) -> redis.asyncio.Redis | None:

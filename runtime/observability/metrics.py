@@ -26,7 +26,7 @@ from typing import TextIO
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 
-from runtime import names
+from runtime import env_numbers, names
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _EMF_MAX_VALUES = 100  # EMF allows at most 100 distinct values per metric per line
@@ -46,19 +46,9 @@ def interval_from_environ(environ: Mapping[str, str]) -> float:
 
     ValueError naming the variable unless it is a number of seconds above 0 and at most a day.
     """
-    raw = environ.get(names.ENV_METRICS_SECONDS, "").strip()
-    if not raw:
-        return DEFAULT_INTERVAL_SECONDS
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_INTERVAL_SECONDS):
-        raise ValueError(
-            f"{names.ENV_METRICS_SECONDS}={raw!r}: expected seconds, more than 0 and at most "
-            f"{MAX_INTERVAL_SECONDS:.0f}"
-        )
-    return seconds
+    return env_numbers.seconds(
+        environ, names.ENV_METRICS_SECONDS, default=DEFAULT_INTERVAL_SECONDS, maximum=MAX_INTERVAL_SECONDS
+    )
 
 
 class Metrics:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from runtime import names
+from runtime import env_numbers, names
 from runtime.certificates import pem
 from runtime.certificates.certset import verify_for
 from runtime.certificates.dev_ca import default_dev_ca_dir, load_or_create_dev_ca
@@ -121,6 +121,18 @@ class LoaderSettings:
             identity_secret=given.get("identity_secret", environ.get(names.ENV_IDENTITY_SECRET) or None),
             secrets_budget_seconds=DEFAULT_SECRETS_BUDGET_SECONDS if budget is None else budget,
         )
+
+
+DEFAULT_REFRESH_SECONDS = 300.0
+MAX_REFRESH_SECONDS = 24 * 3600.0
+
+
+def refresh_seconds(environ: Mapping[str, str]) -> float:
+    """`HOKUSAI_MTLS_REFRESH_SECONDS` (default 300): how often a running service re-loads its set.
+    ValueError naming the variable unless more than 0 and at most a day (a refresh must never spin)."""
+    return env_numbers.seconds(
+        environ, names.ENV_REFRESH_SECONDS, default=DEFAULT_REFRESH_SECONDS, maximum=MAX_REFRESH_SECONDS
+    )
 
 
 def _required(value: str | None, variable: str, option: str) -> str:

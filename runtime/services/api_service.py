@@ -46,7 +46,7 @@ from runtime.certificates.inspection import days_left
 from runtime.clients.adaptive_client import ClientTLS, create_adaptive_client
 from runtime.errors import WorkerError
 from runtime.observability.metrics import Metrics, interval_from_environ
-from runtime.secrets.loader import LoaderSettings, LoadResult, read_published
+from runtime.secrets.loader import LoaderSettings, LoadResult, read_published, refresh_seconds
 from runtime.secrets.mlflow_config import configure_internal_mtls
 from runtime.security_level import SecurityLevel
 from runtime.services.mlflow_proxy import mlflow_proxy_app
@@ -228,10 +228,6 @@ class ApiService:
         return jobs
 
 
-def refresh_seconds(environ: Mapping[str, str]) -> float:
-    return float(environ.get(names.ENV_REFRESH_SECONDS, 300))
-
-
 class ApiSupervisor:
     """serve-api with worker processes: the identity loaded and refreshed, the metrics written, once."""
 
@@ -281,6 +277,7 @@ def serve_api(
     started by such a supervisor, one of its workers."""
     api_limits(environ)  # a bad timeout or bound: exit 1 naming the variable, before any work
     interval_from_environ(environ)
+    refresh_seconds(environ)
     redis_client.max_connections(environ)
     spec = WorkerSpec.from_environ(environ)
     count = 1 if spec is not None else worker_count(environ, workers)

@@ -53,7 +53,13 @@ from runtime.certificates.inspection import days_left, dns_names, ip_addresses
 from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
 from runtime.errors import WorkerError
 from runtime.observability.metrics import DEFAULT_INTERVAL_SECONDS, Metrics, interval_from_environ
-from runtime.secrets.loader import LoaderSettings, LoadResult, load_certificates, read_published
+from runtime.secrets.loader import (
+    LoaderSettings,
+    LoadResult,
+    load_certificates,
+    read_published,
+    refresh_seconds,
+)
 from runtime.security_level import SecurityLevel
 from runtime.services import mlflow_setup
 from runtime.serving.acceptor import ACCEPT_BATCH
@@ -99,7 +105,7 @@ class MlflowServerSettings:
             "mode": mode,
             "backend_store_uri": environ.get(names.ENV_MLFLOW_BACKEND_STORE_URI, ""),
             "artifacts_destination": environ.get(names.ENV_MLFLOW_ARTIFACTS_DESTINATION) or None,
-            "refresh_seconds": float(environ.get(names.ENV_REFRESH_SECONDS, 300)),
+            "refresh_seconds": refresh_seconds(environ),
             "metrics_seconds": interval_from_environ(environ),
         }
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})

@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime import names
+from runtime import env_numbers, names
 from runtime.errors import WorkerError
 from runtime.json_input import loads
 from runtime.observability.metrics import Metrics
@@ -111,21 +111,17 @@ def _cgroup_quota(cgroup: Path) -> float | None:
 
 def worker_count(environ: Mapping[str, str], flag: int | None = None) -> int:
     """`--workers`, else HOKUSAI_MTLS_WORKERS, else the CPUs the task has; ValueError naming the setting."""
-    if flag is not None:
-        raw, what = str(flag), "--workers"
-    else:
-        raw, what = environ.get(names.ENV_WORKERS, "").strip(), names.ENV_WORKERS
-        if not raw:
-            return available_cpus()
-    try:
-        count = int(raw)
-    except ValueError:
-        count = 0
-    if not 1 <= count <= MAX_WORKERS:
-        raise ValueError(
-            f"{what}={raw!r}: expected a whole number of worker processes from 1 to {MAX_WORKERS}"
-        )
-    return count
+    source, variable = (
+        (environ, names.ENV_WORKERS) if flag is None else ({"--workers": str(flag)}, "--workers")
+    )
+    return env_numbers.whole(
+        source,
+        variable,
+        default=available_cpus(),
+        low=1,
+        high=MAX_WORKERS,
+        what="a whole number of worker processes",
+    )
 
 
 # --- the worker's side ---------------------------------------------------------------------------
@@ -546,8 +542,8 @@ class Supervisor:
                     worker.ready = {
                         k: v for k, v in message[key].items() if k in ("pid", "serial", "not_after")
                     }
-        except (ValueError, AttributeError, UnicodeDecodeError) as exc:
-            log.error("worker %d: unreadable message ignored: %s", worker.index, exc)
+        except (ValueError, AttributeError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            log.error("worker %d: unreadable message ignored: %s: %s", worker.index, type(exc).__name__, exc)
 
     def _stop_reading(self, worker: _Worker) -> None:
         loop = self._loop

@@ -14,7 +14,7 @@ import pytest
 
 RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
 GROUND = "ground"
-"""`names`, `errors`, `json_input`, `security_level` and the package itself: the shared ground."""
+"""`names`, `errors`, `json_input`, `env_numbers`, `security_level` and the package itself: the shared ground."""
 
 BELOW = {
     GROUND: set(),
@@ -77,7 +77,7 @@ def test_the_concerns_are_the_folders():
     folders = sorted(p.name for p in RUNTIME.iterdir() if p.is_dir() and not p.name.startswith("__"))
     assert folders == sorted(set(BELOW) - {GROUND, "cli"})
     flat = sorted(p.stem for p in RUNTIME.glob("*.py"))
-    assert flat == ["__init__", "cli", "errors", "json_input", "names", "security_level"]
+    assert flat == ["__init__", "cli", "env_numbers", "errors", "json_input", "names", "security_level"]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
