@@ -9,7 +9,7 @@
 #   make test    check-machine, set up, then ruff check + ruff format --check + pytest (every
 #                folder of tests/)
 #   make lint    ruff check + cfn-lint over the synthesized templates
-#   make local   the whole system on loopback (moto, MLflow over mTLS, API, Redis, auth double, worker)
+#   make local   the whole system on loopback (moto, MLflow over mTLS, API + our key store, Redis, worker)
 #   make fuzz    the structure-aware fuzz suite (tests/fuzz), FUZZ_EXAMPLES per property (20000)
 #   make bench   every benchmark, one run; figures into benchmarks/RESULTS.md
 #   make clean   remove what the targets build

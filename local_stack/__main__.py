@@ -16,8 +16,8 @@ from local_stack.environment import DEFAULT_RUN_DIR
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m local_stack",
-        description="moto's Secrets Manager, MLflow in strict mTLS, the API, Redis, the auth-service "
-        "double and a worker, on 127.0.0.1 with free ports.",
+        description="moto's Secrets Manager, MLflow in strict mTLS, the API with our API-key store "
+        "(PostgreSQL or sqlite), Redis and a worker, on 127.0.0.1 with free ports.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start everything; Ctrl-C stops everything it started")
@@ -27,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
             "--dir",
             type=Path,
             default=DEFAULT_RUN_DIR,
-            help="run directory: state file, logs, certificates, MLflow's data (default: .local/ in the repository)",
+            help="run directory: state file, logs, certificates, MLflow's data, the key store "
+            "(default: .local/ in the repository)",
         )
     up.add_argument(
         "--keep-data",
         action="store_true",
-        help="keep MLflow's database and artifacts after a stop, and use them on the next start",
+        help="keep MLflow's database and artifacts, and the key store with its secret, after a stop, "
+        "and use them on the next start",
     )
     args = parser.parse_args(argv)
 

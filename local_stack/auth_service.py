@@ -1,8 +1,10 @@
 """A TEST DOUBLE of the external auth service: a fake for a remote service we do not own.
 
 It implements the contract `runtime.auth.api_keys` documents (POST /api/v1/keys/validate) over a
-dict of keys, and lets a test count calls, slow it down, take it down or script a raw answer.
-Only Starlette and uvicorn are needed, so a local demo stack can run it too:
+dict of keys, and lets a test count calls, slow it down, take it down or script a raw answer: for
+tests and benchmarks of the external service (`AUTH_SERVICE_URL`), down or slow included. `make
+local` does not run it (it checks keys against our key store). Only Starlette and uvicorn are
+needed, so it can also run on its own:
 
     python -m local_stack.auth_service --port 8081     # serves EXAMPLE_KEYS until Ctrl-C
 

@@ -3,26 +3,31 @@
 The commands are curl command lines a developer can paste. `up` runs each of them once
 before it says "ready" and shows the first line of what it really printed, so the list can
 neither rot nor promise what the system does not do (without curl they are shown only).
-The certificate paths are the files the worker's loader wrote (tls.crt, tls.key, ca.crt).
-The internal commands dial MLflow by its Cloud Map name, as every client in ECS does; curl's
-`--resolve` maps the name to 127.0.0.1, which Cloud Map's DNS does in the VPC.
+The external ones use the API key `up` created in our key store (`hokusai-mtls auth
+create-key`), and a well-formed key the store does not hold. The certificate paths are the
+files the worker's loader wrote (tls.crt, tls.key, ca.crt). The internal commands dial MLflow
+by its Cloud Map name, as every client in ECS does; curl's `--resolve` maps the name to
+127.0.0.1, which Cloud Map's DNS does in the VPC.
+
+Last comes how to make another key: `hokusai-mtls auth create-key` with the environment in the
+run directory's keys.env (0600), so the hashing secret is never printed.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from local_stack.auth_service import ACTIVE_KEY, EXAMPLE_KEYS
-from local_stack.environment import DEFAULT_RUN_DIR, LOCAL_ENVIRONMENT
-from local_stack.started import Stack
+from local_stack.environment import BIN, DEFAULT_RUN_DIR, LOCAL_ENVIRONMENT
+from local_stack.started import KEY_DATABASE, KEY_USER, Stack
 from runtime import names
+from runtime.keys import key_format
 
 CURL_HINT = "curl is not installed (apt-get install -y curl): the commands are shown, not run"
+ANOTHER_KEY_NAME = "another key"
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=5"
 SHOWN_CHARACTERS = 110
 NO_HTTP_ANSWER = (35, 52, 56)
@@ -70,14 +75,24 @@ def examples(stack: Stack) -> list[Example]:
     run_id = stack.worker["run_id"]
     resolve = ["--resolve", f"{stack.mlflow_name}:{stack.ports['mlflow']}:127.0.0.1"]
 
+    unknown = key_format.generate(LOCAL_ENVIRONMENT)  # checksum and all, but in no store
+
     return [
         Example(
             "external",
-            "external: an API key through the API (auth double + Redis cache), proxied to MLflow over mTLS "
-            "with the API's certificate",
-            ["curl", "-sS", "-H", f"X-API-Key: {ACTIVE_KEY}", f"{stack.api_url}/mlflow{SEARCH}"],
+            "external: the API key just created through the API (checked against our key store, cached in "
+            "Redis), proxied to MLflow over mTLS with the API's certificate",
+            ["curl", "-sS", "-H", f"X-API-Key: {stack.api_key['key']}", f"{stack.api_url}/mlflow{SEARCH}"],
             succeeds=True,
             expect_in_output='"experiments"',
+        ),
+        Example(
+            "external-unknown-key",
+            "external with a key the store does not hold (well-formed, checksum and all): refused by the "
+            "API's middleware (401)",
+            ["curl", "-sS", "-H", f"X-API-Key: {unknown}", f"{stack.api_url}/mlflow{SEARCH}"],
+            succeeds=False,
+            expect_in_output="API key invalid",
         ),
         Example(
             "external-no-key",
@@ -132,16 +147,18 @@ def run_examples(items: list[Example]) -> bool:
     return True
 
 
-def _key_note(record: dict) -> str:
-    if not record["is_active"]:
-        return "inactive: 401"
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # the records' ISO format sorts as text
-    if record["expires_at"] and record["expires_at"] < now:
-        return "expired: 401"
-    notes = [f"{record['rate_limit_per_hour']} requests/hour"]
-    if record["service_id"]:
-        notes.append(f"service {record['service_id']}")
-    return ", ".join(notes)
+def another_key_command(stack: Stack) -> str:
+    """`hokusai-mtls auth create-key` in a subshell that reads keys.env: the secret stays in the file."""
+    create = [
+        shown_path(BIN / "hokusai-mtls"),
+        "auth",
+        "create-key",
+        "--user",
+        KEY_USER,
+        "--name",
+        ANOTHER_KEY_NAME,
+    ]
+    return f"(set -a && . {shlex.quote(shown_path(stack.run.keys_env))} && {shlex.join(create)})"
 
 
 def print_summary(stack: Stack, items: list[Example], elapsed: float) -> None:
@@ -150,13 +167,12 @@ def print_summary(stack: Stack, items: list[Example], elapsed: float) -> None:
     rows = [
         ("secrets-manager", stack.secrets_url, "moto's server, Secrets Manager only (plain HTTP, loopback)"),
         ("redis", stack.redis_url, "redis-server: the API-key cache and rate limits (loopback)"),
-        ("auth-service", stack.auth_url, "TEST DOUBLE of the external auth service (keys below)"),
         *(
             [
                 (
                     "postgres",
                     stack.backend_store_shown,
-                    "PostgreSQL: MLflow's backend store, as in ECS (loopback)",
+                    f"PostgreSQL: MLflow's backend store, as in ECS, and the API-key store (database {KEY_DATABASE}; loopback)",
                 )
             ]
             if stack.postgres is not None
@@ -169,7 +185,11 @@ def print_summary(stack: Stack, items: list[Example], elapsed: float) -> None:
             f"{stack.mlflow_url}; health {stack.details()['urls']['mlflow-health']}"
             + ("" if stack.postgres is not None else f"; backend store {stack.backend_store_shown}"),
         ),
-        ("api", stack.api_url, f"{api['security_level']}: API keys outside, its own certificate to MLflow"),
+        (
+            "api",
+            stack.api_url,
+            f"{api['security_level']}: API keys outside (our key store), its own certificate to MLflow",
+        ),
         (
             "worker",
             f"exited {worker['exit_code']}",
@@ -183,10 +203,12 @@ def print_summary(stack: Stack, items: list[Example], elapsed: float) -> None:
         f"  logs {shown_path(stack.run.logs)}/   certificates {shown_path(stack.run.certs)}/   "
         f"state {shown_path(stack.run.state.path)}"
     )
-    print("\nAPI keys the auth-service double knows:")
-    width = max(map(len, EXAMPLE_KEYS))
-    for key, record in EXAMPLE_KEYS.items():
-        print(f"  {key:<{width}}  {_key_note(record)}")
+    key = stack.api_key
+    print(f"\nAPI keys: checked against our key store, {stack.key_store_shown}")
+    print(
+        f"  {key['key_prefix']}...  id {key['id']}, user {key['user_id']}, name {key['name']!r}: "
+        "created by `hokusai-mtls auth create-key`, used below"
+    )
     print("\ntry:")
     ran = bool(items) and items[0].exit_code is not None
     for example in items:
@@ -198,6 +220,15 @@ def print_summary(stack: Stack, items: list[Example], elapsed: float) -> None:
                 print(f"    !! not as documented: {problem}")
     if not ran:
         print(f"  ({CURL_HINT})")
+    print(
+        f"\nanother API key (the store's URL and hashing secret are in {shown_path(stack.run.keys_env)}, 0600; "
+        "the secret is never printed):"
+    )
+    print(f"  {another_key_command(stack)}")
+    print(
+        "  it prints the new key once, on its first line; list-keys, revoke-key KEY_ID and rotate-key KEY_ID "
+        "work the same way (docs/API_KEYS.md)"
+    )
     print(
         f"\nlocal stack ready in {elapsed:.1f} s. Stop: Ctrl-C here, or "
         f"`python -m local_stack down{_dir_option(stack)}` from another shell.",

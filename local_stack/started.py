@@ -18,6 +18,11 @@ from local_stack.stack import Child, StateFile, Supervisor, remove_tree
 from runtime import names
 
 ENVIRONMENT = LOCAL_ENVIRONMENT
+KEY_DATABASE = "api_keys"
+"""The API-key store's database in the PostgreSQL cluster MLflow uses (MLflow's is `mlflow`)."""
+KEY_USER = "local-user"
+"""The owner of the keys `up` creates and prints the command for."""
+KEY_NAME = "make local"
 INTERNAL_CIDRS = "10.0.0.0/8"
 """A stand-in VPC. Not 127.0.0.0/8: on loopback the demo's own curl would count as an internal
 caller without a certificate, and the middleware logs a warning for each of those."""
@@ -28,9 +33,12 @@ class RunDir:
     """The run directory (`.local/` by default, git-ignored), 0700: it holds private keys.
 
     state.json  the supervisor and every process it started (`down` reads it)
+    keys.env    the API-key store's URL and hashing secret, 0600, for `hokusai-mtls auth ...`
+                (kept with --keep-data, so the kept store's keys still check out)
     logs/       one log per process, kept after a stop
     certs/      issued/ (the set, with the CA key), server/, api/, worker/ (what each loader wrote)
-    data/       MLflow's database (sqlite, or PostgreSQL's cluster) and artifacts (kept with --keep-data)
+    data/       MLflow's database (sqlite, or PostgreSQL's cluster) and artifacts, the key store when
+                it is sqlite (kept with --keep-data)
     scratch/    the loaders' development-CA directory (unused while Secrets Manager answers)
     """
 
@@ -51,6 +59,10 @@ class RunDir:
     @property
     def data(self) -> Path:
         return self.root / "data"
+
+    @property
+    def keys_env(self) -> Path:
+        return self.root / "keys.env"
 
     @property
     def scratch(self) -> Path:
@@ -81,6 +93,7 @@ class RunDir:
         remove_tree(self.certs)
         remove_tree(self.scratch)
         if not keep_data:
+            self.keys_env.unlink(missing_ok=True)
             remove_tree(self.data)
             remove_tree(self.postgres)
 
@@ -96,7 +109,13 @@ class Stack:
     worker: dict = field(default_factory=dict)
     children: dict[str, Child] = field(default_factory=dict)
     postgres: PostgresCluster | None = None
-    """MLflow's backend store when PostgreSQL is installed; None: sqlite in data/."""
+    """MLflow's backend store and the key store's when PostgreSQL is installed; None: sqlite in data/."""
+    key_store_url: str = ""
+    """HOKUSAI_MTLS_KEY_STORE_URL: database `api_keys` in PostgreSQL (it holds the password), else sqlite."""
+    key_hash_secret: str = field(default="", repr=False)
+    """HOKUSAI_MTLS_KEY_HASH_SECRET: only in the API's and the CLI's environment, and keys.env (0600)."""
+    api_key: dict = field(default_factory=dict, repr=False)
+    """What `hokusai-mtls auth create-key --json` answered for the key `up` created (the key included)."""
 
     @property
     def secrets_url(self) -> str:
@@ -135,8 +154,15 @@ class Stack:
         return f"http://127.0.0.1:{self.ports['api']}"
 
     @property
-    def auth_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['auth-service']}"
+    def key_store_shown(self) -> str:
+        """The key store's URL without its password, for output and the state file."""
+        if self.postgres is None:
+            return self.key_store_url
+        return redact(self.key_store_url, self.postgres.password)
+
+    def key_store_environment(self) -> dict[str, str]:
+        """What a process that uses the key store needs (the API, `hokusai-mtls auth ...`)."""
+        return {names.ENV_KEY_STORE_URL: self.key_store_url, names.ENV_KEY_HASH_SECRET: self.key_hash_secret}
 
     @property
     def redis_url(self) -> str:
@@ -159,7 +185,6 @@ class Stack:
             **{
                 names.ENV_DEV_CA_DIR: str(self.run.scratch / "dev-ca"),
                 names.ENV_INTERNAL_CIDRS: INTERNAL_CIDRS,
-                names.ENV_AUTH_SERVICE_URL: self.auth_url,
                 names.ENV_REDIS_URL: self.redis_url,
                 **extra,
             },
@@ -185,15 +210,16 @@ class Stack:
             "urls": {
                 "secrets-manager": self.secrets_url,
                 "redis": self.redis_url,
-                "auth-service": self.auth_url,
                 "mlflow": self.mlflow_url,
                 "mlflow-cloud-map": self.mlflow_name_url,
                 "mlflow-backend-store": self.backend_store_shown,
                 "mlflow-health": f"http://127.0.0.1:{self.ports['mlflow-health']}/health",
                 "api": self.api_url,
+                "key-store": self.key_store_shown,
             },
             "cert_dirs": {i.name: str(self.cert_dir(i)) for i in names.IDENTITIES},
             "postgres_dir": str(self.postgres.directory) if self.postgres is not None else None,
             "health": self.health,
             "worker": self.worker,
+            "api_key": {k: self.api_key.get(k) for k in ("id", "key_prefix", "user_id", "name")},
         }

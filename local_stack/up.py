@@ -2,22 +2,34 @@
 
 What starts, and why this way:
 
-1. moto's server as Secrets Manager, redis-server and the auth-service test double start at
-   once (nothing depends on them at start); meanwhile `hokusai-mtls certs issue` issues a
-   development set (CA, MLflow server, api, worker), and once moto answers,
-   `hokusai-mtls certs upload` stores it: the documented workflow, against moto.
+1. moto's server as Secrets Manager and redis-server start at once (nothing depends on them at
+   start); meanwhile `hokusai-mtls certs issue` issues a development set (CA, MLflow server,
+   api, worker), and once moto answers, `hokusai-mtls certs upload` stores it: the documented
+   workflow, against moto.
    PostgreSQL (Debian's server binaries, when installed) starts as MLflow's backend store, as
-   in ECS; without it the store is sqlite, and `up` says so.
-2. MLflow (`hokusai-mtls serve-mlflow`, Dockerfile.mlflow's command) in strict mTLS and the
-   API (`hokusai-mtls serve-api`, Dockerfile.api's command) start together; each loads its
-   own identity from Secrets Manager through the loader, as in ECS. MLflow takes ~10 s.
-   Clients in ECS dial MLflow by its Cloud Map name, `mlflow.hokusai-development.local`; on the
-   loopback that name resolves nowhere, so the printed curl commands map it with `--resolve`
-   (MLflow must answer to it: its host check and its certificate), while the API and the
-   worker, which cannot be told such a mapping, dial 127.0.0.1 (also in MLflow's certificate).
-3. The worker (`docker/entrypoint.sh python -m local_stack.worker`, the worker image's
-   entrypoint) starts with them and waits for MLflow's port, then logs a run over mTLS.
-4. Each service's security level comes from its own /health; the certificate serials it
+   in ECS, and holds the API-key store too (its own database, `api_keys`); without it both are
+   sqlite files in the run directory's data/, and `up` says so.
+2. MLflow (`hokusai-mtls serve-mlflow`, Dockerfile.mlflow's command) starts in strict mTLS, and
+   the worker (`docker/entrypoint.sh python -m local_stack.worker`, the worker image's
+   entrypoint) with it; the worker waits for MLflow's port, then logs a run over mTLS.
+   MLflow takes ~10 s. Clients in ECS dial MLflow by its Cloud Map name,
+   `mlflow.hokusai-development.local`; on the loopback that name resolves nowhere, so the
+   printed curl commands map it with `--resolve` (MLflow must answer to it: its host check and
+   its certificate), while the API and the worker, which cannot be told such a mapping, dial
+   127.0.0.1 (also in MLflow's certificate). MLflow gets no key store: in strict mTLS every
+   caller presents a certificate, so its API-key path is never taken.
+3. Meanwhile the API-key store is prepared as an operator would: a hashing secret generated for
+   this run (`secrets.token_urlsafe(48)`; with --keep-data the kept one, so the kept keys still
+   check out), `hokusai-mtls auth migrate`, then `hokusai-mtls auth create-key` makes the key the
+   printed commands use. The secret lives only in the environment of the processes that need it
+   (the API, these commands) and in keys.env (0600, in the 0700 run directory) for the developer's
+   own `hokusai-mtls auth ...`; it is never printed.
+4. The API (`hokusai-mtls serve-api`, Dockerfile.api's command) starts with
+   `HOKUSAI_MTLS_KEY_STORE_URL` and `HOKUSAI_MTLS_KEY_HASH_SECRET`: API keys are checked against
+   our store (no auth-service double runs; `local_stack.auth_service` is for tests of an external
+   service that is down or slow). Each service loads its own identity from Secrets Manager
+   through the loader, as in ECS.
+5. Each service's security level comes from its own /health; the certificate serials it
    reports must be the uploaded ones (a development loader would otherwise fall back to a
    local CA and the demonstration would prove nothing). Then the commands to try are run
    once, and shown with what they really printed.
@@ -29,6 +41,9 @@ above make sure nothing did) with `HOKUSAI_MTLS_MODE=strict` for MLflow.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shlex
 import subprocess
 import time
 import urllib.error
@@ -37,7 +52,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from local_stack import commands
-from local_stack.auth_service import VALIDATE_PATH
 from local_stack.environment import (
     BIN,
     DOCKER,
@@ -48,7 +62,7 @@ from local_stack.environment import (
 )
 from local_stack.environment import wait_healthy as _wait_healthy
 from local_stack.ports import free_port
-from local_stack.postgres_server import PostgresCluster, PostgresMissing, find_binaries
+from local_stack.postgres_server import PostgresCluster, PostgresMissing, find_binaries, redact
 from local_stack.redis_server import RedisServer
 from local_stack.stack import (
     Child,
@@ -59,7 +73,7 @@ from local_stack.stack import (
     is_alive,
     stop_recorded,
 )
-from local_stack.started import ENVIRONMENT, RunDir, Stack
+from local_stack.started import ENVIRONMENT, KEY_DATABASE, KEY_NAME, KEY_USER, RunDir, Stack
 from runtime import names
 from runtime.certificates.certset import CertificateSet
 
@@ -122,20 +136,29 @@ def _healthy(child: Child, port: int) -> dict:
         raise StartError(f"{child.name}: {exc}") from None
 
 
-def _cli(stack: Stack, *args: str) -> str:
+def _cli(stack: Stack, *args: str, **env: str) -> str:
     """One `hokusai-mtls` command to completion (not supervised: it ends on its own)."""
     argv = [str(BIN / "hokusai-mtls"), *args]
-    result = subprocess.run(argv, env=stack.environment(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(argv, env=stack.environment(**env), capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
-        raise StartError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        raise StartError(
+            f"{shlex.join(argv)} exited {result.returncode}:\n{_redacted(stack, result.stderr[-3000:])}"
+        )
     return result.stdout
+
+
+def _redacted(stack: Stack, text: str) -> str:
+    """`text` without the key store's hashing secret or PostgreSQL's password."""
+    if stack.key_hash_secret:
+        text = text.replace(stack.key_hash_secret, "***")
+    return redact(text, stack.postgres.password) if stack.postgres is not None else text
 
 
 # --- the steps ------------------------------------------------------------------------------
 def start(stack: Stack, progress: Progress) -> None:
     """Start everything; returns once every service is ready and the worker's run is logged."""
     ports = stack.ports
-    ports.update({n: free_port() for n in ("secrets-manager", "redis", "auth-service", "mlflow", "api")})
+    ports.update({n: free_port() for n in ("secrets-manager", "redis", "mlflow", "api")})
     ports["mlflow-health"] = free_port()
     stack.supervisor.save(**stack.details())
 
@@ -148,21 +171,7 @@ def start(stack: Stack, progress: Progress) -> None:
         redis_child = stack.spawn("redis", redis.command())
     except RuntimeError as exc:  # redis-server missing: the apt-get hint
         raise StartError(str(exc)) from None
-    auth = stack.spawn(
-        "auth-service",
-        [
-            str(BIN / "python"),
-            "-m",
-            "local_stack.auth_service",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(ports["auth-service"]),
-        ],
-    )
-    progress(
-        f"starting moto's Secrets Manager, redis-server and the auth-service double (pids {moto.pid}, {redis_child.pid}, {auth.pid})"
-    )
+    progress(f"starting moto's Secrets Manager and redis-server (pids {moto.pid}, {redis_child.pid})")
     postgres = _start_postgres(stack, progress)
 
     issued = stack.run.certs / "issued"
@@ -192,11 +201,6 @@ def start(stack: Stack, progress: Progress) -> None:
             names.ENV_MLFLOW_ARTIFACTS_DESTINATION: str(stack.run.data / "artifacts"),
         },
     )  # fmt: skip
-    api = stack.spawn(
-        "api",
-        [*container_command("Dockerfile.api"), "--host", "127.0.0.1", "--port", str(ports["api"])],
-        **{names.ENV_CERT_DIR: str(stack.cert_dir(names.API)), "MLFLOW_TRACKING_URI": stack.mlflow_url},
-    )
     worker = stack.spawn(
         "worker",
         ["sh", str(DOCKER / "entrypoint.sh"), "python", "-m", "local_stack.worker"],
@@ -209,13 +213,22 @@ def start(stack: Stack, progress: Progress) -> None:
             "PYTHONPATH": str(REPO),
         },
     )
-    progress(
-        f"starting MLflow (strict mTLS, pid {mlflow.pid}), the API (pid {api.pid}) and the worker (pid {worker.pid})"
+    progress(f"starting MLflow (strict mTLS, pid {mlflow.pid}) and the worker (pid {worker.pid})")
+
+    _prepare_key_store(stack, progress)
+    api = stack.spawn(
+        "api",
+        [*container_command("Dockerfile.api"), "--host", "127.0.0.1", "--port", str(ports["api"])],
+        **{
+            names.ENV_CERT_DIR: str(stack.cert_dir(names.API)),
+            "MLFLOW_TRACKING_URI": stack.mlflow_url,
+            **stack.key_store_environment(),
+        },
     )
+    progress(f"starting the API (pid {api.pid}), which checks API keys against the key store")
 
     _wait(redis_child, redis.answers, "answering PING")
-    _wait(auth, _answers_http(f"{stack.auth_url}{VALIDATE_PATH}"), "answering HTTP")
-    progress(f"redis-server ({stack.redis_url}) and the auth-service double ({stack.auth_url}) ready")
+    progress(f"redis-server ready ({stack.redis_url}): the API-key cache and rate limits")
     stack.health["api"] = _healthy(api, ports["api"])
     progress(f"API ready on {stack.api_url} (security level {stack.health['api']['security_level']})")
     stack.health["mlflow"] = _healthy(mlflow, ports["mlflow-health"])
@@ -229,12 +242,73 @@ def start(stack: Stack, progress: Progress) -> None:
     stack.supervisor.save(**stack.details())
 
 
+def _prepare_key_store(stack: Stack, progress: Progress) -> None:
+    """The API-key store as an operator prepares one: its URL and secret, `auth migrate`, `auth create-key`."""
+    if stack.postgres is not None:
+        stack.key_store_url = stack.postgres.create_database(KEY_DATABASE, exist_ok=True)
+        where = f"database {KEY_DATABASE} in MLflow's PostgreSQL cluster"
+    else:
+        stack.key_store_url = f"sqlite:///{stack.run.data / 'api_keys.db'}"
+        where = "sqlite, PostgreSQL not being installed"
+    kept = _kept_secret(stack.run.keys_env)
+    stack.key_hash_secret = kept or secrets.token_urlsafe(48)
+    write_keys_env(stack)
+    migrated = json.loads(_cli(stack, "auth", "migrate", "--json", **stack.key_store_environment()))
+    progress(
+        f"key store ({where}: {stack.key_store_shown}) at revision {migrated['to']} (hokusai-mtls auth migrate); "
+        f"its hashing secret {'kept from the last run' if kept else 'generated for this run'}, "
+        f"never printed: in {commands.shown_path(stack.run.keys_env)} (0600)"
+    )
+    create = ["auth", "create-key", "--user", KEY_USER, "--name", KEY_NAME, "--json"]
+    answer = _cli(stack, *create, **stack.key_store_environment())
+    try:
+        created = json.loads(answer)
+    except ValueError:
+        created = None
+    if not isinstance(created, dict) or not isinstance(created.get("key"), str):
+        raise StartError(f"hokusai-mtls {shlex.join(create)}: no key in its answer")
+    stack.api_key = created
+    progress(
+        f"created API key {stack.api_key['key_prefix']}... for {KEY_USER} (hokusai-mtls {shlex.join(create[:-1])})"
+    )
+
+
+def _kept_secret(keys_env: Path) -> str | None:
+    """The hashing secret in a keys.env that --keep-data kept, so the kept store's keys still check out."""
+    if not keys_env.exists():
+        return None
+    for line in keys_env.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name == names.ENV_KEY_HASH_SECRET and value:
+            return shlex.split(value)[0]
+    return None
+
+
+def write_keys_env(stack: Stack) -> None:
+    """keys.env (0600, from the first byte): what `hokusai-mtls auth ...` needs, for `set -a && . keys.env`."""
+    path = stack.run.keys_env
+    lines = [
+        "# The local stack's API-key store (python -m local_stack up): what `hokusai-mtls auth ...` needs.",
+        f"# {commands.another_key_command(stack)}",
+        f"{names.ENV_ENVIRONMENT}={commands.LOCAL_ENVIRONMENT}",
+        *(f"{name}={shlex.quote(value)}" for name, value in stack.key_store_environment().items()),
+    ]
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as output:
+        output.write("\n".join(lines) + "\n")
+    partial.replace(path)
+
+
 def _start_postgres(stack: Stack, progress: Progress) -> Child | None:
     """PostgreSQL in the foreground, supervised like every other child; None when not installed."""
     try:
         find_binaries()
     except PostgresMissing as missing:
-        progress(f"{missing}: MLflow's backend store is sqlite ({stack.backend_store_uri})")
+        progress(
+            f"{missing}: MLflow's backend store and the key store are sqlite ({stack.backend_store_uri})"
+        )
         return None
     stack.ports["postgres"] = free_port()
     cluster = PostgresCluster(stack.run.postgres, "127.0.0.1", stack.ports["postgres"])
@@ -247,7 +321,7 @@ def _start_postgres(stack: Stack, progress: Progress) -> Child | None:
     child = stack.spawn("postgres", cluster.server_command())
     progress(
         f"starting PostgreSQL ({'the kept' if kept else 'a new'} cluster in {commands.shown_path(cluster.directory)}, "
-        f"pid {child.pid}) as MLflow's backend store, as in ECS"
+        f"pid {child.pid}) as MLflow's backend store, as in ECS, and the API-key store's"
     )
     return child
 

@@ -229,6 +229,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_auth(args: argparse.Namespace) -> int:
     """create-key, list-keys, revoke-key, rotate-key, migrate: our key store (runtime.keys.commands)."""
     from runtime.keys import commands  # SQLAlchemy and Alembic: only for these commands
+    from runtime.keys.permissions import ADMIN_SCOPE
 
     environ, url = os.environ, args.url
     if args.auth_command == "migrate":
@@ -239,7 +240,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
             environ,
             user=args.user,
             name=args.name,
-            scopes=[*args.scope, *([commands.ADMIN_SCOPE] if args.admin else [])],
+            scopes=[*args.scope, *([ADMIN_SCOPE] if args.admin else [])],
             expires_days=args.expires_days,
             rate_limit=args.rate_limit,
             allowed_ips=args.allow_ip or None,
@@ -257,6 +258,9 @@ def cmd_auth(args: argparse.Namespace) -> int:
     elif args.auth_command == "revoke-key":
         revoked = commands.revoke_key(environ, args.key_id, url=url)
         _show(args, revoked, f"revoked {revoked['id']} ({revoked['key_prefix']}...)")
+    elif args.auth_command == "usage":
+        summary = commands.key_usage(environ, args.key_id, days=args.days, period=args.period, url=url)
+        _show(args, summary, _usage_text(summary))
     else:  # rotate-key
         rotated = commands.rotate_key(environ, args.key_id, grace_hours=args.grace_hours, url=url)
         _show(
@@ -266,6 +270,22 @@ def cmd_auth(args: argparse.Namespace) -> int:
             f"{args.grace_hours:g} more hours: shown this once; store it now",
         )
     return 0
+
+
+def _usage_text(summary: dict) -> str:
+    lines = [
+        f"key {summary['key_id']}: {summary['requests']} requests from {summary['since'][:16]} to {summary['until'][:16]}"
+    ]
+    if times := summary["response_time_ms"]:
+        lines.append(
+            f"response time ms: p50 {times['p50']}, p95 {times['p95']}, p99 {times['p99']}, max {times['max']}"
+        )
+    if summary["statuses"]:
+        lines.append(
+            "status: " + ", ".join(f"{code} x{count}" for code, count in summary["statuses"].items())
+        )
+    lines.extend(f"  {row['requests']:>8}  {row['endpoint']}" for row in summary["endpoints"])
+    return "\n".join(lines)
 
 
 def _key_line(key: dict) -> str:
@@ -432,6 +452,10 @@ def _add_auth_commands(commands) -> None:
     rotate = verb("rotate-key", "a new key like this one; the old one works for a grace period")
     rotate.add_argument("key_id", help="its id (list-keys)")
     rotate.add_argument("--grace-hours", type=float, default=24.0, help="default 24; 0 ends the old key now")
+    usage = verb("usage", "a key's requests per endpoint, status and period, and its response times")
+    usage.add_argument("key_id", help="its id (list-keys)")
+    usage.add_argument("--days", type=float, default=7.0, help="the last N days; default 7")
+    usage.add_argument("--period", choices=("hour", "day"), default="day", help="default day")
 
 
 def configure_logging(level: str | None = None, *, quiet: bool = False) -> None:
@@ -445,6 +469,8 @@ def configure_logging(level: str | None = None, *, quiet: bool = False) -> None:
     )
     log_redaction.install()
     log_redaction.quiet_http_clients()
+    if wanted != "DEBUG":  # Alembic's INFO lines (plugins, context, steps): `auth migrate` says it in one
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if unknown:
         log.warning("%s=%r is not one of %s: logging at INFO", ENV_LOG_LEVEL, wanted, ", ".join(LOG_LEVELS))
 

@@ -39,6 +39,7 @@ import httpx
 
 from runtime import json_input
 from runtime.auth.key_cache import KeyCache
+from runtime.auth.key_changes import KeyChanges
 from runtime.auth.key_info import NEGATIVE, ApiKeyInfo, fingerprint, info_from_fields
 from runtime.clients.adaptive_client import pool_limits
 from runtime.errors import AuthServiceUnavailable
@@ -49,6 +50,9 @@ VALIDATE_PATH = "/api/v1/keys/validate"
 QUERY_PARAMETER = "api_key"
 DEFAULT_TIMEOUT = httpx.Timeout(2.0, connect=1.0)
 UNKNOWN_KEY_STATUSES = frozenset({401, 403, 404})
+CACHE_TTL_SECONDS = 300
+"""How long a valid key's answer is cached (never past its expiry); revocations reach every instance
+sooner through `runtime.auth.key_changes`."""
 NEGATIVE_TTL_SECONDS = 30
 """How long an unknown, expired or inactive key is remembered: a flood of bad keys costs one
 auth-service call per key per 30 s, and a key activated or renewed meanwhile works within 30 s."""
@@ -159,16 +163,34 @@ class AuthServiceClient:
         except ValueError as exc:  # every JSON failure, nesting included, is a ValueError here
             raise AuthServiceUnavailable(self.url, f"malformed answer: {exc}") from exc
 
+    changes: KeyChanges | None = None  # the service's cache is its own concern: its TTL bounds staleness
+    usage: UsageSink | None = None
+
+    def background(self) -> list:
+        return []
+
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
 
 
 # --- validation -----------------------------------------------------------------------------
+class UsageSink(Protocol):
+    """Where the middleware reports each request made with a known key (`runtime.keys.usage`)."""
+
+    def record(self, key_id: str, endpoint: str, status_code: int, seconds: float) -> None: ...
+
+
 class KeyBackend(Protocol):
-    """Who knows the keys: `AuthServiceClient`, or our store (`runtime.auth.key_store_backend`)."""
+    """Who knows the keys: `AuthServiceClient`, or our store (`runtime.auth.key_store_backend`), which
+    also follows revocations (`changes`) and records usage (`usage`); the service runs its `background()`."""
+
+    changes: KeyChanges | None
+    usage: UsageSink | None
 
     async def validate(self, api_key: str, *, request_id: str | bytes) -> ApiKeyInfo | None: ...
+
+    def background(self) -> list: ...
 
     async def aclose(self) -> None: ...
 
@@ -191,7 +213,8 @@ class ApiKeyValidator:
     A valid key is cached `ttl_seconds` but never past its `expires_at`; an unknown, expired or
     inactive key `negative_ttl_seconds`. Expiry and `is_active` are judged on every request,
     cached or not, with `clock` (epoch seconds). Concurrent misses for one key share one
-    auth-service call. `auth_service_calls` counts the calls made.
+    auth-service call. `auth_service_calls` counts the calls made. With `changes`
+    (`runtime.auth.key_changes`), a cached answer about a key revoked or rotated since is asked again.
     """
 
     def __init__(
@@ -199,9 +222,10 @@ class ApiKeyValidator:
         auth: KeyBackend,
         cache: KeyCache,
         *,
-        ttl_seconds: int = 300,
+        ttl_seconds: int = CACHE_TTL_SECONDS,
         negative_ttl_seconds: int = NEGATIVE_TTL_SECONDS,
         clock: Callable[[], float] = time.time,
+        changes: KeyChanges | None = None,
     ) -> None:
         if ttl_seconds < 1 or negative_ttl_seconds < 1:
             raise ValueError(
@@ -212,6 +236,7 @@ class ApiKeyValidator:
         self._ttl = ttl_seconds
         self._negative_ttl = negative_ttl_seconds
         self._clock = clock
+        self._changes = changes
         self._in_flight: dict[str, asyncio.Future[ApiKeyInfo | None]] = {}
         self.auth_service_calls = 0
 
@@ -221,8 +246,13 @@ class ApiKeyValidator:
         if entry is NEGATIVE:
             return Validation(None, OUTCOME_INVALID, cached=True)
         if entry is not None:
-            return self._judge(entry, cached=True)
-        info = await self._fetch_once(api_key, key_fingerprint, request_id)
+            if self._changes is None or not self._changes.is_stale(entry.api_key_id):
+                return self._judge(entry, cached=True)
+            asked = self._changes.now()  # revoked or rotated since it was cached: ask again
+            info = await self._fetch_once(api_key, key_fingerprint, request_id)
+            self._changes.refreshed(entry.api_key_id, asked)
+        else:
+            info = await self._fetch_once(api_key, key_fingerprint, request_id)
         return Validation(None, OUTCOME_INVALID, cached=False) if info is None else self._judge(info, False)
 
     def _judge(self, info: ApiKeyInfo, cached: bool) -> Validation:

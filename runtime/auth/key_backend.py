@@ -6,11 +6,19 @@ API without `HOKUSAI_MTLS_KEY_STORE_URL`) never imports SQLAlchemy or Alembic.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis.asyncio
 
 from runtime import names
-from runtime.auth.api_keys import AuthServiceClient, KeyBackend
+from runtime.auth.api_keys import ApiKeyValidator, AuthServiceClient, KeyBackend, UsageSink
+from runtime.auth.key_cache import cache_from_environ
+from runtime.serving.server import Background
+
+log = logging.getLogger("hokusai_mtls")
 
 
 def backend_from_environ(environ: Mapping[str, str] = os.environ) -> KeyBackend | None:
@@ -29,3 +37,49 @@ def backend_from_environ(environ: Mapping[str, str] = os.environ) -> KeyBackend 
             f"(pip install 'hokusai-mtls[keys]'): {exc}"
         ) from None
     return store_backend(environ)
+
+
+def migrate_store(environ: Mapping[str, str]) -> None:
+    """With a key store configured: bring its tables to this version (`hokusai-mtls auth migrate`), once
+    per task, before any process opens it; tasks starting together take turns (`runtime.keys.migrate`).
+    `KeyStoreError` naming the store's failure; nothing without a store."""
+    if not environ.get(names.ENV_KEY_STORE_URL, "").strip():
+        return
+    from runtime.keys import commands  # SQLAlchemy and Alembic: only with a store
+
+    done = commands.migrate_store(environ)
+    if done["from"] != done["to"]:
+        log.info("API keys: the key store migrated from revision %s to %s", done["from"], done["to"])
+
+
+@dataclass
+class ApiKeyPath:
+    """One process's API-key path: who knows the keys, the validator caching their answers (in Redis
+    when configured), and the jobs the service runs beside its listeners. `backend` None: no
+    API-key path (every caller must present a certificate)."""
+
+    backend: KeyBackend | None
+    validator: ApiKeyValidator | None
+
+    @property
+    def store(self):
+        """Our key store (`runtime.keys.store.KeyStore`) when the backend is it, else None."""
+        return getattr(self.backend, "store", None)
+
+    @property
+    def usage(self) -> UsageSink | None:
+        return self.backend.usage if self.backend is not None else None
+
+    def background(self) -> list[Background]:
+        """The backend's jobs (our store: following revocations, writing usage), then its closing."""
+        if self.backend is None:
+            return []
+        return [*self.backend.background(), Background("API-key backend", at_exit=self.backend.aclose)]
+
+
+def api_key_path(environ: Mapping[str, str], redis: redis.asyncio.Redis | None) -> ApiKeyPath:
+    backend = backend_from_environ(environ)
+    if backend is None:
+        return ApiKeyPath(None, None)
+    validator = ApiKeyValidator(backend, cache_from_environ(environ, redis), changes=backend.changes)
+    return ApiKeyPath(backend, validator)

@@ -37,12 +37,13 @@ from runtime import names
 from runtime.auth.api_keys import (
     ApiKeyValidator,
     AuthServiceUnavailable,
+    UsageSink,
     extract_api_key,
     fingerprint,
     without_api_key,
 )
 from runtime.auth.client_address import AddressPolicy
-from runtime.auth.key_info import address_allowed
+from runtime.auth.key_info import ApiKeyInfo, address_allowed
 from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy, ServiceIdentity, peer_certificate_pem
 from runtime.auth.proxy_certificate import check_proxy_kind, forwarded_certificate, is_forwarding_header
@@ -101,6 +102,7 @@ class APIKeyAuthMiddleware:
         addresses: AddressPolicy,
         validator: ApiKeyValidator | None,
         limiter,
+        usage: UsageSink | None = None,
         metrics: Metrics,
         enable_mtls: bool = True,
         count_plain: bool = False,
@@ -118,12 +120,15 @@ class APIKeyAuthMiddleware:
         `proxy_kind` + `proxy_trust_bundle`: accept the client certificate that this kind of proxy
         (`names.PROXY_KINDS`) forwards from a trusted proxy address, when it verifies against the
         bundle; `none`: never. `cors_allowed_origins`: origins whose preflights are answered.
-        `mlflow_errors(scope)`: answer this request's refusals in MLflow's error shape."""
+        `mlflow_errors(scope)`: answer this request's refusals in MLflow's error shape.
+        `usage`: told of every request made with a key the backend knows (allowed, or refused for its
+        address or rate limit): endpoint, status, time to the end of the response."""
         self.app = app
         self.identities = identities
         self.addresses = addresses
         self.validator = validator
         self.limiter = limiter
+        self.usage = usage
         self.metrics = metrics
         self.enable_mtls = enable_mtls
         self.count_plain = count_plain
@@ -284,10 +289,12 @@ class APIKeyAuthMiddleware:
             info, self._client_address(scope)
         ):  # a forged X-Forwarded-For counts for nothing
             await decision.refuse(send, 403, "address_not_allowed", "API key not allowed from this address")
+            decision.used(self.usage, info)
             return
         rate: RateDecision = await self.limiter.hit(info.api_key_id, info.rate_limit_per_hour)
         if not rate.allowed:
             await decision.refuse(send, 429, "rate_limited", "rate limit exceeded", rate.headers())
+            decision.used(self.usage, info)
             return
         scope = without_api_key(scope)
         scope["state"] = state
@@ -304,6 +311,7 @@ class APIKeyAuthMiddleware:
             await self.app(scope, receive, decision.sending(send, rate.headers()))
         finally:
             decision.allowed()
+            decision.used(self.usage, info)
 
     # --- plumbing ------------------------------------------------------------------------------
     @staticmethod
@@ -365,6 +373,7 @@ class _Decision:
         self.identity: str | None = None
         self.key_fingerprint: str | None = None
         self.status: int | None = None
+        self.started = time.perf_counter()
 
     @functools.cached_property
     def client(self) -> str | None:
@@ -389,9 +398,16 @@ class _Decision:
     def allowed(self) -> None:
         self._audit("success", self.status)
 
+    def used(self, usage: UsageSink | None, info: ApiKeyInfo) -> None:
+        """Tell `usage` of this request with a known key: an app that failed before answering is a 500."""
+        if usage is not None:
+            endpoint = f"{self.scope.get('method', 'WEBSOCKET')} {self.scope.get('path', '')}"
+            usage.record(info.api_key_id, endpoint, self.status or 500, time.perf_counter() - self.started)
+
     async def refuse(
         self, send, status: int, outcome: str, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()
     ) -> None:
+        self.status = status
         self.middleware.metrics.auth(self.auth_path, outcome)
         self._audit(outcome, status)
         scope = self.scope

@@ -21,9 +21,9 @@ from runtime.errors import KeyStoreError
 from runtime.keys import migrate
 from runtime.keys.opening import first_line, open_store, store_url
 from runtime.keys.store import CreatedKey, KeyRecord
+from runtime.keys.usage_summary import summarize
 
-ADMIN_SCOPE = "keys:admin"
-"""The scope that manages every user's keys (the REST API's admin); create the first one here."""
+MAX_USAGE_DAYS = 3650
 
 
 def operator() -> str:
@@ -137,3 +137,24 @@ def rotate_key(
     finally:
         store.engine.dispose()
     return _created(created)
+
+
+def key_usage(
+    environ: Mapping[str, str],
+    identifier: str,
+    *,
+    days: float = 7,
+    period: str = "day",
+    url: str | None = None,
+) -> dict:
+    if not 0 < days <= MAX_USAGE_DAYS:
+        raise ValueError(f"--days: expected more than 0 and at most {MAX_USAGE_DAYS}")
+    store = open_store(environ, url)
+    try:
+        record = store.get(key_id(identifier))
+        until = dt.datetime.now(dt.UTC)
+        return summarize(
+            store.engine, record.id, since=until - dt.timedelta(days=days), until=until, period=period
+        )
+    finally:
+        store.engine.dispose()

@@ -28,13 +28,43 @@ def _config(connection: sa.Connection) -> Config:
     return config
 
 
+POOL_SIZE = 12
+"""Connections one process holds to the store at most: the lookups' threads
+(`key_store_backend.MAX_LOOKUP_THREADS`, 8), the usage writer, the change poller and the REST API."""
+POOL_TIMEOUT_SECONDS = 2.0
+SQLITE_BUSY_MILLISECONDS = 2000
+MIGRATION_LOCK = 0x686B5F6B657973  # "hk_keys": PostgreSQL's advisory lock for the key store's migrations
+
+
 def engine(url: str) -> sa.Engine:
-    """An engine for the store at `url` (`sqlite:///PATH` or `postgresql://...`, psycopg 3)."""
-    return sa.create_engine(url, pool_pre_ping=True)
+    """An engine for the store at `url` (`sqlite:///PATH` or `postgresql://...`, psycopg 3), with a
+    bounded pool (`POOL_SIZE`; a caller waits `POOL_TIMEOUT_SECONDS` for a connection, then fails).
+
+    SQLite gets write-ahead logging, so the usage writer and the lookups of several worker processes
+    do not block each other, and waits up to 2 s for another process's write instead of failing."""
+    store = sa.create_engine(
+        url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=0, pool_timeout=POOL_TIMEOUT_SECONDS
+    )
+    if store.dialect.name == "sqlite":
+        sa.event.listen(store, "connect", _sqlite_settings)
+    return store
+
+
+def _sqlite_settings(connection, _record) -> None:
+    cursor = connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MILLISECONDS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+    finally:
+        cursor.close()
 
 
 def upgrade(store: sa.Engine, revision: str = "head") -> None:
+    """Migrate; on PostgreSQL under an advisory lock, so tasks starting together migrate one at a time
+    (the second finds the work done). SQLite's write lock does the same for a file."""
     with store.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         command.upgrade(_config(connection), revision)
 
 

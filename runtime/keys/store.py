@@ -33,6 +33,9 @@ from runtime.keys.schema import ApiKey, ApiKeyAudit
 
 DEFAULT_ROTATION_GRACE = dt.timedelta(hours=24)
 MAX_NAME_LENGTH = 255
+CHANGE_ACTIONS = ("revoked", "rotated")
+"""The audited actions after which a validator must not trust what it cached about the key."""
+CHANGES_LIMIT = 1000
 
 
 KeyNotFound = KeyNotFoundError
@@ -77,6 +80,15 @@ class KeyRecord:
 
     def usable(self, now: dt.datetime) -> bool:
         return self.is_active and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """An audited revocation or rotation: the key's cached answers are stale from `at` on."""
+
+    audit_id: uuid.UUID
+    key_id: uuid.UUID
+    at: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -238,6 +250,27 @@ class KeyStore:
                 if self.hasher.matches(candidate, row.key_hash):
                     return KeyRecord.of(row)
         return None
+
+    def changes_since(self, after: dt.datetime, *, limit: int = CHANGES_LIMIT) -> list[KeyChange]:
+        """Revocations and rotations audited after `after`, oldest first, at most `limit`: what a
+        validator's cache must forget (`runtime.auth.key_changes`)."""
+        query = (
+            sa.select(ApiKeyAudit.id, ApiKeyAudit.api_key_id, ApiKeyAudit.at)
+            .where(ApiKeyAudit.at > after, ApiKeyAudit.action.in_(CHANGE_ACTIONS))
+            .order_by(ApiKeyAudit.at, ApiKeyAudit.id)
+            .limit(limit)
+        )
+        with self._sessions() as session:
+            return [
+                KeyChange(audit_id=row.id, key_id=row.api_key_id, at=_aware(row.at))
+                for row in session.execute(query)
+                if row.api_key_id is not None
+            ]
+
+    def active_key_count(self, owner: str) -> int:
+        query = sa.select(sa.func.count()).where(ApiKey.user_id == owner, ApiKey.is_active.is_(True))
+        with self._sessions() as session:
+            return session.scalar(query) or 0
 
     def audit_trail(self, key_id: uuid.UUID | None = None) -> list[ApiKeyAudit]:
         """The audit rows, oldest first (of one key, or all)."""

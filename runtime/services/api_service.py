@@ -34,10 +34,9 @@ from starlette.routing import Mount, Route
 
 from runtime import names
 from runtime.auth import mlflow_routes, redis_client
-from runtime.auth.api_keys import ApiKeyValidator
+from runtime.auth.api_keys import VALIDATE_PATH
 from runtime.auth.client_address import AddressPolicy
-from runtime.auth.key_backend import backend_from_environ
-from runtime.auth.key_cache import cache_from_environ
+from runtime.auth.key_backend import api_key_path, migrate_store
 from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
@@ -129,19 +128,20 @@ class ApiService:
         if (platform := _platform_app(writable)) is not None:
             routes.append(Mount("/", platform))
         self.redis = redis_client.redis_from_environ(writable)  # one bounded pool: cache and limiter
-        self.auth_client = backend_from_environ(writable)  # our key store, else the auth service, else none
-        validator = (
-            ApiKeyValidator(self.auth_client, cache_from_environ(writable, self.redis))
-            if self.auth_client is not None
-            else None
-        )
+        self.keys = api_key_path(writable, self.redis)  # our key store, else the auth service, else none
         addresses = AddressPolicy.from_environ(writable)
+        excluded = ["/health"]
+        if self.keys.store is not None:  # the store's REST API, and the auth service's validation call
+            routes[1:1] = self._key_routes(addresses, environment)
+            excluded.append(VALIDATE_PATH)
         edge = options_from_environ(writable)
         self.app = APIKeyAuthMiddleware(
             Starlette(routes=routes),
+            excluded_paths=excluded,
             identities=IdentityPolicy.from_environ({**writable, names.ENV_ENVIRONMENT: environment}),
             addresses=addresses,
-            validator=validator,
+            validator=self.keys.validator,
+            usage=self.keys.usage,
             limiter=limiter_from_environ(writable, self.redis),
             metrics=self.metrics,
             required_scope=proxied_mlflow_scope,
@@ -150,6 +150,16 @@ class ApiService:
             proxy_trust_bundle=self._bundle() if edge["proxy_kind"] != names.PROXY_KIND_NONE else (),
             **edge,
         )
+
+    def _key_routes(self, addresses: AddressPolicy, environment: str) -> list[Route]:
+        from runtime.services.key_api import KEYS_PATH, KeyApi  # Pydantic and SQLAlchemy: only with a store
+
+        assert self.keys.store is not None and self.keys.validator is not None  # noqa: S101 - see caller
+        require_https = environment not in names.DEGRADABLE_ENVIRONMENTS
+        if not require_https and (self.worker is None or self.worker.index == 1):
+            log.warning("%s: the key API answers plain HTTP too (development only)", KEYS_PATH)
+        api = KeyApi(self.keys.store, self.keys.validator, addresses=addresses, require_https=require_https)
+        return [api.validation_route(), *api.routes()]
 
     def _published(self, environ: Mapping[str, str]) -> LoadResult:
         assert self.worker is not None  # noqa: S101 - only workers read what a supervisor published
@@ -220,9 +230,7 @@ class ApiService:
 
     def _clients_to_close(self) -> list[Background]:
         """Closed at exit, each on its own (one that fails leaves the others to close)."""
-        jobs = [Background("MLflow client", at_exit=self.client.aclose)]
-        if self.auth_client is not None:
-            jobs.append(Background("API-key backend", at_exit=self.auth_client.aclose))
+        jobs = [Background("MLflow client", at_exit=self.client.aclose), *self.keys.background()]
         if self.redis is not None:
             jobs.append(Background("Redis pool", at_exit=self.redis.aclose))
         return jobs
@@ -282,6 +290,8 @@ def serve_api(
     spec = WorkerSpec.from_environ(environ)
     count = 1 if spec is not None else worker_count(environ, workers)
     host, port = host or "0.0.0.0", port or names.API_PORT  # noqa: S104 - the task's interface, in its SG
+    if spec is None:
+        migrate_store(environ)  # the supervisor or the single process; workers find it done
     if count > 1:
         ApiSupervisor(environ, host=host, port=port, workers=count).run()
         return

@@ -40,10 +40,8 @@ from redis import asyncio as redis
 
 from runtime import names
 from runtime.auth import redis_client
-from runtime.auth.api_keys import ApiKeyValidator, KeyBackend
 from runtime.auth.client_address import AddressPolicy
-from runtime.auth.key_backend import backend_from_environ
-from runtime.auth.key_cache import cache_from_environ
+from runtime.auth.key_backend import ApiKeyPath, api_key_path, migrate_store
 from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy
@@ -166,7 +164,7 @@ class MlflowServer:
         self.jobs: mlflow_setup.JobRunner | None = None
         self.supervisor: Supervisor | None = None
         self.redis: redis.Redis | None = None
-        self.auth_client: KeyBackend | None = None
+        self.keys = ApiKeyPath(None, None)
         if workers > 1 and worker is None:
             self._supervise(workers, environ)
             return
@@ -218,11 +216,8 @@ class MlflowServer:
         """MLflow's app (or `app`) behind the hybrid middleware, with this process's Redis and auth client."""
         settings = self.settings
         self.redis = redis_client.redis_from_environ(environ)  # one bounded pool: cache and limiter
-        self.auth_client = backend_from_environ(environ)  # our key store, else the auth service, else none
-        validator = None
-        if self.auth_client is not None:
-            validator = ApiKeyValidator(self.auth_client, cache_from_environ(environ, self.redis))
-        elif self.worker is None or self.worker.index == 1:  # said once per task
+        self.keys = api_key_path(environ, self.redis)  # our key store, else the auth service, else none
+        if self.keys.backend is None and (self.worker is None or self.worker.index == 1):  # once per task
             log.warning(
                 "neither %s nor %s is set: requests without a client certificate are refused (401)",
                 names.ENV_KEY_STORE_URL,
@@ -240,7 +235,8 @@ class MlflowServer:
                 {**environ, names.ENV_ENVIRONMENT: settings.loader.environment}
             ),
             addresses=AddressPolicy.from_environ(environ),
-            validator=validator,
+            validator=self.keys.validator,
+            usage=self.keys.usage,
             limiter=limiter_from_environ(environ, self.redis),
             metrics=self.metrics,
             enable_mtls=self.tls is not None,
@@ -259,8 +255,7 @@ class MlflowServer:
                 periodic("certificate refresh", s.refresh_seconds, self.refresh),
                 periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
             ]
-        if self.auth_client is not None:
-            jobs.append(Background("API-key backend", at_exit=self.auth_client.aclose))
+        jobs.extend(self.keys.background())
         if self.redis is not None:
             jobs.append(Background("Redis pool", at_exit=self.redis.aclose))
         return jobs
@@ -405,6 +400,8 @@ def serve_mlflow(environ: Mapping[str, str] = os.environ, *, workers: int | None
     spec = WorkerSpec.from_environ(environ)
     count = 1 if spec is not None else worker_count(environ, workers)
     settings = MlflowServerSettings.from_environ(environ, **overrides)
+    if spec is None:
+        migrate_store(environ)  # with a key store of ours: its tables, once per task
     MlflowServer(settings, environ=environ, workers=count, worker=spec).run()
 
 

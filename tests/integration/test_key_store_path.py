@@ -3,7 +3,8 @@
 The image's command on loopback with a SQLite store the test migrated and filled through
 `runtime.keys.store`: a key it created is let in without any auth service, an invented or revoked
 key is refused, an expired one too, and a key bound to an address is refused from elsewhere, a
-forged `X-Forwarded-For` included; behind a trusted proxy the address it forwards counts.
+forged `X-Forwarded-For` included; behind a trusted proxy the address it forwards counts. serve-api
+brings a new store to this version's tables itself, and stops with a clear error on one it cannot read.
 """
 
 from __future__ import annotations
@@ -113,25 +114,35 @@ def test_behind_a_trusted_proxy_the_forwarded_address_decides(aws, store, tmp_pa
         server.kill()
 
 
-def test_an_unmigrated_store_stops_the_start_with_a_clear_error(aws, tmp_path):
-    url = f"sqlite:///{tmp_path}/empty.db"
+def test_serve_api_migrates_a_new_store_itself_and_stops_clearly_on_one_it_cannot_read(aws, tmp_path):
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    server, _ = start(aws, tmp_path, empty)
+    try:
+        assert server.terminate() == 0
+    finally:
+        server.kill()
+    engine = migrate.engine(empty)
+    assert migrate.current(engine) == migrate.head()
+    engine.dispose()
+
+    (tmp_path / "not-a-database").write_bytes(b"this is not SQLite" * 100)
     port = free_port()
     env = server_environment(
         aws,
         **{
             names.ENV_CERT_DIR: str(tmp_path / "certs"),
-            names.ENV_KEY_STORE_URL: url,
+            names.ENV_KEY_STORE_URL: f"sqlite:///{tmp_path}/not-a-database",
             names.ENV_KEY_HASH_SECRET: base64.b64encode(SECRET).decode(),
             "MLFLOW_TRACKING_URI": f"https://127.0.0.1:{free_port()}",
         },
     )
-    server = Server(
+    broken = Server(
         [*container_command("Dockerfile.api"), "--host", "127.0.0.1", "--port", str(port)], env, tmp_path
     )
     try:
-        assert server.process.wait(timeout=60) == 1
+        assert broken.process.wait(timeout=60) == 1
     finally:
-        server.kill()
-    log = server.stderr.read_text()
-    assert "error [key-store]" in log and "run `hokusai-mtls auth migrate` first" in log
+        broken.kill()
+    log = broken.stderr.read_text()
+    assert "error [key-store]: the key store cannot be migrated" in log
     assert "Traceback" not in log

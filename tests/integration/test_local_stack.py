@@ -1,9 +1,11 @@
 """`make local` end to end: `python -m local_stack up` run as a developer runs it, and driven like one.
 
 One stack for the module (it takes seconds, MLflow most of them): moto's Secrets Manager, a
-real MLflow in strict mTLS, the API, redis-server, the auth-service test double and a worker
-that logged a run. The tests run the curl commands it printed, check the same things with
-Python clients, and finally send SIGINT and check that every process it started is gone.
+real MLflow in strict mTLS, the API checking API keys against our key store (PostgreSQL's
+`api_keys` database, or sqlite), redis-server and a worker that logged a run; no auth-service
+double. The tests run the curl commands it printed and the command it printed for another key,
+check the same things with Python clients, and finally send SIGINT and check that every process
+it started is gone.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from local_stack import postgres_server, worker
-from local_stack.auth_service import ACTIVE_KEY
 from local_stack.commands import NO_HTTP_ANSWER
 from local_stack.environment import REPO
 from local_stack.stack import group_members, process_exists
 from runtime import names
+from runtime.auth.key_info import fingerprint
 from runtime.certificates.certset import load_ca_dir
+from runtime.keys import key_format
+from runtime.observability.audit import KEY_FINGERPRINT_CHARS
 from tests.support.dial import request_by_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -71,6 +75,43 @@ class Running:
             elif line.startswith("  curl ") and title:
                 commands[title.split(":")[0]] = shlex.split(line)
         return commands
+
+    def printed_key(self) -> str:
+        """The API key in the printed external command (the one `up` created in the key store)."""
+        headers = [a for a in self.printed_commands()["external"] if a.startswith("X-API-Key: ")]
+        assert len(headers) == 1, headers
+        return headers[0].removeprefix("X-API-Key: ")
+
+    def another_key_command(self) -> str:
+        """The shell line printed under "another API key"."""
+        lines = self.output.split("\nanother API key ", 1)[1].splitlines()
+        return lines[1].strip()
+
+    @property
+    def keys_env(self) -> Path:
+        return self.run_dir / "keys.env"
+
+    def sourced(self, name: str) -> str:
+        """A variable as a POSIX shell that sources keys.env sees it."""
+        script = f'set -a && . "$1" && printf %s "${{{name}}}"'
+        result = subprocess.run(
+            ["sh", "-c", script, "sh", str(self.keys_env)], capture_output=True, text=True, check=True
+        )
+        return result.stdout
+
+    def logs(self) -> dict[str, str]:
+        return {log.name: log.read_text(errors="replace") for log in (self.run_dir / "logs").glob("*.log")}
+
+
+def developer_environment() -> dict[str, str]:
+    """A developer's shell: nothing of ours set, so whatever the printed command needs comes from keys.env."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(("HOKUSAI_", "AWS_")) and k != "ENVIRONMENT"
+    }
+
+
+def api_search(stack: Running, key: str) -> httpx.Response:
+    return httpx.get(f"{stack.url('api')}/mlflow{SEARCH}", headers={"X-API-Key": key}, timeout=30)
 
 
 def _read(running: Running) -> None:
@@ -157,6 +198,7 @@ def test_the_printed_commands_work_as_printed(stack):
     commands = stack.printed_commands()
     assert set(commands) == {
         "external",
+        "external with a key the store does not hold (well-formed, checksum and all)",
         "external without an API key",
         "internal",
         "internal without a client certificate",
@@ -168,6 +210,11 @@ def test_the_printed_commands_work_as_printed(stack):
     external = run(commands["external"])
     assert external.returncode == 0, external.stderr
     assert "local-stack" in {e["name"] for e in json.loads(external.stdout)["experiments"]}
+
+    unknown = run(commands["external with a key the store does not hold (well-formed, checksum and all)"])
+    shown = [a.removeprefix("X-API-Key: ") for a in unknown.args if a.startswith("X-API-Key: ")]
+    assert key_format.parse(shown[0]) and shown[0] != stack.printed_key()  # a real key's shape, not ours
+    assert json.loads(unknown.stdout) == {"error_code": "UNAUTHENTICATED", "message": "API key invalid"}
 
     no_key = run(commands["external without an API key"])
     assert json.loads(no_key.stdout) == {"error_code": "UNAUTHENTICATED", "message": "API key required"}
@@ -216,11 +263,128 @@ def test_the_backend_store_is_postgresql_when_it_is_installed(stack):
     assert (worker.EXPERIMENT,) in rows
 
 
-# --- the flows, checked with Python clients ------------------------------------------------
-def test_an_api_key_through_the_api_reaches_mlflow(stack):
-    answer = httpx.get(f"{stack.url('api')}/mlflow{SEARCH}", headers={"X-API-Key": ACTIVE_KEY}, timeout=30)
+# --- the key store ---------------------------------------------------------------------------
+def test_the_api_checks_keys_against_our_key_store_and_no_auth_double_runs(stack):
+    children = {c["name"]: c for c in stack.state["children"]}
+    assert "auth-service" not in children
+    api_environment = dict(
+        entry.split("=", 1)
+        for entry in Path(f"/proc/{children['api']['pid']}/environ").read_text().split("\0")
+        if "=" in entry
+    )
+    assert names.ENV_AUTH_SERVICE_URL not in api_environment
+    assert api_environment[names.ENV_KEY_STORE_URL] == stack.sourced(names.ENV_KEY_STORE_URL)
+    assert api_environment[names.ENV_KEY_HASH_SECRET] == stack.sourced(names.ENV_KEY_HASH_SECRET)
+    store = stack.url("key-store")
+    if postgres_server.available():
+        assert re.fullmatch(r"postgresql://hokusai:\*\*\*@127\.0\.0\.1:\d+/api_keys", store), store
+    else:
+        assert store == f"sqlite:///{stack.run_dir / 'data' / 'api_keys.db'}"
+    assert "API keys: validated against our key store" in stack.logs()["api.log"]
+    # nothing the stack started (any process in its groups, or below it) is the auth-service double
+    groups = {c["pgid"] for c in stack.state["children"]}
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            parents[int(entry.name)] = (int(fields[1]), int(fields[2]))  # ppid, pgrp
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == stack.process.pid or parents.get(pid, (0, 0))[1] in groups:
+                return True
+            pid = parents.get(pid, (0, 0))[0]
+        return False
+
+    started = [commands[pid] for pid in parents if ours(pid)]
+    assert any("serve-api" in command for command in started), started
+    assert not [command for command in started if "auth_service" in command], started
+
+
+def test_the_printed_key_is_the_one_created_in_the_store(stack):
+    key = stack.printed_key()
+    assert key_format.parse(key).key.startswith(key_format.TEST_PREFIX)
+    recorded = stack.state["api_key"]
+    assert recorded["key_prefix"] == key_format.display_prefix(key)
+    assert (recorded["user_id"], recorded["name"]) == ("local-user", "make local")
+    assert f"created API key {recorded['key_prefix']}... for local-user" in stack.output
+    assert key not in (stack.run_dir / "state.json").read_text()  # printed once, recorded nowhere
+    cli = str(Path(sys.executable).parent / "hokusai-mtls")
+    script = 'set -a && . "$1" && "$2" auth list-keys --json'
+    listing = subprocess.run(
+        ["sh", "-c", script, "sh", str(stack.keys_env), cli],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=developer_environment(),
+        check=False,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert recorded["id"] in {k["id"] for k in json.loads(listing.stdout) if k["is_active"]}
+
+
+def test_the_hash_secret_is_never_printed_and_only_in_a_0600_file(stack):
+    secret = stack.sourced(names.ENV_KEY_HASH_SECRET)
+    assert len(secret) >= 48
+    assert stack.keys_env.stat().st_mode & 0o777 == 0o600
+    assert stack.run_dir.stat().st_mode & 0o777 == 0o700
+    assert secret not in stack.output
+    assert secret not in (stack.run_dir / "state.json").read_text()
+    for name, text in stack.logs().items():
+        assert secret not in text, name
+
+
+def test_an_invalid_key_is_refused(stack):
+    key = stack.printed_key()
+    mistyped = key[:-1] + ("A" if key[-1] != "A" else "B")  # the checksum no longer matches
+    unknown = key_format.generate("development")  # well-formed, in no store
+    for candidate in (mistyped, unknown):
+        answer = api_search(stack, candidate)
+        assert answer.status_code == 401, (candidate, answer.text)
+        assert answer.json() == {"error_code": "UNAUTHENTICATED", "message": "API key invalid"}
+
+
+def test_the_printed_command_for_another_key_works(stack):
+    command = stack.another_key_command()
+    assert command.startswith("(set -a && . ") and " auth create-key --user local-user " in command
+    assert "HASH_SECRET=" not in command
+    made = subprocess.run(
+        ["sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=developer_environment(),
+    )
+    assert made.returncode == 0, made.stderr
+    new_key = made.stdout.splitlines()[0]
+    assert key_format.parse(new_key) and new_key != stack.printed_key()
+    answer = api_search(stack, new_key)
     assert answer.status_code == 200, answer.text
     assert worker.EXPERIMENT in {e["name"] for e in answer.json()["experiments"]}
+
+
+# --- the flows, checked with Python clients ------------------------------------------------
+def test_an_api_key_through_the_api_reaches_mlflow(stack):
+    key = stack.printed_key()
+    answer = api_search(stack, key)
+    assert answer.status_code == 200, answer.text
+    assert worker.EXPERIMENT in {e["name"] for e in answer.json()["experiments"]}
+    # let in by the API-key path, as the API's audit line for that key says
+    logged = fingerprint(key)[:KEY_FINGERPRINT_CHARS]
+    audit = [
+        json.loads(line.split(" hokusai_mtls.audit ", 1)[1])
+        for line in stack.logs()["api.log"].splitlines()
+        if " hokusai_mtls.audit " in line
+    ]
+    last = [entry for entry in audit if entry.get("key") == logged][-1]
+    assert (last["auth_path"], last["outcome"], last["status"]) == ("api_key", "success", 200), last
     # the API-key path cached the key's validation in the real redis-server
     with redis.Redis.from_url(stack.url("redis"), socket_timeout=5) as client:
         assert client.dbsize() > 0
@@ -298,10 +462,10 @@ def test_the_workers_run_is_in_mlflow(stack):
 # --- last: Ctrl-C ----------------------------------------------------------------------------
 def test_zz_sigint_stops_every_process_it_started_and_cleans_its_state(stack):
     children = stack.state["children"]
+    secret = stack.sourced(names.ENV_KEY_HASH_SECRET)
     assert {c["name"] for c in children} == {
         "secrets-manager",
         "redis",
-        "auth-service",
         "mlflow",
         "api",
         "worker",
@@ -315,6 +479,8 @@ def test_zz_sigint_stops_every_process_it_started_and_cleans_its_state(stack):
     assert not process_exists(stack.process.pid)
     assert not (stack.run_dir / "state.json").exists()
     assert not (stack.run_dir / "certs").exists()  # no private keys left behind
+    assert not stack.keys_env.exists()  # nor the key store's hashing secret
+    assert secret not in stack.output  # not even while stopping
     assert (stack.run_dir / "logs" / "mlflow.log").exists()  # the logs stay for a look
     stopped = stack.output.split("SIGINT: stopping", 1)[1]
     for child in children:
