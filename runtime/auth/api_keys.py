@@ -249,8 +249,12 @@ class ApiKeyValidator:
             if self._changes is None or not self._changes.is_stale(entry.api_key_id):
                 return self._judge(entry, cached=True)
             asked = self._changes.now()  # revoked or rotated since it was cached: ask again
+            # A call already on its way may have read the store before the change: its answer is not
+            # fresh for `asked`; whoever began that call vouches for it with its own time.
+            joined = key_fingerprint in self._in_flight
             info = await self._fetch_once(api_key, key_fingerprint, request_id)
-            self._changes.refreshed(entry.api_key_id, asked)
+            if not joined:
+                self._changes.refreshed(entry.api_key_id, asked)
         else:
             info = await self._fetch_once(api_key, key_fingerprint, request_id)
         return Validation(None, OUTCOME_INVALID, cached=False) if info is None else self._judge(info, False)

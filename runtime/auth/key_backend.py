@@ -16,18 +16,21 @@ import redis.asyncio
 from runtime import names
 from runtime.auth.api_keys import ApiKeyValidator, AuthServiceClient, KeyBackend, UsageSink
 from runtime.auth.key_cache import cache_from_environ
+from runtime.auth.key_info import ApiKeyInfo
+from runtime.keys import key_format
 from runtime.serving.server import Background
 
 log = logging.getLogger("hokusai_mtls")
 
 
 def backend_from_environ(environ: Mapping[str, str] = os.environ) -> KeyBackend | None:
-    """Our key store if `HOKUSAI_MTLS_KEY_STORE_URL` is set, else the auth service of `AUTH_SERVICE_URL`,
-    else None (no API-key path). The store must have been migrated (`hokusai-mtls auth migrate`):
-    `KeyStoreError` otherwise, or when its secret is missing (`runtime.keys.opening`)."""
+    """Our key store if `HOKUSAI_MTLS_KEY_STORE_URL` is set, the auth service of `AUTH_SERVICE_URL`, both
+    (`MigratingBackend`) when both are, else None (no API-key path). The store must have been migrated
+    (`hokusai-mtls auth migrate`): `KeyStoreError` otherwise, or when its secret is missing
+    (`runtime.keys.opening`)."""
     url = environ.get(names.ENV_KEY_STORE_URL, "").strip()
+    auth_url = environ.get(names.ENV_AUTH_SERVICE_URL, "").strip()
     if not url:
-        auth_url = environ.get(names.ENV_AUTH_SERVICE_URL)
         return AuthServiceClient(auth_url) if auth_url else None
     try:
         from runtime.auth.key_store_backend import store_backend
@@ -36,7 +39,44 @@ def backend_from_environ(environ: Mapping[str, str] = os.environ) -> KeyBackend 
             f"{names.ENV_KEY_STORE_URL} is set but this installation has no key store support "
             f"(pip install 'hokusai-mtls[keys]'): {exc}"
         ) from None
-    return store_backend(environ)
+    ours = store_backend(environ)
+    if not auth_url:
+        return ours
+    log.warning(
+        "API keys: migration mode: keys in our format are checked in our key store, every other key "
+        "is asked of %s; unset %s when every client has moved",
+        auth_url,
+        names.ENV_AUTH_SERVICE_URL,
+    )
+    return MigratingBackend(ours, AuthServiceClient(auth_url))
+
+
+class MigratingBackend:
+    """Moving from the external auth service to our store without a flag day: a key in our format
+    (`key_format.is_ours`: prefix, length, checksum) is ours to judge, and only ours (an unknown one is
+    not asked of the old service); any other key is the old service's. Revocations are followed and
+    usage recorded for our keys; the old service's keys keep its cache TTL, as before."""
+
+    def __init__(self, ours: KeyBackend, external: AuthServiceClient) -> None:
+        self.ours = ours
+        self.external = external
+        self.changes = ours.changes
+        self.usage = ours.usage
+        self.store = getattr(ours, "store", None)
+
+    async def validate(self, api_key: str, *, request_id: str | bytes) -> ApiKeyInfo | None:
+        if key_format.is_ours(api_key):
+            return await self.ours.validate(api_key, request_id=request_id)
+        return await self.external.validate(api_key, request_id=request_id)
+
+    def background(self) -> list[Background]:
+        return self.ours.background()
+
+    async def aclose(self) -> None:
+        try:
+            await self.ours.aclose()
+        finally:
+            await self.external.aclose()
 
 
 def migrate_store(environ: Mapping[str, str]) -> None:

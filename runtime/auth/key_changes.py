@@ -14,6 +14,7 @@ which covers every entry another instance may have put into a shared cache befor
 
 A noted id is forgotten when the fresh answer is in, or after `window_seconds` (by then every entry
 cached before the change has expired anyway), so the map holds at most the keys changed in that window.
+Until the first look at the store has succeeded, every cached answer counts as stale: fail closed.
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ class KeyChanges:
         self._clock = clock
         self._stale: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.current = False
+        """False until the first look at the store succeeded: until then every cached answer is stale
+        (an instance that just started cannot know what was revoked while a shared cache kept it)."""
 
     def __len__(self) -> int:
         return len(self._stale)
 
     def note(self, key_ids: Iterable[str]) -> None:
+        """The ids of keys changed since the last look; also marks this instance current."""
         now = self._clock()
         with self._lock:
+            self.current = True
             for key_id in key_ids:
                 self._stale[key_id] = now
             expired = [k for k, noted in self._stale.items() if now - noted > self.window_seconds]
@@ -49,7 +55,7 @@ class KeyChanges:
 
     def is_stale(self, key_id: str) -> bool:
         """Whether a cached answer about `key_id` must be asked again (cheap: one dict lookup)."""
-        return key_id in self._stale
+        return not self.current or key_id in self._stale
 
     def refreshed(self, key_id: str, since: float) -> None:
         """The store's answer, asked at `since` (this clock), is cached: unless the key changed again

@@ -106,8 +106,7 @@ class ChangePoller:
             if len(page) < CHANGES_LIMIT or page[-1].at <= start:
                 break
             start = page[-1].at  # a burst of changes: read on, page by page
-        if new:
-            self.changes.note(str(change.key_id) for change in new)
+        self.changes.note(str(change.key_id) for change in new)  # none new: still marks it current
         horizon = self._after - 2 * CHANGES_OVERLAP
         for audit_id in [a for a, at in self._seen.items() if at < horizon]:
             del self._seen[audit_id]
@@ -131,6 +130,7 @@ class KeyStoreBackend:
         self.usage = usage
         self.changes = KeyChanges(window_seconds=CHANGES_LOOKBACK.total_seconds())
         self.poller = ChangePoller(store, self.changes)
+        self.poller.poll()  # before the first request: what was revoked while a shared cache kept it
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hokusai-mtls key store")
         self._threads = asyncio.Semaphore(threads)  # waiting for a thread is part of the deadline
 

@@ -391,6 +391,10 @@ class _Decision:
             if message["type"] == "http.response.start":
                 self.status = message.get("status")
                 message = _with_headers(message, extra)
+            elif message["type"] == "websocket.accept":
+                self.status = 101  # the upgrade's answer
+            elif message["type"] == "websocket.close" and self.status is None:
+                self.status = 403  # closed before accepting: the server answers 403 (ASGI spec)
             await send(message)
 
         return send_and_record

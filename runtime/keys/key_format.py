@@ -88,6 +88,15 @@ def parse(candidate: str) -> ParsedKey:
     return ParsedKey(candidate, candidate.startswith(LIVE_PREFIX))
 
 
+def is_ours(candidate: str) -> bool:
+    """Whether `candidate` is in our format, checksum included (no query, no exception)."""
+    try:
+        parse(candidate)
+    except InvalidKeyFormat:
+        return False
+    return True
+
+
 def display_prefix(key: str) -> str:
     """The part of a key that may be shown and logged (`hk_live_4QbL`)."""
     return key[:DISPLAY_LENGTH]

@@ -58,8 +58,9 @@ class UsageEvent:
 
 
 def usage_enabled(environ: Mapping[str, str]) -> bool:
-    """`HOKUSAI_MTLS_KEY_USAGE`: on (default) or off; anything else is refused, naming the variable."""
-    raw = environ.get(names.ENV_KEY_USAGE, "on").strip().lower()
+    """`HOKUSAI_MTLS_KEY_USAGE`: on (default, also when blank) or off; anything else is refused, naming
+    the variable."""
+    raw = environ.get(names.ENV_KEY_USAGE, "").strip().lower() or "on"
     if raw not in ("on", "off"):
         raise ValueError(f"{names.ENV_KEY_USAGE}={raw!r}: expected on or off")
     return raw == "on"
@@ -110,7 +111,7 @@ class UsageRecorder:
         self._thread: threading.Thread | None = None
         self._last_failure_log = float("-inf")
         self.recorded = 0
-        """Usage rows written."""
+        """Usage events written (the store skips those of keys it does not hold)."""
         self.dropped = 0
         """Events refused because the queue was full (or, for last use, too many keys in one flush)."""
         self.failed = 0
@@ -231,7 +232,7 @@ class UsageRecorder:
         keys = ApiKey.__table__
         with self.engine.begin() as connection:
             if rows:
-                connection.execute(sa.insert(ApiKeyUsage.__table__), rows)
+                connection.execute(_INSERT_FOR_KNOWN_KEY, rows)
             if uses:
                 connection.execute(
                     sa.update(keys)
@@ -258,6 +259,21 @@ class UsageRecorder:
                     self.failed,
                     first_line(exc),
                 )
+
+
+def _insert_for_known_key() -> sa.Insert:
+    """One usage row per parameter set, only if its key is in `api_keys`: an id the store does not
+    hold (another service's key in migration mode, a key deleted meanwhile) is skipped, not a
+    foreign-key failure that would lose the whole batch."""
+    usage, keys = ApiKeyUsage.__table__, ApiKey.__table__
+    columns = ("id", "api_key_id", "endpoint", "timestamp", "response_time_ms", "status_code")
+    values = [sa.bindparam(name, type_=usage.c[name].type) for name in columns]
+    return sa.insert(usage).from_select(
+        list(columns), sa.select(*values).where(keys.c.id == sa.bindparam("api_key_id", type_=keys.c.id.type))
+    )
+
+
+_INSERT_FOR_KNOWN_KEY = _insert_for_known_key()
 
 
 def _uuid(text: str) -> uuid.UUID | None:

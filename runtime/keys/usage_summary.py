@@ -52,7 +52,9 @@ def summarize(
 ) -> dict:
     check_window(since, until, period)
     usage = ApiKeyUsage.__table__.c
-    window = sa.and_(usage.api_key_id == key_id, usage.timestamp >= since, usage.timestamp < until)
+    # In UTC, as the rows are written: SQLite keeps a time's wall clock only, and compares it as text.
+    start, end = since.astimezone(dt.UTC), until.astimezone(dt.UTC)
+    window = sa.and_(usage.api_key_id == key_id, usage.timestamp >= start, usage.timestamp < end)
     bucket = _bucket(engine.dialect.name, period, usage.timestamp).label("bucket")
     with engine.connect() as connection:
         total = connection.scalar(sa.select(sa.func.count()).where(window)) or 0

@@ -1,19 +1,22 @@
 """`hokusai-mtls auth ...` end to end, as an operator runs it: migrate, the first admin key, list,
-rotate, revoke; a key printed once and never again; clear errors with their codes, never a traceback."""
+rotate, revoke, usage; a key printed once and never again; clear errors with their codes, never a traceback."""
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from runtime import names
 from runtime.keys import key_format, migrate
 from runtime.keys.hashing import KeyHasher
+from runtime.keys.schema import ApiKeyUsage
 from runtime.keys.store import KeyStore
 from tests.integration.conftest import container_command
 
@@ -94,6 +97,45 @@ def test_the_key_is_printed_alone_on_its_first_line_for_scripts(tmp_path):
     assert "shown this once" in result.stdout
 
 
+def test_usage_summarises_what_the_store_recorded_for_the_key(tmp_path):
+    ok(run(tmp_path, "migrate", "--json"))
+    made = ok(run(tmp_path, "create-key", "--user", "alice", "--name", "ci", "--json"))
+    engine = migrate.engine(f"sqlite:///{tmp_path}/keys.db")
+    now = dt.datetime.now(dt.UTC)
+    rows = [  # 4 requests: 3 GETs (10, 20, 30 ms, one a 404) and a POST of 40 ms, in the last hour
+        ("GET /runs", 200, 10),
+        ("GET /runs", 200, 20),
+        ("GET /runs", 404, 30),
+        ("POST /runs", 201, 40),
+    ]
+    with engine.begin() as connection:
+        connection.execute(
+            sa.insert(ApiKeyUsage.__table__),
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "api_key_id": uuid.UUID(made["id"]),
+                    "endpoint": endpoint,
+                    "timestamp": now - dt.timedelta(minutes=10),
+                    "response_time_ms": ms,
+                    "status_code": status,
+                }
+                for endpoint, status, ms in rows
+            ],
+        )
+    engine.dispose()
+    summary = ok(run(tmp_path, "usage", made["id"], "--days", "1", "--json"))
+    assert summary["requests"] == 4
+    assert summary["endpoints"] == [
+        {"endpoint": "GET /runs", "requests": 3},
+        {"endpoint": "POST /runs", "requests": 1},
+    ]
+    assert summary["statuses"] == {"200": 2, "201": 1, "404": 1}
+    assert summary["response_time_ms"] == {"p50": 20, "p95": 40, "p99": 40, "max": 40}
+    text = run(tmp_path, "usage", made["id"])
+    assert text.returncode == 0 and "4 requests" in text.stdout and "p50 20" in text.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "secret", "store", "code", "words"),
     [
@@ -107,6 +149,8 @@ def test_the_key_is_printed_alone_on_its_first_line_for_scripts(tmp_path):
         (("list-keys",), True, "never-migrated.db", "key-store", "auth migrate"),
         (("revoke-key", str(uuid.uuid4())), True, "keys.db", "key-not-found", "no API key"),
         (("revoke-key", "not-a-uuid"), True, "keys.db", "invalid-value", "expected a UUID"),
+        (("usage", str(uuid.uuid4())), True, "keys.db", "key-not-found", "no API key"),
+        (("usage", str(uuid.uuid4()), "--days", "0"), True, "keys.db", "invalid-value", "--days"),
         (
             ("create-key", "--user", "a", "--name", "n", "--allow-ip", "10.0.0.0/33"),
             True,

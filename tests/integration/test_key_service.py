@@ -11,10 +11,14 @@ test, also a real PostgreSQL.
   later answer, no log line).
 - The management API refuses plain HTTP (no `X-Forwarded-Proto: https` from the trusted proxy).
 - A key revoked or rotated away through instance A is refused by instance B, which had it cached,
-  within 1 s: `runtime.auth.key_changes` (the bound is the product's promise, so the test holds it).
+  within 1 s: `runtime.auth.key_changes` (the bound is the product's promise, so the test holds it);
+  with a memory cache per instance and with one Redis cache they share, where an instance started
+  after the revocation must not trust the entry Redis still holds.
 - Usage: every request with a key is summarised by the usage endpoint; `last_used_at` moves.
 - A third instance configured with `AUTH_SERVICE_URL` pointing at instance A (the external-service
   client, unchanged) lets A's keys in: our service is the platform's auth service.
+- Migration mode (store and `AUTH_SERVICE_URL` both set): our keys are ours to judge, every other
+  key is the old service's (its test double here: a remote service we do not own).
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from local_stack.auth_service import ACTIVE_KEY, INACTIVE_KEY
 from runtime import names
-from runtime.keys import migrate
+from runtime.keys import key_format, migrate
 from runtime.keys.hashing import KeyHasher
 from runtime.keys.permissions import ADMIN_SCOPE, MANAGE_SCOPE
 from runtime.keys.store import KeyStore
@@ -208,16 +213,21 @@ def test_users_manage_their_own_keys_and_admins_anyones_over_https_only(aws, any
     assert any(row.actor.startswith("api:bob key:") for row in store.audit_trail())
 
 
+@pytest.mark.parametrize("cache", ["memory", "redis"])
 def test_a_key_revoked_or_rotated_away_on_one_instance_is_refused_by_another_within_a_second(
-    aws, sqlite_store, tmp_path
+    aws, sqlite_store, tmp_path, request, cache
 ):
     store, url = sqlite_store
+    shared = {names.ENV_REDIS_URL: request.getfixturevalue("redis_url")} if cache == "redis" else {}
     admin = store.create("ops", "admin", actor="test", scopes=[ADMIN_SCOPE]).key
     doomed = store.create("carol", "leaked", actor="test").key
     replaced = store.create("carol", "old", actor="test")
-    a = Api(aws, tmp_path / "a", url)
-    b = Api(aws, tmp_path / "b", url)
+    unseen = store.create("carol", "cached, then revoked while no one asked", actor="test").key
+    a = Api(aws, tmp_path / "a", url, **shared)
+    b = Api(aws, tmp_path / "b", url, **shared)
+    late = None
     try:
+        assert a.status(unseen) == 404  # cached (in Redis: for every instance, 5 minutes)
         for _ in range(3):  # cached on B (and A)
             assert b.status(doomed) == 404 and b.status(replaced.key) == 404
         doomed_id = store.lookup(doomed).id
@@ -237,9 +247,16 @@ def test_a_key_revoked_or_rotated_away_on_one_instance_is_refused_by_another_wit
             )
             time.sleep(0.02)
         assert b.status(rotated.json()["key"]) == 404
+
+        # an instance that starts after a revocation does not trust what the shared cache still says
+        assert a.call("DELETE", f"{KEYS}/{store.lookup(unseen).id}", admin).status_code == 200
+        late = Api(aws, tmp_path / "late", url, **shared)
+        assert late.status(unseen) == 401
     finally:
         a.stop()
         b.stop()
+        if late is not None:
+            late.stop()
     print(f"refused on the other instance {took * 1000:.0f} ms after the revocation")
 
 
@@ -305,3 +322,22 @@ def test_our_service_answers_the_auth_services_validation_call(aws, sqlite_store
         if client is not None:
             log += client.stop()
     assert good not in log
+
+
+def test_migration_mode_checks_our_keys_in_our_store_and_the_rest_with_the_old_service(
+    aws, sqlite_store, auth_service, tmp_path
+):
+    store, url = sqlite_store
+    ours = store.create("gina", "new", actor="test").key
+    api = Api(aws, tmp_path / "both", url, **{names.ENV_AUTH_SERVICE_URL: auth_service.base_url})
+    try:
+        before = auth_service.calls
+        assert api.status(ours) == 404  # ours: let in by our store
+        assert api.status(key_format.generate(ENV)) == 401  # our format, not in our store: refused...
+        assert auth_service.calls == before  # ...without asking the old service
+        assert api.status(ACTIVE_KEY) == 404  # the old service's key: asked of it, let in
+        assert auth_service.calls == before + 1
+        assert api.status(INACTIVE_KEY) == 401
+    finally:
+        log = api.stop()
+    assert "migration mode" in log and ours not in log
