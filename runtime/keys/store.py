@@ -226,10 +226,20 @@ class KeyStore:
         with self._sessions() as session:
             return KeyRecord.of(self._row(session, key_id, owner))
 
-    def list_keys(self, *, owner: str | None = None, actor: str | None = None) -> list[KeyRecord]:
-        """A user's keys (`owner`), or every key; newest first. With `actor`, the listing is audited."""
+    def list_keys(
+        self,
+        *,
+        owner: str | None = None,
+        actor: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[KeyRecord]:
+        """A user's keys (`owner`), or every key; newest first, `limit` of them from `offset`. With
+        `actor`, the listing is audited."""
         with self._sessions.begin() as session:
-            query = sa.select(ApiKey).order_by(ApiKey.created_at.desc(), ApiKey.id)
+            query = (
+                sa.select(ApiKey).order_by(ApiKey.created_at.desc(), ApiKey.id).offset(offset).limit(limit)
+            )
             if owner is not None:
                 query = query.where(ApiKey.user_id == owner)
             records = [KeyRecord.of(row) for row in session.scalars(query)]

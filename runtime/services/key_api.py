@@ -56,12 +56,18 @@ log = logging.getLogger("hokusai_mtls")
 
 KEYS_PATH = "/api/v1/auth/keys"
 MAX_BODY_BYTES = 16 * 1024
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 MAX_STORE_THREADS = 4
 MAX_ROTATION_GRACE_HOURS = 30 * 24
 NO_STORE = {"cache-control": "no-store"}
 
 Scope = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9:._-]{1,64}$")]
-Text = Annotated[str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)]
+Text = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=255, strip_whitespace=True, pattern=r"^[^\x00-\x1f\x7f]+$"),
+]
+"""A name or a user id: printable, so it cannot forge a line in a log or a terminal."""
 
 
 # --- the models --------------------------------------------------------------------------------------
@@ -126,6 +132,8 @@ class CreatedKeyResponse(KeyResponse):
 
 class KeyList(BaseModel):
     keys: list[KeyResponse]
+    next_offset: int | None
+    """Where the next page starts (`?offset=`), None on the last one."""
 
 
 # --- the HTTP side ---------------------------------------------------------------------------------
@@ -172,6 +180,15 @@ def _key_id(request: Request) -> uuid.UUID:
         return uuid.UUID(request.path_params["key_id"])
     except ValueError:
         raise HttpError(404, "no such API key") from None
+
+
+def _count(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise HttpError(422, [{"field": name, "message": f"expected a whole number from {low} to {high}"}])
+    return int(raw)
 
 
 def _time(request: Request, name: str, default: dt.datetime) -> dt.datetime:
@@ -263,7 +280,10 @@ class KeyApi:
         """The caller with the limits of the key it called with (a certificate has none)."""
         if caller.is_admin or caller.key_id is None:
             return caller
-        own = await self._store(self.store.get, uuid.UUID(caller.key_id))
+        try:
+            own = await self._store(self.store.get, uuid.UUID(caller.key_id))
+        except (KeyNotFoundError, ValueError):  # migration mode: a key of the old auth service
+            raise NotAllowed("only a key of this key store manages keys") from None
         return Caller(
             user_id=caller.user_id,
             scopes=caller.scopes,
@@ -310,8 +330,13 @@ class KeyApi:
     async def list_keys(self, request: Request, caller: Caller) -> Response:
         caller.require_manage()
         owner = caller.owner_filter(request.query_params.get("user_id"))
-        records = await self._store(self.store.list_keys, owner=owner, actor=caller.actor)
-        return _model(200, KeyList(keys=[KeyResponse.of(record) for record in records]))
+        limit = _count(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        offset = _count(request, "offset", 0, 0, 10**9)
+        records = await self._store(
+            self.store.list_keys, owner=owner, actor=caller.actor, limit=limit + 1, offset=offset
+        )
+        page = [KeyResponse.of(record) for record in records[:limit]]
+        return _model(200, KeyList(keys=page, next_offset=offset + limit if len(records) > limit else None))
 
     async def get(self, request: Request, caller: Caller) -> Response:
         caller.require_manage()
@@ -365,11 +390,15 @@ class KeyApi:
 
     # --- the auth service's call -------------------------------------------------------------------
     async def validate(self, request: Request) -> Response:
-        """`POST /api/v1/keys/validate` as `runtime.auth.api_keys` documents it."""
+        """`POST /api/v1/keys/validate` as `runtime.auth.api_keys` documents it. Plain HTTP outside
+        development is refused with 400 (not 403, which the auth-service client reads as "unknown key":
+        a caller configured with http:// fails closed and says why, instead of refusing every key)."""
         try:
+            self._check_https(request)
             body = await _body(request, ValidateRequest)
         except HttpError as exc:
-            return _answer(exc.status, {"detail": exc.detail})
+            status = 400 if exc.code == "https_required" else exc.status
+            return _answer(status, {"detail": exc.detail, **({"code": exc.code} if exc.code else {})})
         request_id = request.headers.get("x-request-id", "")[:128] or "validate"
         try:
             validation = await self.validator.validate(body.api_key, request_id=request_id)

@@ -178,6 +178,8 @@ def test_users_manage_their_own_keys_and_admins_anyones_over_https_only(aws, any
         assert bad.status_code == 422
         assert {e["field"] for e in bad.json()["detail"]} == {"name", "colour"}
         assert api.call("POST", KEYS, admin, content=b"{not json").status_code == 422
+        forged_line = api.call("POST", KEYS, admin, json={"name": "ok\n2026 INFO forged", "user_id": "bob"})
+        assert forged_line.status_code == 422 and forged_line.json()["detail"][0]["field"] == "name"
         assert api.call("POST", KEYS, admin, content=b"[" * 100_000).status_code == 413
 
         # rotate: a new key, the old one works for its grace; revoke: refused at once
@@ -202,6 +204,13 @@ def test_users_manage_their_own_keys_and_admins_anyones_over_https_only(aws, any
         everyone = api.call("GET", KEYS, admin)
         answers.append(everyone.text)
         assert {k["user_id"] for k in everyone.json()["keys"]} == {"ops", "bob", "alice"}
+        pages, offset = [], 0
+        while offset is not None:  # pages of 2: every key once, newest first
+            page = api.call("GET", KEYS, admin, params={"limit": 2, "offset": offset}).json()
+            pages.extend(k["id"] for k in page["keys"])
+            offset = page["next_offset"]
+        assert pages == [k["id"] for k in everyone.json()["keys"]]
+        assert api.call("GET", KEYS, admin, params={"limit": 5000}).status_code == 422
         answers.append(api.call("GET", f"{KEYS}/{bob['id']}", bob["key"]).text)
     finally:
         log = api.stop()
@@ -304,21 +313,30 @@ def test_usage_is_recorded_and_summarised_and_last_use_moves(aws, sqlite_store, 
 def test_our_service_answers_the_auth_services_validation_call(aws, sqlite_store, tmp_path):
     store, url = sqlite_store
     good = store.create("frank", "ci", actor="test", scopes=["mlflow:read"]).key
-    ours = Api(aws, tmp_path / "ours", url)
+    staging = Api(aws, tmp_path / "staging", url)
+    # The old client (AuthServiceClient) sends no X-Forwarded-Proto: deployed, it dials the service's
+    # https URL through the ALB (the CDK refuses an http AUTH_SERVICE_URL outside development). Here it
+    # dials the service directly, so that service runs in development, where plain HTTP is accepted.
+    ours = Api(aws, tmp_path / "ours", url, **{names.ENV_ENVIRONMENT: "development"})
     client = None
     try:
-        answer = ours.http.post("/api/v1/keys/validate", json={"api_key": good})
+        plain = staging.http.post("/api/v1/keys/validate", json={"api_key": good})
+        assert (plain.status_code, plain.json()["code"]) == (400, "https_required")  # not 403: see key_api
+        answer = staging.http.post("/api/v1/keys/validate", json={"api_key": good}, headers=HTTPS)
         assert answer.status_code == 200
         assert answer.json()["user_id"] == "frank" and answer.json()["scopes"] == ["mlflow:read"]
-        assert ours.http.post("/api/v1/keys/validate", json={"api_key": "hk_test_nope"}).status_code == 404
-        assert ours.http.post("/api/v1/keys/validate", json={"key": good}).status_code == 422
+        unknown = staging.http.post("/api/v1/keys/validate", json={"api_key": "hk_test_nope"}, headers=HTTPS)
+        assert unknown.status_code == 404
+        assert (
+            staging.http.post("/api/v1/keys/validate", json={"key": good}, headers=HTTPS).status_code == 422
+        )
 
         # an API instance of the old kind (AUTH_SERVICE_URL, no store) lets our keys in through it
         client = Api(aws, tmp_path / "client", None, **{names.ENV_AUTH_SERVICE_URL: ours.base})
         assert client.status(good) == 404
         assert client.status("hk_test_" + "x" * 38) == 401
     finally:
-        log = ours.stop()
+        log = staging.stop() + ours.stop()
         if client is not None:
             log += client.stop()
     assert good not in log
