@@ -180,6 +180,8 @@ class UsageSink(Protocol):
 
     def record(self, key_id: str, endpoint: str, status_code: int, seconds: float) -> None: ...
 
+    def counts(self) -> dict[str, int]: ...
+
 
 class KeyBackend(Protocol):
     """Who knows the keys: `AuthServiceClient`, or our store (`runtime.auth.key_store_backend`), which

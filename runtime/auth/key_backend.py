@@ -110,6 +110,18 @@ class ApiKeyPath:
     def usage(self) -> UsageSink | None:
         return self.backend.usage if self.backend is not None else None
 
+    def describe(self) -> dict | None:
+        """For /health: whether revocations are followed, and the usage writer's counts (our store only)."""
+        if self.store is None or self.backend is None:
+            return None
+        usage = self.backend.usage
+        changes = self.backend.changes
+        return {
+            "backend": "key store",
+            "revocations_followed": bool(changes is not None and changes.current),
+            "usage": usage.counts() if usage is not None else None,
+        }
+
     def background(self) -> list[Background]:
         """The backend's jobs (our store: following revocations, writing usage), then its closing."""
         if self.backend is None:

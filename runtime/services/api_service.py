@@ -203,6 +203,8 @@ class ApiService:
                 "serial": f"{certificate.serial_number:x}",
                 "days_left": days_left(certificate),
             }
+        if (keys := self.keys.describe()) is not None:
+            report["api_keys"] = keys
         return JSONResponse(report)
 
     def serving(self, host: str, port: int) -> Serving:

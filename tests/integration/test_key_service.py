@@ -291,6 +291,9 @@ def test_usage_is_recorded_and_summarised_and_last_use_moves(aws, sqlite_store, 
         assert summary["statuses"]["404"] == 7
         assert summary["response_time_ms"]["p50"] >= 0
         assert store.get(key_id).last_used_at is not None
+        health = api.call("GET", "/health", None).json()["api_keys"]
+        assert health["revocations_followed"] is True
+        assert health["usage"]["recorded"] >= 7 and health["usage"]["dropped"] == 0
         bad = api.call("GET", f"{KEYS}/{key_id}/usage", user, params={"period": "minute"})
         assert bad.status_code == 422 and "period" in bad.text
 
