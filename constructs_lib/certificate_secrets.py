@@ -23,6 +23,21 @@ from runtime import names
 SECRET_READ_ACTIONS = ("secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret")
 
 
+def grant_decrypt_via_secrets_manager(key: kms.IKey, grantee: iam.IGrantable) -> iam.Grant:
+    """`kms:Decrypt` on `key` for `grantee`, only through Secrets Manager (`kms:ViaService`), on the
+    principal's side alone: nothing goes into the key policy, so a grantee in another stack adds no
+    reference from the key's stack to its own (the key policy already lets this account's IAM
+    policies use the key)."""
+    return iam.Grant.add_to_principal(
+        grantee=grantee,
+        actions=["kms:Decrypt"],
+        resource_arns=[key.key_arn],
+        conditions={
+            "StringEquals": {"kms:ViaService": f"secretsmanager.{Stack.of(key).region}.amazonaws.com"}
+        },
+    )
+
+
 class CertificateSecrets(Construct):
     """A customer-managed KMS key (rotation on) and one empty secret per certificate.
 
@@ -100,15 +115,7 @@ class CertificateSecrets(Construct):
             actions=list(SECRET_READ_ACTIONS),
             resource_arns=[self.identity(identity).secret_arn, self.ca_bundle.secret_arn],
         )
-        decrypt = iam.Grant.add_to_principal(
-            grantee=grantee,
-            actions=["kms:Decrypt"],
-            resource_arns=[self.key.key_arn],
-            conditions={
-                "StringEquals": {"kms:ViaService": f"secretsmanager.{Stack.of(self).region}.amazonaws.com"}
-            },
-        )
-        return read.combine(decrypt)
+        return read.combine(grant_decrypt_via_secrets_manager(self.key, grantee))
 
     @property
     def all_secrets(self) -> tuple[secretsmanager.Secret, ...]:

@@ -1,6 +1,7 @@
 """The `Secrets` stack: the KMS key, the mTLS certificate secrets of one environment and their
 lifecycle (issuance custom resource, rotation schedules, expiry check): rotation must live in the
-secrets' stack (cdk-nag SMG4 looks for the RotationSchedule there)."""
+secrets' stack (cdk-nag SMG4 looks for the RotationSchedule there). With `apiKeyStore`, also the
+API-key store's hashing secret (`constructs_lib.key_hash_secret`: retained, never rotated)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from constructs import Construct
 
 from constructs_lib.certificate_lifecycle import CertificateLifecycle
 from constructs_lib.certificate_secrets import CertificateSecrets
+from constructs_lib.key_hash_secret import KeyHashSecret
 from stacks.settings import EnvironmentSettings
 
 
 class SecretsStack(Stack):
+    """Attributes: `certificates` (CertificateSecrets), `lifecycle` (CertificateLifecycle) and
+    `key_hash_secret` (KeyHashSecret, encrypted with the certificates' key; None without `apiKeyStore`)."""
+
     def __init__(
         self, scope: Construct, construct_id: str, *, settings: EnvironmentSettings, **kwargs: Any
     ) -> None:
@@ -42,4 +47,11 @@ class SecretsStack(Stack):
             ca_rollover_wait_days=settings.ca_rollover_wait_days,
             log_retention_days=settings.log_retention_days,
             removal_policy=removal_policy,
+        )
+        self.key_hash_secret = (
+            KeyHashSecret(
+                self, "ApiKeyHashSecret", environment=settings.environment, key=self.certificates.key
+            )
+            if settings.api_key_store is not None
+            else None
         )

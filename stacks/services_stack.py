@@ -3,6 +3,8 @@
 Per service: a task role that may read only its own identity and the CA bundle, a separate
 execution role, an encrypted log group, a security group. MLflow registers in Cloud Map as
 `mlflow.<namespace>` and accepts connections only from the API and worker security groups.
+With `apiKeyStore`, the API's container alone gets the key store's URL and hashing secret
+(`secrets=`: its execution role reads them; no task role, and neither mlflow nor the worker).
 The platform's existing ALB fronts the API; registering the API in its target group is not
 done here (README: "Deploying").
 """
@@ -25,6 +27,7 @@ from aws_cdk import aws_servicediscovery as servicediscovery
 from constructs import Construct
 
 from constructs_lib.certificate_secrets import CertificateSecrets
+from constructs_lib.key_hash_secret import KeyHashSecret
 from constructs_lib.log_encryption_key import LogEncryptionKey
 from constructs_lib.mtls_task_definition import MtlsTaskDefinition
 from runtime import names
@@ -67,10 +70,12 @@ class ServicesStack(Stack):
         settings: EnvironmentSettings,
         certificates: CertificateSecrets,
         network: Network | None,
+        key_hash_secret: KeyHashSecret | None = None,
         **kwargs: Any,
     ) -> None:
         """`network`: the Network stack's; None when the settings import all of it (then the
-        references are made here, since a Network stack would have no resources)."""
+        references are made here, since a Network stack would have no resources).
+        `key_hash_secret`: the Secrets stack's, required exactly when the settings have `apiKeyStore`."""
         super().__init__(
             scope,
             construct_id,
@@ -130,6 +135,7 @@ class ServicesStack(Stack):
             **self._authentication_environment(settings),
         }
         serving_secrets = self._authentication_secrets(settings)
+        key_store_secrets = self._key_store_secrets(settings, key_hash_secret)
         # One process per whole vCPU of the task unless `taskSizes.<service>.workers` says otherwise.
         workers = {
             service: str(settings.task_sizes[service].worker_processes) for service in SERVING_SERVICES
@@ -156,8 +162,9 @@ class ServicesStack(Stack):
                     **serving,
                     names.ENV_PROXY_KIND: settings.trusted_proxy_kind,
                     names.ENV_WORKERS: workers[names.API_SERVICE],
+                    **self._key_store_environment(settings),
                 },
-                "secrets": serving_secrets,
+                "secrets": {**serving_secrets, **key_store_secrets},
             },
             names.WORKER_SERVICE: {},
         }
@@ -207,6 +214,8 @@ class ServicesStack(Stack):
 
         mlflow_task = task_definitions[names.MLFLOW_SERVICE]
         self._grant_artifacts(mlflow_task.task_role, settings.mlflow)
+        if key_hash_secret is not None:  # the hashing secret is under the certificates' customer-managed key
+            key_hash_secret.grant_decrypt(task_definitions[names.API_SERVICE].execution_role)
 
         self.task_definitions: Mapping[str, MtlsTaskDefinition] = MappingProxyType(task_definitions)
         self.services: Mapping[str, ecs.FargateService] = MappingProxyType(services)
@@ -242,6 +251,41 @@ class ServicesStack(Stack):
             self, "RedisUrl", settings.redis_url_secret_name
         )
         return {names.ENV_REDIS_URL: ecs.Secret.from_secrets_manager(redis_url)}
+
+    def _key_store_secrets(
+        self, settings: EnvironmentSettings, key_hash_secret: KeyHashSecret | None
+    ) -> dict[str, ecs.Secret]:
+        """HOKUSAI_MTLS_KEY_STORE_URL (the existing secret of `apiKeyStore.urlSecretName`) and
+        HOKUSAI_MTLS_KEY_HASH_SECRET (the Secrets stack's), for the api's container only.
+
+        ECS's grant for `secrets=` gives the api's execution role GetSecretValue and DescribeSecret on
+        `secret:<urlSecretName>-??????` and on the hashing secret's own ARN. The hashing secret is
+        referenced by ARN, without its key: `grant_read` on the Secrets stack's object would write the
+        execution role into the key policy (a reference back from Secrets to Services, a cycle); the
+        decrypt permission is granted on the role instead (`KeyHashSecret.grant_decrypt`).
+        """
+        if (settings.api_key_store is None) != (key_hash_secret is None):
+            raise ValueError("a key_hash_secret is needed exactly when the settings have apiKeyStore")
+        if settings.api_key_store is None or key_hash_secret is None:
+            return {}
+        url = secretsmanager.Secret.from_secret_name_v2(
+            self, "KeyStoreUrl", settings.api_key_store.url_secret_name
+        )
+        hash_secret = secretsmanager.Secret.from_secret_complete_arn(
+            self, "KeyHashSecret", key_hash_secret.secret.secret_arn
+        )
+        return {
+            names.ENV_KEY_STORE_URL: ecs.Secret.from_secrets_manager(url),
+            names.ENV_KEY_HASH_SECRET: ecs.Secret.from_secrets_manager(hash_secret),
+        }
+
+    @staticmethod
+    def _key_store_environment(settings: EnvironmentSettings) -> dict[str, str]:
+        """HOKUSAI_MTLS_KEY_USAGE_RETENTION_DAYS, only when `apiKeyStore.usageRetentionDays` is set."""
+        store = settings.api_key_store
+        if store is None or store.usage_retention_days is None:
+            return {}
+        return {names.ENV_KEY_USAGE_RETENTION_DAYS: str(store.usage_retention_days)}
 
     def _image(self, service: str, source: ImageSource) -> ecs.ContainerImage:
         """An image asset built from docker/ at deploy time, an ECR image (pull granted), or a registry image."""

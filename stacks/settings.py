@@ -26,12 +26,14 @@ from stacks.settings_network import (
     parse_vpc,
 )
 from stacks.settings_services import (
+    ApiKeyStore,
     ImageSource,
     MlflowStores,
     TaskSize,
     default_desired_counts,
     default_images,
     default_task_sizes,
+    parse_api_key_store,
     parse_auth_service_url,
     parse_desired_counts,
     parse_images,
@@ -116,6 +118,10 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
         "redis_url_secret_name",
         lambda raw, where, env: parse_secret_name(raw, where, environment=env),
     ),
+    "apiKeyStore": (
+        "api_key_store",
+        lambda raw, where, env: parse_api_key_store(raw, where, environment=env),
+    ),
     "serviceScopes": ("service_scopes", lambda raw, where, _: parse_service_scopes(raw, where)),
     "rotationDays": ("rotation_days", _as_is),
     "keyType": ("key_type", _as_is),
@@ -189,6 +195,11 @@ class EnvironmentSettings:
     redis_url_secret_name: str | None = None
     """[redisUrlSecretName] An EXISTING secret whose value is REDIS_URL (it may hold a password), injected
     into mlflow and api with ECS `secrets=`. None: the API-key cache and rate limits stay per task."""
+    api_key_store: ApiKeyStore | None = None
+    """[apiKeyStore] `{"urlSecretName", "usageRetentionDays"?}`: the api validates API keys against our store
+    (HOKUSAI_MTLS_KEY_STORE_URL from that EXISTING secret) under the hashing secret the Secrets stack creates
+    (`hokusai/<env>/api-keys/hash-secret`, HOKUSAI_MTLS_KEY_HASH_SECRET); both reach the api's container
+    only, through its execution role. None: no store, the api asks the auth service as before."""
     service_scopes: Mapping[str, tuple[str, ...]] | None = None
     """[serviceScopes] HOKUSAI_MTLS_SERVICE_SCOPES of mlflow and api: service -> scopes of its
     certificate. None: the runtime's default (api and worker read and write MLflow)."""
@@ -270,6 +281,7 @@ class EnvironmentSettings:
                 "is mlflow.backendStoreSecretName: the Redis URL needs a secret of its own "
                 "(the api's execution role would read the database password)"
             )
+        self._check_api_key_store()
         self._at("trustedProxyKind").choice(self.trusted_proxy_kind, names.PROXY_KINDS)
         if self.trusted_proxy_kind != names.PROXY_KIND_NONE and not self.trusted_proxy_cidrs:
             self._at("trustedProxyKind").fail(
@@ -284,6 +296,23 @@ class EnvironmentSettings:
             )
         if self.internal_cidrs is None:
             object.__setattr__(self, "internal_cidrs", (self.vpc.cidr,))
+
+    def _check_api_key_store(self) -> None:
+        """The store's URL secret is the api's alone: no other secret of the settings may be it."""
+        if self.api_key_store is None:
+            return
+        url_secret = self.api_key_store.url_secret_name
+        where = self._at("apiKeyStore") / "urlSecretName"
+        if url_secret == self.mlflow.backend_store_secret_name:
+            where.fail(
+                "is mlflow.backendStoreSecretName: the key store needs a secret of its own "
+                "(the api's execution role would read MLflow's database password)"
+            )
+        if url_secret == self.redis_url_secret_name:
+            where.fail(
+                "is redisUrlSecretName: the key store needs a secret of its own "
+                "(mlflow's execution role reads the Redis URL secret, and so would read the store's password)"
+            )
 
     @property
     def retain(self) -> bool:

@@ -57,6 +57,10 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 """A service a certificate names: its SPIFFE ID's last segment (or, for SAN-less certificates, its CN)."""
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/*-]{0,127}")
 
+MAX_KEY_USAGE_RETENTION_DAYS = 3650
+"""`runtime.keys.usage.MAX_RETENTION_DAYS`, the most HOKUSAI_MTLS_KEY_USAGE_RETENTION_DAYS the runtime accepts
+(a test keeps them equal; this module does not import SQLAlchemy)."""
+
 PLAIN_HTTP_AUTH_ENVIRONMENTS = names.DEGRADABLE_ENVIRONMENTS
 """Where `authServiceUrl` may be `http://`: API keys would cross the network in clear text."""
 
@@ -162,6 +166,20 @@ class MlflowStores:
         return (_match_s3(self.artifacts_destination)["prefix"] or "").strip("/")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ApiKeyStore:
+    """Our API-key store (`runtime.keys`), which the api validates keys against.
+
+    The hashing secret is not a setting: the Secrets stack creates it (`names.key_hash_secret_name`).
+    """
+
+    url_secret_name: str
+    """An EXISTING secret whose value is the store's database URL (`postgresql://user:password@host/db`),
+    injected into the api only as HOKUSAI_MTLS_KEY_STORE_URL with `secrets=`."""
+    usage_retention_days: int | None = None
+    """HOKUSAI_MTLS_KEY_USAGE_RETENTION_DAYS of the api; None: the runtime's default (90 days)."""
+
+
 def parse_images(raw: object, where: Where) -> Mapping[str, ImageSource]:
     raw = where.mapping(raw, allowed=SERVICES, required=SERVICES)
     return MappingProxyType({service: _parse_image(raw[service], where / service) for service in SERVICES})
@@ -206,13 +224,36 @@ def parse_mlflow(raw: object, where: Where, *, environment: str) -> MlflowStores
 
 
 def parse_secret_name(raw: object, where: Where, *, environment: str) -> str:
-    """The name of an EXISTING secret that ECS injects with `secrets=`; not one of the certificates'."""
+    """The name of an EXISTING secret that ECS injects with `secrets=`; not under a prefix where the stacks
+    create secrets (the certificates', the API-key store's)."""
     secret = where.string(raw, _SECRET_NAME, "a Secrets Manager secret name")
     if secret.startswith(names.secret_prefix(environment)):
         where.fail(
             f"{secret!r} is under {names.secret_prefix(environment)}, where the mTLS certificates live"
         )
+    if secret.startswith(names.api_keys_secret_prefix(environment)):
+        where.fail(
+            f"{secret!r} is under {names.api_keys_secret_prefix(environment)}, where the stacks create "
+            "the API-key store's hashing secret"
+        )
     return secret
+
+
+def parse_api_key_store(raw: object, where: Where, *, environment: str) -> ApiKeyStore:
+    """`{"urlSecretName": "...", "usageRetentionDays": N?}`."""
+    raw = where.mapping(raw, allowed=("urlSecretName", "usageRetentionDays"), required=("urlSecretName",))
+    url_secret_name = parse_secret_name(
+        raw["urlSecretName"], where / "urlSecretName", environment=environment
+    )
+    retention = None
+    if "usageRetentionDays" in raw:
+        retention = (where / "usageRetentionDays").whole_number(
+            raw["usageRetentionDays"],
+            1,
+            MAX_KEY_USAGE_RETENTION_DAYS,
+            why=" (leave it out for the runtime's default, 90)",
+        )
+    return ApiKeyStore(url_secret_name=url_secret_name, usage_retention_days=retention)
 
 
 def parse_auth_service_url(raw: object, where: Where, *, environment: str) -> str:

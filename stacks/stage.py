@@ -13,9 +13,9 @@ from stacks.settings import EnvironmentSettings
 
 
 class HokusaiStage(Stage):
-    """`Secrets` (key, certificate secrets), `Network` (VPC, cluster, namespace; absent when all of
-    them are imported), `Services` (Fargate services, roles, security groups, logs) and
-    `Monitoring` (dashboard, alarms, the encrypted alarm topic)."""
+    """`Secrets` (key, certificate secrets; with `apiKeyStore` the API-key hashing secret), `Network`
+    (VPC, cluster, namespace; absent when all of them are imported), `Services` (Fargate services,
+    roles, security groups, logs) and `Monitoring` (dashboard, alarms, the encrypted alarm topic)."""
 
     def __init__(
         self, scope: Construct, *, settings: EnvironmentSettings, stage_id: str | None = None
@@ -35,6 +35,7 @@ class HokusaiStage(Stage):
             "Services",
             settings=settings,
             certificates=self.secrets.certificates,
+            key_hash_secret=self.secrets.key_hash_secret,
             network=self.network.network if self.network else None,
         )
         self.monitoring = MonitoringStack(

@@ -254,6 +254,7 @@ def test_cdk_json_sets_the_auth_service_where_it_should(settings):
         "production": "https://auth.hokus.ai",
     }
     assert all(s.redis_url_secret_name is None and s.service_scopes is None for s in settings.values())
+    assert all(s.api_key_store is None for s in settings.values()), "tests/infra/test_api_key_store.py has it"
 
 
 @ENVIRONMENTS
@@ -277,6 +278,18 @@ def test_no_redis_url_without_its_secret_and_never_in_the_environment(services, 
             role
         )
         assert names.ENV_REDIS_URL not in environment_of(task), role
+
+
+@ENVIRONMENTS
+def test_no_key_store_without_its_setting(services, by_stack_name, env):
+    """Without `apiKeyStore` no task learns of a store and no hashing secret exists: the api keeps asking
+    the auth service (AUTH_SERVICE_URL) as before."""
+    store = {names.ENV_KEY_STORE_URL, names.ENV_KEY_HASH_SECRET, names.ENV_KEY_USAGE_RETENTION_DAYS}
+    for role, (_, task) in tasks_by_role(services[env]).items():
+        injected = {secret["Name"] for secret in container(task).get("Secrets", [])}
+        assert not store & (injected | set(environment_of(task))), role
+    for template in by_stack_name[env].values():
+        assert names.api_keys_secret_prefix(env) not in json.dumps(template)
 
 
 @ENVIRONMENTS

@@ -10,7 +10,7 @@ from runtime import names
 from stacks.settings import CONTEXT_KEY, EnvironmentSettings, SettingsError, load_settings
 from stacks.settings_checks import Where
 from stacks.settings_network import CreateVpc, ImportCluster, ImportNamespace, ImportVpc
-from stacks.settings_services import ImageSource, TaskSize, parse_task_sizes
+from stacks.settings_services import ApiKeyStore, ImageSource, TaskSize, parse_task_sizes
 
 
 def _required(env: str, second_octet: int) -> dict:
@@ -290,6 +290,71 @@ def test_account_and_region_are_optional_and_checked():
             "where the mTLS certificates live",
         ),
         ("staging", "redisUrlSecretName", "hokusai/staging/mlflow-backend-store-uri", "a secret of its own"),
+        (
+            "staging",
+            "redisUrlSecretName",
+            "hokusai/staging/api-keys/redis-url",
+            "where the stacks create the API-key store's hashing secret",
+        ),
+        (
+            "staging",
+            "mlflow.backendStoreSecretName",
+            {"backendStoreSecretName": "hokusai/staging/api-keys/db", "artifactsDestination": "s3://b-1/x"},
+            "where the stacks create the API-key store's hashing secret",
+        ),
+        ("staging", "apiKeyStore", "hokusai/staging/api-key-store-url", "expected an object, got str"),
+        ("staging", "apiKeyStore.urlSecretName", {}, "missing"),
+        ("staging", "apiKeyStore.hashSecretName", {"urlSecretName": "k", "hashSecretName": "h"}, "unknown"),
+        ("staging", "apiKeyStore.urlSecretName", {"urlSecretName": "key store"}, "not a Secrets Manager"),
+        (
+            "staging",
+            "apiKeyStore.urlSecretName",
+            {"urlSecretName": None},
+            "not a Secrets Manager secret name",
+        ),
+        (
+            "staging",
+            "apiKeyStore.urlSecretName",
+            {"urlSecretName": "hokusai/staging/mlflow/api-key-store-url"},
+            "where the mTLS certificates live",
+        ),
+        (
+            "production",
+            "apiKeyStore.urlSecretName",
+            {"urlSecretName": "hokusai/production/api-keys/hash-secret"},
+            "'hokusai/production/api-keys/hash-secret' is under hokusai/production/api-keys/, where the stacks "
+            "create the API-key store's hashing secret",
+        ),
+        (
+            "staging",
+            "apiKeyStore.urlSecretName",
+            {"urlSecretName": "hokusai/staging/mlflow-backend-store-uri"},
+            "is mlflow.backendStoreSecretName: the key store needs a secret of its own",
+        ),
+        (
+            "staging",
+            "apiKeyStore.usageRetentionDays",
+            {"urlSecretName": "k", "usageRetentionDays": 0},
+            "0 is outside 1..3650 (leave it out for the runtime's default, 90)",
+        ),
+        (
+            "staging",
+            "apiKeyStore.usageRetentionDays",
+            {"urlSecretName": "k", "usageRetentionDays": 3651},
+            "outside",
+        ),
+        (
+            "staging",
+            "apiKeyStore.usageRetentionDays",
+            {"urlSecretName": "k", "usageRetentionDays": "90"},
+            "not a whole number",
+        ),
+        (
+            "staging",
+            "apiKeyStore.usageRetentionDays",
+            {"urlSecretName": "k", "usageRetentionDays": True},
+            "not a whole number",
+        ),
         ("staging", "serviceScopes", ["api"], "expected an object of service -> list of scopes, got list"),
         ("staging", "serviceScopes", {}, "grants no service anything"),
         ("staging", "serviceScopes.api", {"api": "mlflow:read"}, "expected a list, got str"),
@@ -359,6 +424,40 @@ def test_authentication_settings_are_parsed():
     assert staging.auth_service_url == "https://auth.hokus.ai:8443/keys"
     assert staging.redis_url_secret_name == "hokusai/staging/redis-url"
     assert dict(staging.service_scopes) == {"api": ("mlflow:read",), "reporter": ("mlflow:read", "reports:*")}
+
+
+def test_api_key_store_is_parsed():
+    raw = with_setting("staging", "apiKeyStore", {"urlSecretName": "hokusai/staging/api-key-store-url"})
+    assert load_settings(raw)["staging"].api_key_store == ApiKeyStore(
+        url_secret_name="hokusai/staging/api-key-store-url", usage_retention_days=None
+    )
+    raw["staging"]["apiKeyStore"]["usageRetentionDays"] = 3650
+    assert load_settings(raw)["staging"].api_key_store.usage_retention_days == 3650
+    assert load_settings(VALID)["staging"].api_key_store is None
+
+
+def test_the_key_store_url_secret_is_not_the_redis_url_secret():
+    """mlflow's execution role reads the Redis URL secret: it would read the key store's password."""
+    raw = with_setting("staging", "redisUrlSecretName", "hokusai/staging/shared")
+    raw["staging"]["apiKeyStore"] = {"urlSecretName": "hokusai/staging/shared"}
+    with pytest.raises(
+        SettingsError,
+        match=rf"^{CONTEXT_KEY}\.staging\.apiKeyStore\.urlSecretName: is redisUrlSecretName: .*mlflow's execution role",
+    ):
+        load_settings(raw)
+
+
+@pytest.mark.infra
+def test_a_bad_key_store_setting_fails_synthesis_with_environment_and_field(cdk_context):
+    import aws_cdk as cdk
+
+    from app import build_app
+
+    environments = copy.deepcopy(cdk_context[CONTEXT_KEY])
+    environments["development"]["apiKeyStore"] = {"urlSecretName": "hokusai/development/api-keys/url"}
+    app = cdk.App(context={**cdk_context, CONTEXT_KEY: environments})
+    with pytest.raises(SettingsError, match=rf"^{CONTEXT_KEY}\.development\.apiKeyStore\.urlSecretName: "):
+        build_app(app)
 
 
 @pytest.mark.infra
@@ -522,7 +621,14 @@ def test_defaults_of_the_optional_settings():
 def test_cdk_json_sets_every_setting_and_strict_mode_everywhere(cdk_json_settings):
     from stacks.settings import _KEYS
 
-    optional = {"account", "region", "redisUrlSecretName", "serviceScopes", "caRolloverStartDays"}
+    optional = {
+        "account",
+        "region",
+        "redisUrlSecretName",
+        "serviceScopes",
+        "caRolloverStartDays",
+        "apiKeyStore",
+    }
     for env, raw in cdk_json_settings.items():
         unset_here = optional | ({"authServiceUrl"} if env == "development" else set())
         assert set(raw) == set(_KEYS) - unset_here, env

@@ -10,7 +10,7 @@ import pytest
 
 from runtime import names
 from runtime.auth.api_keys import AuthServiceClient
-from runtime.auth.key_backend import backend_from_environ
+from runtime.auth.key_backend import MigratingBackend, backend_from_environ
 from runtime.auth.key_info import ApiKeyInfo, address_allowed
 from runtime.auth.key_store_backend import KeyStoreBackend
 from runtime.errors import AuthServiceUnavailable, KeyStoreError
@@ -57,17 +57,21 @@ def test_a_store_that_fails_or_hangs_is_unavailable_not_a_traceback(keys, monkey
     assert created.key not in str(failed.value)
 
 
-def test_the_store_is_chosen_over_the_auth_service_and_needs_its_secret(keys, tmp_path):
+def test_the_store_alone_or_with_the_auth_service_in_migration_mode_and_it_needs_its_secret(keys, tmp_path):
     url = str(keys.engine.url)
     secret = base64.b64encode(SECRET).decode()
-    chosen = backend_from_environ(
+    alone = backend_from_environ({names.ENV_KEY_STORE_URL: url, names.ENV_KEY_HASH_SECRET: secret})
+    assert isinstance(alone, KeyStoreBackend)
+    both = backend_from_environ(
         {
             names.ENV_KEY_STORE_URL: url,
             names.ENV_KEY_HASH_SECRET: secret,
             names.ENV_AUTH_SERVICE_URL: "http://127.0.0.1:1",
         }
     )
-    assert isinstance(chosen, KeyStoreBackend)
+    assert isinstance(both, MigratingBackend)
+    assert isinstance(both.ours, KeyStoreBackend) and isinstance(both.external, AuthServiceClient)
+    assert both.changes is both.ours.changes and both.store is both.ours.store
     assert isinstance(
         backend_from_environ({names.ENV_AUTH_SERVICE_URL: "http://127.0.0.1:1"}), AuthServiceClient
     )
