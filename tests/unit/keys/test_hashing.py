@@ -7,6 +7,7 @@ import hmac
 
 import pytest
 
+from runtime.keys import hashing
 from runtime.keys.hashing import KeyHasher
 from runtime.keys.key_format import generate
 
@@ -43,3 +44,25 @@ def test_a_short_secret_is_refused(secret):
 
 def test_the_secret_never_shows_in_its_representation():
     assert "s" * 8 not in repr(KeyHasher(SECRET))
+
+
+def test_matching_compares_in_constant_time_under_every_secret_even_after_a_match(monkeypatch):
+    """No early exit and no `==`: each candidate digest goes through `hmac.compare_digest`, so how
+    long a comparison takes says nothing about how much of the hash an attacker got right."""
+    compared = []
+    real = hashing.hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hashing.hmac, "compare_digest", spy)
+    old, new = b"o" * 32, b"n" * 32
+    stored_under_new = KeyHasher(new).digest("hk_test_k")
+    hasher = KeyHasher(new, previous=[old])
+    assert hasher.matches("hk_test_k", stored_under_new)  # matches under the first secret...
+    assert len(compared) == 2  # ...and the previous one is compared all the same
+    assert all(b == stored_under_new for _, b in compared)
+    compared.clear()
+    assert not hasher.matches("hk_test_other", stored_under_new)
+    assert len(compared) == 2
