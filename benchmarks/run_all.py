@@ -3,14 +3,15 @@
 Runs bench_prd (the PRD's comparison), bench_tls (keep-alive mTLS vs plain, ECDSA vs RSA-4096
 handshakes, the middleware's cost), bench_proxy (the API's `/mlflow` proxy against calling MLflow
 directly: p50 at 50 concurrent clients, a 50 MB download and upload), bench_sidecar (ours against
-nginx terminating mTLS in front of a plain `mlflow server`), bench_issuance (our CLI vs
-the seed's openssl script) and bench_synth (cdk synth of 1/3/10 environments), each as its own
-process with `--json`, so one
-bench's servers, environment variables and imports cannot touch another's and a crash is
-reported instead of ending the suite. Each bench computes its own figures against its targets
-(`benchmarks.common.figure`); this script tabulates them, describes the machine, and writes the
-report with how to reproduce it. Ratios come from one run of one bench on one machine: both
-sides of every ratio are measured in the same process run, interleaved.
+nginx terminating mTLS in front of a plain `mlflow server`), bench_keys (API keys from our store:
+cache-miss validation with 100,000 keys on SQLite and PostgreSQL, usage recording on vs off),
+bench_issuance (our CLI vs the seed's openssl script) and bench_synth (cdk synth of 1/3/10
+environments), each as its own process with `--json`, so one bench's servers, environment
+variables and imports cannot touch another's and a crash is reported instead of ending the suite.
+Each bench computes its own figures against its targets (`benchmarks.common.figure`); this script
+tabulates them, describes the machine, and writes the report with how to reproduce it. Ratios come
+from one run of one bench on one machine: both sides of every ratio are measured in the same process
+run, interleaved.
 
     python benchmarks/run_all.py                     # full sizes, about 6-8 minutes on 2 cores
     python benchmarks/run_all.py --quick             # small samples, about 2 minutes: noisy ratios
@@ -151,6 +152,33 @@ BENCHES: dict[str, Bench] = {
             "--settle",
             "0",
             "--no-jobs",  # no MLflow job runners: 14 huey consumers importing MLflow, 20-30 s of CPU
+        ],
+    ),
+    "keys": Bench(
+        "bench_keys.py",
+        "API keys from our store: cache-miss validation with 100,000 keys, and usage recording's cost",
+        "(1) `KeyStoreBackend.validate` (the middleware's cache-miss path, its thread pool) against a store "
+        "of 100,000 keys (a sample made by `KeyStore.create`, the rest bulk-inserted), on a SQLite file and "
+        "on a PostgreSQL the bench starts (Debian's): known, unknown and malformed keys, one at a time, the "
+        "stores taking turns; issue 14's goal p99 <= 5 ms (the seed: < 50 ms). (2) Real `serve-api` "
+        "processes on each database with `HOKUSAI_MTLS_KEY_USAGE=on` and `off`, 4 keep-alive clients "
+        "sending a key to a trivial platform route (`benchmarks/keys_app.py`), rounds alternating: "
+        "latency and req/s on / off (goal <= 1.05x), and the usage rows each store then holds.",
+        full=[],  # --keys 100000 --sample 100 --lookups 2000 --clients 4 --rounds 10 --requests 150
+        quick=["--lookups", "500", "--rounds", "3", "--requests", "100"],
+        smoke=[  # = bench_keys.SMOKE (its own --smoke)
+            "--keys",
+            "1000",
+            "--sample",
+            "5",
+            "--lookups",
+            "10",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--requests",
+            "2",
         ],
     ),
     "issuance": Bench(
@@ -410,7 +438,7 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, info: dict, total_
         "```",
         "",
         "Needs the project's `.venv` and `node_modules` (`make synth` sets both up), `redis-server` and "
-        "`openssl` on PATH. Everything binds 127.0.0.1 on free ports; moto stands in for Secrets Manager, "
+        "`openssl` on PATH, and Debian's `postgresql` and `nginx` packages (bench_keys, bench_sidecar). Everything binds 127.0.0.1 on free ports; moto stands in for Secrets Manager, "
         "the auth-service test double for the external auth service. For figures worth comparing, run on "
         "an otherwise idle machine: the `other load` row says how busy it was.",
         "",
@@ -511,6 +539,50 @@ def details(name: str, report: dict) -> list[str]:
             ("processes", lambda x: str(x["processes"])),
         ]
         lines += [f"| {label} | {fmt(o)} | {fmt(c)} |" for label, fmt in rows]
+        return lines
+    if name == "keys":
+        r = report["result"]
+        v, u, versions = r["validation"], r["usage"], r["versions"]
+        bulk = v["keys"] - v["sample"]
+        lines = [
+            "",
+            f"SQLite {versions['sqlite']}, PostgreSQL {versions['postgresql']}, SQLAlchemy "
+            f"{versions['sqlalchemy']}, psycopg {versions['psycopg']}. {v['keys']:,} keys per store: "
+            f"{v['sample']} by `KeyStore.create`, {bulk:,} bulk-inserted ("
+            + "; ".join(f"{database} {m['insert_s']:.2f} s" for database, m in v["stores"].items())
+            + f"); {v['lookups']} known, {max(1, v['lookups'] // 2)} unknown and as many malformed "
+            "lookups per store.",
+            "",
+            "| store / key | n | p50 | p99 | max | mean |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for database, measured in v["stores"].items():
+            lines += [
+                f"| {database} / {kind} | {row['n']} | {row['p50_ms']:.2f} ms | {row['p99_ms']:.2f} ms | "
+                f"{row['max_ms']:.2f} ms | {row['mean_ms']:.2f} ms |"
+                for kind, row in measured["kinds"].items()
+            ]
+        lines += [
+            "",
+            f"Usage: {u['clients']} keep-alive clients x {u['requests_per_client']} requests x {u['rounds']} "
+            "rounds per setting; usage rows in each store after its server stopped, against the requests "
+            "sent (warm-up included); PostgreSQL's committed transactions in the store per request.",
+            "",
+            "| store / usage | n | p50 | p99 | mean | req/s | server CPU per request | usage rows | commits per request |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for database, measured in u["databases"].items():
+            for case, row in measured["rows"].items():
+                rows = row.get("usage_rows")
+                commits = (
+                    f"{row['store_commits'] / row['requests_sent']:.2f}" if "store_commits" in row else "-"
+                )
+                lines.append(
+                    f"| {database} / {case} | {row['n']} | {row['p50_ms']:.2f} ms | {row['p99_ms']:.2f} ms | "
+                    f"{row['mean_ms']:.2f} ms | {row['requests_per_s']:.0f} | "
+                    f"{row['server_cpu_ms_per_request']:.2f} ms | "
+                    f"{'?' if rows is None else rows} of {row['requests_sent']} | {commits} |"
+                )
         return lines
     if name == "issuance":
         lines = ["", "| case | median | min |", "| --- | ---: | ---: |"]

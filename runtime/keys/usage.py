@@ -196,17 +196,20 @@ class UsageRecorder:
                 break
 
     def _take(self, *, block: bool) -> list[UsageEvent]:
+        """Up to `batch_size` events: `block`, what arrives within `flush_seconds` (a batch per interval
+        under steady load, not a transaction per request); else what is queued now."""
         batch: list[UsageEvent] = []
-        if block:
-            try:
-                batch.append(self._queue.get(timeout=self.flush_seconds))
-            except queue.Empty:
-                return batch
+        deadline = time.monotonic() + self.flush_seconds
         while len(batch) < self.batch_size:
+            remaining = deadline - time.monotonic()
             try:
-                batch.append(self._queue.get_nowait())
+                if block and remaining > 0 and not self._stopping.is_set():
+                    batch.append(self._queue.get(timeout=remaining))
+                else:
+                    batch.append(self._queue.get_nowait())
             except queue.Empty:
-                break
+                if not block or remaining <= 0 or self._stopping.is_set():
+                    break
         return batch
 
     def _write(self, batch: list[UsageEvent]) -> None:

@@ -28,6 +28,7 @@ SCRIPTS = (
     "bench_synth.py",
     "bench_proxy.py",
     "bench_sidecar.py",
+    "bench_keys.py",
 )
 FIGURE_ROW = re.compile(
     r"^\| [^|]+ \| -?[0-9][0-9.]*(x| s)? \| [^|]*[0-9][^|]* \| [^|]+ \| \*\*(PASS|MISS)\*\* \|$"
@@ -67,7 +68,7 @@ def test_smoke_suite_reports_every_benchmark(tmp_path):
         assert rows, f"{script}: no figure with a number and a PASS/MISS verdict:\n{found[heading]}"
     assert "**ERROR**" not in report
     summary = found["Summary"]
-    assert {"prd", "tls", "issuance", "synth", "proxy", "sidecar"} <= {
+    assert {"prd", "tls", "issuance", "synth", "proxy", "sidecar", "keys"} <= {
         line.split(" | ")[0].lstrip("| ") for line in summary.splitlines()
     }
     assert "## How to reproduce" in report
