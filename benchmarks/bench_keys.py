@@ -33,7 +33,7 @@ It reports, it does not judge: a missed target prints MISS and exits 0; non-zero
 something fails to run (PostgreSQL not installed included; `--no-postgres` leaves it out).
 
     python benchmarks/bench_keys.py [--keys 100000] [--sample 100] [--lookups 2000]
-        [--clients 4] [--rounds 10] [--requests 150] [--no-postgres] [--smoke] [--json]
+        [--clients 4] [--rounds 10] [--requests 150] [--no-postgres] [--json]
 """
 
 from __future__ import annotations
@@ -84,21 +84,6 @@ CASES = ("on", "off")
 PATH = "/bench"
 APP = "benchmarks.keys_app:app"
 WARMUP_LOOKUPS = 20
-SMOKE = (
-    "--keys",
-    "1000",
-    "--sample",
-    "5",
-    "--lookups",
-    "10",
-    "--clients",
-    "2",
-    "--rounds",
-    "1",
-    "--requests",
-    "2",
-)
-"""The least work this bench accepts, every case once: `--smoke`, and `run_all.py --smoke`'s sizes."""
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------
@@ -726,15 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         "--requests", type=int, default=150, help="requests per client per round (default 150)"
     )
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only (no PostgreSQL server)")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="does it run? the sizes `run_all.py --smoke` passes (" + " ".join(SMOKE) + "); no figures",
-    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args = parser.parse_args([*SMOKE, *(argv if argv is not None else sys.argv[1:])])
     if min(args.keys, args.lookups, args.clients, args.rounds, args.requests) < 1 or args.sample < 0:
         parser.error(
             "--keys, --lookups, --clients, --rounds and --requests must be at least 1, --sample 0 or more"

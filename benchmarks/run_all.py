@@ -166,7 +166,7 @@ BENCHES: dict[str, Bench] = {
         "latency and req/s on / off (goal <= 1.05x), and the usage rows each store then holds.",
         full=[],  # --keys 100000 --sample 100 --lookups 2000 --clients 4 --rounds 10 --requests 150
         quick=["--lookups", "500", "--rounds", "3", "--requests", "100"],
-        smoke=[  # = bench_keys.SMOKE (its own --smoke)
+        smoke=[
             "--keys",
             "1000",
             "--sample",

@@ -43,21 +43,23 @@ class ApiKeyInfo:
     def is_expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at.timestamp() <= now
 
+    def fields(self, *, id_field: str = "api_key_id") -> dict[str, Any]:
+        """As JSON-able fields, the id under `id_field`: `api_key_id` in our cache, `key_id` in the auth
+        service's answer (what `info_from_fields` reads back with the same `id_field`)."""
+        return {
+            id_field: self.api_key_id,
+            "user_id": self.user_id,
+            "service_id": self.service_id,
+            "scopes": list(self.scopes),
+            "rate_limit_per_hour": self.rate_limit_per_hour,
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "is_active": self.is_active,
+            "allowed_ips": list(self.allowed_ips) if self.allowed_ips is not None else None,
+        }
+
     def to_json(self) -> str:
         """Our own cache format (the field names above), not the auth service's."""
-        return json.dumps(
-            {
-                "api_key_id": self.api_key_id,
-                "user_id": self.user_id,
-                "service_id": self.service_id,
-                "scopes": list(self.scopes),
-                "rate_limit_per_hour": self.rate_limit_per_hour,
-                "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-                "is_active": self.is_active,
-                "allowed_ips": list(self.allowed_ips) if self.allowed_ips is not None else None,
-            },
-            separators=(",", ":"),
-        )
+        return json.dumps(self.fields(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ApiKeyInfo:

@@ -407,19 +407,7 @@ class KeyApi:
         info = validation.info
         if info is None:
             return _answer(404, {"detail": "unknown API key"})
-        return _answer(
-            200,
-            {
-                "key_id": info.api_key_id,
-                "user_id": info.user_id,
-                "service_id": info.service_id,
-                "scopes": list(info.scopes),
-                "rate_limit_per_hour": info.rate_limit_per_hour,
-                "expires_at": info.expires_at.isoformat() if info.expires_at else None,
-                "is_active": info.is_active,
-                "allowed_ips": list(info.allowed_ips) if info.allowed_ips is not None else None,
-            },
-        )
+        return _answer(200, info.fields(id_field="key_id"))  # the contract's names
 
     def validation_route(self) -> Route:
         return Route(VALIDATE_PATH, self.validate, methods=["POST"])
