@@ -47,7 +47,7 @@ from starlette.routing import Route
 from runtime.auth.api_keys import VALIDATE_PATH, ApiKeyValidator
 from runtime.auth.client_address import AddressPolicy
 from runtime.errors import AuthServiceUnavailable, KeyNotFoundError
-from runtime.keys import usage_summary
+from runtime.keys import key_format, usage_summary
 from runtime.keys.opening import first_line
 from runtime.keys.permissions import MAX_ACTIVE_KEYS_PER_USER, Caller, NotAllowed
 from runtime.keys.store import KeyRecord, KeyStore
@@ -236,7 +236,7 @@ class KeyApi:
         async def endpoint(request: Request) -> Response:
             try:
                 self._check_https(request)
-                return await handler(request, self._caller(request))
+                return await handler(request, await self._caller(request))
             except HttpError as exc:
                 document = {"detail": exc.detail, **({"code": exc.code} if exc.code else {})}
                 return _answer(exc.status, document)
@@ -264,26 +264,25 @@ class KeyApi:
                 return
         raise HttpError(403, "API keys are managed over HTTPS only", code="https_required")
 
-    def _caller(self, request: Request) -> Caller:
+    async def _caller(self, request: Request) -> Caller:
+        """Who calls, from the middleware's verdict. A caller with a key must hold one of THIS store
+        (in migration mode the old service's keys are let into the API, never into key management,
+        whatever scopes that service gives them), and brings its key's limits (`permissions`)."""
         state = request.scope.get("state") or {}
         user_id = state.get("user_id")
         if not user_id:  # the middleware always sets it; never reached without authentication
             raise HttpError(401, "authentication required")
-        return Caller(
+        caller = Caller(
             user_id=user_id, scopes=tuple(state.get("scopes") or ()), key_id=state.get("api_key_id")
         )
-
-    async def _store(self, function: Callable, *args, **kwargs):
-        return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs), limiter=self._threads)
-
-    async def _limits_of(self, caller: Caller) -> Caller:
-        """The caller with the limits of the key it called with (a certificate has none)."""
-        if caller.is_admin or caller.key_id is None:
+        if caller.key_id is None:  # a service's certificate: no key, no limits
             return caller
         try:
             own = await self._store(self.store.get, uuid.UUID(caller.key_id))
-        except (KeyNotFoundError, ValueError):  # migration mode: a key of the old auth service
-            raise NotAllowed("only a key of this key store manages keys") from None
+        except (KeyNotFoundError, ValueError):
+            own = None
+        if own is None or own.user_id != caller.user_id:
+            raise NotAllowed("only a key of this key store manages keys")
         return Caller(
             user_id=caller.user_id,
             scopes=caller.scopes,
@@ -293,12 +292,14 @@ class KeyApi:
             allowed_ips=own.allowed_ips,
         )
 
+    async def _store(self, function: Callable, *args, **kwargs):
+        return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs), limiter=self._threads)
+
     # --- the routes --------------------------------------------------------------------------------
     async def create(self, request: Request, caller: Caller) -> Response:
         caller.require_manage()
         body = await _body(request, CreateKeyRequest)
         owner = caller.owner_filter(body.user_id) or caller.user_id
-        caller = await self._limits_of(caller)
         expires_at = (
             dt.datetime.now(dt.UTC) + dt.timedelta(days=body.expires_in_days)
             if body.expires_in_days
@@ -356,7 +357,6 @@ class KeyApi:
         body = await _body(request, RotateKeyRequest, optional=True)
         owner = caller.owner_filter(None)
         old = await self._store(self.store.get, key_id, owner=owner)
-        caller = await self._limits_of(caller)
         caller.check_covers(
             scopes=old.scopes,
             expires_at=old.expires_at,
@@ -399,6 +399,8 @@ class KeyApi:
         except HttpError as exc:
             status = 400 if exc.code == "https_required" else exc.status
             return _answer(status, {"detail": exc.detail, **({"code": exc.code} if exc.code else {})})
+        if not key_format.is_ours(body.api_key):  # no query; in migration mode, not the old service either
+            return _answer(404, {"detail": "unknown API key"})
         request_id = request.headers.get("x-request-id", "")[:128] or "validate"
         try:
             validation = await self.validator.validate(body.api_key, request_id=request_id)

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from local_stack.auth_service import ACTIVE_KEY, INACTIVE_KEY
+from local_stack.auth_service import ACTIVE_KEY, INACTIVE_KEY, key_record
 from runtime import names
 from runtime.keys import key_format, migrate
 from runtime.keys.hashing import KeyHasher
@@ -359,6 +359,20 @@ def test_migration_mode_checks_our_keys_in_our_store_and_the_rest_with_the_old_s
         assert api.status(ACTIVE_KEY) == 404  # the old service's key: asked of it, let in
         assert auth_service.calls == before + 1
         assert api.status(INACTIVE_KEY) == 401
+
+        # the old service's keys never manage ours, whatever scopes it gives them
+        legacy = "legacy_admin_key_0123456789"
+        auth_service.keys[legacy] = key_record("key-legacy", user_id="ops", scopes=[ADMIN_SCOPE])
+        made = api.call(
+            "POST", KEYS, legacy, json={"name": "x", "user_id": "victim", "scopes": [ADMIN_SCOPE]}
+        )
+        assert made.status_code == 403, made.text
+        assert api.call("GET", KEYS, legacy).status_code == 403
+        # and the validation call answers for our keys only: nothing is relayed to the old service
+        calls = auth_service.calls
+        relayed = api.http.post("/api/v1/keys/validate", json={"api_key": ACTIVE_KEY}, headers=HTTPS)
+        assert relayed.status_code == 404 and auth_service.calls == calls
     finally:
         log = api.stop()
+        auth_service.keys.pop("legacy_admin_key_0123456789", None)
     assert "migration mode" in log and ours not in log

@@ -8,7 +8,7 @@ random 10.231.X.0/24 that stands for the VPC):
 | `aws`      | .10  | moto's server (`python -m moto.server`): Secrets Manager AND S3 |
 | `db`       | .11  | PostgreSQL 15 (initdb + pg_ctl, password auth): MLflow's backend store, migrated by MLflow |
 | `mlflow`   | .12  | `hokusai-mtls serve-mlflow`, the MLflow image's command, strict mTLS on 5000, artifacts in `s3://BUCKET/PREFIX` |
-| `api`      | .13  | `hokusai-mtls serve-api` on 8000, dialing MLflow by its Cloud Map name |
+| `api`      | .13  | `hokusai-mtls serve-api` on 8000, dialing MLflow by its Cloud Map name; its key store is database `api_keys` on `db` |
 | `auth`     | .14  | the external auth service's test double (in-process, `FakeAuthService`) |
 | `worker`   | .15  | where the worker's MLflow client runs (`docker/entrypoint.sh`, certificates from Secrets Manager) |
 | `alb`      | .20  | the ALB stand-in (nginx, tests/support/alb.py) in front of the API, HTTPS on 443 |
@@ -17,6 +17,14 @@ random 10.231.X.0/24 that stands for the VPC):
 
 Every namespace resolves `mlflow.hokusai-staging.local` to .12 and `api.hokusai-staging.test`
 (the ALB's name) to .20; the test process reaches them all through the bridge (.1).
+
+The API runs as the product is deployed now: with OUR key store (`HOKUSAI_MTLS_KEY_STORE_URL`, the
+database `api_keys` on the same PostgreSQL as MLflow's, and `HOKUSAI_MTLS_KEY_HASH_SECRET`, random
+per run) AND `AUTH_SERVICE_URL` (the double): migration mode (`runtime.auth.key_backend`), so keys
+in our format are judged by our store, every other key (`active_key`, the double's) by the double.
+serve-api migrates the store at start; once it is healthy, `store` (a `KeyStore` opened as the
+`hokusai-mtls auth` commands open it, from the test process) makes `admin_key` (`keys:admin`), and
+`make_key(...)` makes a user's key.
 
 Everything the tests need to reach or reuse is an attribute or helper of `DeployedEnvironment`,
 so other suites (the adversarial tests) build on the same fixture: the namespaces and
@@ -27,9 +35,11 @@ entrypoint or curl in any namespace with given certificate files.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -46,6 +56,9 @@ from runtime import names
 from runtime.certificates import pem
 from runtime.certificates.certset import CertificateSet
 from runtime.certificates.identity import TLSIdentity
+from runtime.keys.opening import open_store
+from runtime.keys.permissions import ADMIN_SCOPE
+from runtime.keys.store import CreatedKey, KeyStore
 from runtime.secrets.secret_store import SecretStore
 from tests.support.alb import AlbStandIn, find_nginx
 from tests.support.netns import Namespace, Network, require_netns
@@ -61,6 +74,11 @@ MLFLOW_NAME = names.mlflow_hostname(ENV)
 BUCKET = "hokusai-mlflow-artifacts"
 ARTIFACT_PREFIX = f"{ENV}/mlflow"
 MOTO_PORT, POSTGRES_PORT, AUTH_PORT = 5000, 5432, 8081
+KEY_STORE_DATABASE = "api_keys"
+"""The API's key store: its own database on MLflow's PostgreSQL server (`db`)."""
+ADMIN_USER = "ops"
+KEY_ACTOR = "test:deployed"
+"""How the store's audit names the keys the harness makes (`admin_key`, `make_key`)."""
 SCOPES = {
     "api": ["mlflow:read", "mlflow:write"],
     "worker": ["mlflow:read", "mlflow:write"],
@@ -127,6 +145,14 @@ class DeployedEnvironment:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     scopes: dict = field(default_factory=lambda: dict(SCOPES))
+    key_hash_secret: str = field(
+        default_factory=lambda: base64.b64encode(secrets.token_bytes(32)).decode(), repr=False
+    )
+    """HOKUSAI_MTLS_KEY_HASH_SECRET of the API (base64 of 32 random bytes, new each run)."""
+    store: KeyStore | None = None
+    """The API's key store, opened from the test process once serve-api has migrated it."""
+    admin_key: str | None = field(default=None, repr=False)
+    """A key of ours with `keys:admin` (user `ops`), made in the store at start."""
 
     # --- where things are -------------------------------------------------------------------
     def __getitem__(self, role: str) -> Namespace:
@@ -166,6 +192,24 @@ class DeployedEnvironment:
     @property
     def auth_url(self) -> str:
         return f"http://{self.address('auth')}:{AUTH_PORT}"
+
+    @property
+    def key_store_url(self) -> str:
+        """The API's HOKUSAI_MTLS_KEY_STORE_URL (it holds the database password)."""
+        return self.postgres.url(KEY_STORE_DATABASE)
+
+    def key_store_env(self) -> dict[str, str]:
+        """What opens the key store (the API's settings for it; also what `hokusai-mtls auth` reads)."""
+        return {
+            names.ENV_KEY_STORE_URL: self.key_store_url,
+            names.ENV_KEY_HASH_SECRET: self.key_hash_secret,
+            names.ENV_ENVIRONMENT: ENV,
+        }
+
+    def make_key(self, user_id: str, name: str = "deployed test", **options) -> CreatedKey:
+        """A new key of ours for `user_id`, made in the store (options: scopes, expires_at,
+        rate_limit_per_hour, allowed_ips); `.key` is the key, `.record` its record."""
+        return self.store.create(user_id, name, actor=KEY_ACTOR, **options)
 
     @property
     def artifacts_destination(self) -> str:
@@ -295,12 +339,14 @@ class DeployedEnvironment:
         with self._stage("auth double"):
             self.auth_service = FakeAuthService(keys=self.api_keys)
             self["auth"].call(self.auth_service.start, self.address("auth"), AUTH_PORT)
-        self._start("api", container_command("Dockerfile.api"), self._api_env())
         with self._stage("postgresql"):
             postgres.join(120)
             if self.postgres is None:
                 raise RuntimeError(f"PostgreSQL did not start: {self._postgres_error or 'timed out'}")
+            self.postgres.create_database(KEY_STORE_DATABASE)
+        # Both need the database: MLflow (the longer migration) first, the API beside it.
         self._start("mlflow", container_command("Dockerfile.mlflow"), self._mlflow_env())
+        self._start("api", container_command("Dockerfile.api"), self._api_env())
         with self._stage("alb"):
             self.alb = AlbStandIn(
                 self["alb"],
@@ -310,8 +356,11 @@ class DeployedEnvironment:
                 trust_bundle=self.client_files(None).ca,
             )
             self.alb.start()
-        with self._stage("api healthy"):
+        with self._stage("api healthy (key store migrated)"):
             self._wait("api", lambda: _get_json(f"{self.api_url}/health"))
+        with self._stage("admin key"):
+            self.store = open_store(self.key_store_env())  # refuses a store serve-api did not migrate
+            self.admin_key = self.make_key(ADMIN_USER, "deployed admin", scopes=[ADMIN_SCOPE]).key
         with self._stage("mlflow healthy (migrations)"):
             self._wait("mlflow", self.mlflow_health, seconds=240)
         self.timings["total"] = time.monotonic() - began
@@ -386,6 +435,8 @@ class DeployedEnvironment:
                 names.ENV_ROLE: names.API.role,
                 names.ENV_CERT_DIR: str(self.root / "api-certs"),
                 names.ENV_PROXY_KIND: names.PROXY_KIND_ALB,
+                # migration mode: AUTH_SERVICE_URL (the double) stays, from _common_service_env
+                **self.key_store_env(),
             },
         )
 
@@ -414,6 +465,7 @@ class DeployedEnvironment:
     def log_tail(self, name: str, characters: int = 4000) -> str:
         path = self.log(name)
         text = path.read_text(errors="replace")[-characters:] if path.exists() else "(no log)"
+        text = text.replace(self.key_hash_secret, "***")
         return redact(text, self.postgres.password) if self.postgres else text
 
     def close(self) -> None:
@@ -437,6 +489,8 @@ class DeployedEnvironment:
                             process.wait(10)
             if self.auth_service is not None:
                 self.auth_service.stop()
+            if self.store is not None:
+                self.store.engine.dispose()
             if self.postgres is not None:
                 self.postgres.stop()
         finally:
