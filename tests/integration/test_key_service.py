@@ -233,12 +233,14 @@ def test_a_key_revoked_or_rotated_away_on_one_instance_is_refused_by_another_wit
     replaced = store.create("carol", "old", actor="test")
     unseen = store.create("carol", "cached, then revoked while no one asked", actor="test").key
     a = Api(aws, tmp_path / "a", url, **shared)
-    b = Api(aws, tmp_path / "b", url, **shared)
+    b = Api(aws, tmp_path / "b", url, **shared, **{names.ENV_WORKERS: "2"})  # each worker follows on its own
     late = None
     try:
         assert a.status(unseen) == 404  # cached (in Redis: for every instance, 5 minutes)
-        for _ in range(3):  # cached on B (and A)
-            assert b.status(doomed) == 404 and b.status(replaced.key) == 404
+        for _ in range(8):  # cached on both of B's workers (new connections spread over them) and on A
+            for key in (doomed, replaced.key):
+                fresh = httpx.get(f"{b.base}/platform/x", headers={**HTTPS, "X-API-Key": key}, timeout=30)
+                assert fresh.status_code == 404
         doomed_id = store.lookup(doomed).id
         assert a.call("DELETE", f"{KEYS}/{doomed_id}", admin).status_code == 200
         revoked_at = time.monotonic()
@@ -246,6 +248,9 @@ def test_a_key_revoked_or_rotated_away_on_one_instance_is_refused_by_another_wit
             assert time.monotonic() - revoked_at < 1.0, "instance B still lets the revoked key in after 1 s"
             time.sleep(0.02)
         took = time.monotonic() - revoked_at
+        for _ in range(8):  # new connections, so both of B's workers answer: each refuses it
+            fresh = httpx.get(f"{b.base}/platform/x", headers={**HTTPS, "X-API-Key": doomed}, timeout=30)
+            assert fresh.status_code == 401
 
         rotated = a.call("POST", f"{KEYS}/{replaced.record.id}/rotate", admin, json={"grace_hours": 0})
         assert rotated.status_code == 201
