@@ -443,7 +443,7 @@ def _add_auth_commands(commands) -> None:
         "--admin", action="store_true", help="add the keys:admin scope: manages every user's keys"
     )
     create.add_argument("--expires-days", type=float, help="default: never")
-    create.add_argument("--rate-limit", type=int, help="requests per hour; default: the service's")
+    create.add_argument("--rate-limit", type=int, help="requests per hour; default: no limit")
     create.add_argument("--allow-ip", action="append", metavar="CIDR", help="repeatable; default: anywhere")
     listing = verb("list-keys", "list keys (never the keys themselves)")
     listing.add_argument("--user", help="only this owner's")

@@ -118,7 +118,7 @@ class ApiKeyPath:
         changes = self.backend.changes
         return {
             "backend": "key store",
-            "revocations_followed": bool(changes is not None and changes.current),
+            "revocations_followed": bool(changes is not None and changes.following),
             "usage": usage.counts() if usage is not None else None,
         }
 

@@ -38,6 +38,9 @@ class KeyChanges:
         self.current = False
         """False until the first look at the store succeeded: until then every cached answer is stale
         (an instance that just started cannot know what was revoked while a shared cache kept it)."""
+        self.following = False
+        """Whether the last look succeeded (for /health); after an outage, cached answers stay trusted
+        up to their TTL, so the store being down does not refuse every key that was just fine."""
 
     def __len__(self) -> int:
         return len(self._stale)

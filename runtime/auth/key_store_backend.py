@@ -88,10 +88,12 @@ class ChangePoller:
                     first_line(exc),
                 )
             self._failing = True
+            self.changes.following = False
             return 0
         if self._failing:
             log.info("API keys: the key store answers again; revocations are followed")
             self._failing = False
+        self.changes.following = True
         return found
 
     def _read(self) -> int:

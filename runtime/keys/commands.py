@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from runtime.errors import KeyStoreError
 from runtime.keys import migrate
-from runtime.keys.opening import first_line, open_store, store_url
+from runtime.keys.opening import first_line, open_store, store_url, unknown_revision
 from runtime.keys.store import CreatedKey, KeyRecord
 from runtime.keys.usage_summary import summarize
 
@@ -72,6 +72,8 @@ def migrate_store(environ: Mapping[str, str], url: str | None = None) -> dict:
     engine = migrate.engine(store_url(environ, url))
     try:
         before = migrate.current(engine)
+        if not migrate.known(before):
+            raise unknown_revision(before)
         migrate.upgrade(engine)
         return {"from": before, "to": migrate.current(engine)}
     except sa.exc.SQLAlchemyError as exc:

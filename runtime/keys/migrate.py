@@ -15,6 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "api_keys_alembic_version"
@@ -83,3 +84,13 @@ def current(store: sa.Engine) -> str | None:
 
 def head() -> str | None:
     return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
+def known(revision: str | None) -> bool:
+    """Whether this version has `revision` among its migrations (a newer version's is unknown here)."""
+    if revision is None:
+        return True
+    try:
+        return ScriptDirectory(str(MIGRATIONS)).get_revision(revision) is not None
+    except CommandError:
+        return False

@@ -8,8 +8,9 @@
   the old one keeps working until its `expires_at`, the grace period.
 - `api_key_usage`: one row per request made with a key, written in batches; indexed by key and time
   (a key's summary over a period) and by time alone (retention deletes the oldest).
-- `api_key_audit`: every operation on a key (created, listed, revoked, rotated, refused), who did it
-  and when; never the key.
+- `api_key_audit`: every operation on a key (created, listed, revoked, rotated), who did it and when;
+  never the key.
+- `api_key_store_settings`: the store's own values, such as the check of its hashing secret.
 """
 
 from __future__ import annotations
@@ -80,3 +81,13 @@ class ApiKeyAudit(Base):
     actor: Mapped[str] = mapped_column(String(255))
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class StoreSetting(Base):
+    """The store's own settings; `hash_check`: the keyed hash of `HASH_CHECK_TEXT` under the secret the
+    keys are hashed with (`runtime.keys.opening` refuses a process with another secret)."""
+
+    __tablename__ = "api_key_store_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from runtime.keys.schema import ApiKey, ApiKeyAudit
 
 DEFAULT_ROTATION_GRACE = dt.timedelta(hours=24)
 MAX_NAME_LENGTH = 255
+SCOPE = re.compile(r"[A-Za-z0-9:._-]{1,64}")
 CHANGE_ACTIONS = ("revoked", "rotated")
 """The audited actions after which a validator must not trust what it cached about the key."""
 CHANGES_LIMIT = 1000
@@ -113,6 +115,14 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _check_text(field: str, value: str) -> None:
+    """A name or a user id: 1 to 255 printable characters, so it cannot forge a line in a log."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LENGTH:
+        raise ValueError(f"{field}: expected 1 to {MAX_NAME_LENGTH} characters")
+    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in value):
+        raise ValueError(f"{field}: control characters are not allowed")
+
+
 def check_networks(allowed_ips: Iterable[str] | None) -> list[str] | None:
     """The allowlist as normalised CIDRs (`10.1.2.3` -> `10.1.2.3/32`); ValueError naming the entry."""
     if allowed_ips is None:
@@ -147,10 +157,13 @@ class KeyStore:
         rate_limit_per_hour: int | None = None,
         allowed_ips: Iterable[str] | None = None,
     ) -> CreatedKey:
-        if not user_id or len(user_id) > MAX_NAME_LENGTH:
-            raise ValueError(f"user_id: expected 1 to {MAX_NAME_LENGTH} characters")
-        if not name or len(name) > MAX_NAME_LENGTH:
-            raise ValueError(f"name: expected 1 to {MAX_NAME_LENGTH} characters")
+        _check_text("user_id", user_id)
+        _check_text("name", name)
+        for scope in scopes:
+            if not SCOPE.fullmatch(str(scope)):
+                raise ValueError(
+                    f"scopes: {scope!r} is not a scope (letters, digits and : . _ -, at most 64)"
+                )
         if rate_limit_per_hour is not None and (
             isinstance(rate_limit_per_hour, bool) or rate_limit_per_hour < 0
         ):
@@ -192,6 +205,9 @@ class KeyStore:
             now = _now()
             if not KeyRecord.of(old).usable(now):
                 raise ValueError(f"key {key_id} is revoked or expired: create a new one instead")
+            successor = session.scalar(sa.select(ApiKey.id).where(ApiKey.rotated_from == old.id).limit(1))
+            if successor is not None:  # in its grace period: a second successor would only shorten it
+                raise ValueError(f"key {key_id} was already rotated (to {successor}): rotate that one")
             end = now + grace
             old_expiry = _aware(old.expires_at)
             old.expires_at = end if old_expiry is None else min(old_expiry, end)
@@ -278,7 +294,12 @@ class KeyStore:
             ]
 
     def active_key_count(self, owner: str) -> int:
-        query = sa.select(sa.func.count()).where(ApiKey.user_id == owner, ApiKey.is_active.is_(True))
+        """How many of the user's keys work now (active, not expired): keys in a rotation's grace too."""
+        query = sa.select(sa.func.count()).where(
+            ApiKey.user_id == owner,
+            ApiKey.is_active.is_(True),
+            sa.or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > _now()),
+        )
         with self._sessions() as session:
             return session.scalar(query) or 0
 

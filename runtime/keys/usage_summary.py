@@ -4,7 +4,7 @@ response-time percentiles, computed by the database over the rows `runtime.keys.
 Every figure is one indexed query over `(api_key_id, timestamp)`; the percentiles are nearest-rank
 (the smallest time at least p % of the requests took, what PostgreSQL's `percentile_disc` gives),
 found with `ORDER BY ... OFFSET`, which SQLite and PostgreSQL both have. A window holds at most
-`MAX_BUCKETS` periods (31 days by the hour, about 3 years by the day) and the summary lists the
+`MAX_BUCKETS` periods (31 days by the hour, 744 days by the day) and the summary lists the
 `TOP_ENDPOINTS` busiest endpoints, so an answer is bounded whatever was recorded.
 """
 

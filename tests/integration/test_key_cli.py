@@ -27,13 +27,13 @@ CLI = container_command("Dockerfile.api")[:1]  # the image's hokusai-mtls
 
 
 def run(
-    tmp_path: Path, *args: str, secret: bool = True, store: str = "keys.db"
+    tmp_path: Path, *args: str, secret: bool = True, store: str = "keys.db", hash_secret: bytes = SECRET
 ) -> subprocess.CompletedProcess:
     env = {
         "PATH": "/usr/bin:/bin",
         names.ENV_ENVIRONMENT: "staging",
-        names.ENV_KEY_STORE_URL: f"sqlite:///{tmp_path}/{store}",
-        **({names.ENV_KEY_HASH_SECRET: base64.b64encode(SECRET).decode()} if secret else {}),
+        names.ENV_KEY_STORE_URL: store if "://" in store else f"sqlite:///{tmp_path}/{store}",
+        **({names.ENV_KEY_HASH_SECRET: base64.b64encode(hash_secret).decode()} if secret else {}),
     }
     return subprocess.run(
         [*CLI, "auth", *args], env=env, capture_output=True, text=True, timeout=60, check=False
@@ -150,6 +150,14 @@ def test_usage_summarises_what_the_store_recorded_for_the_key(tmp_path):
         (("revoke-key", str(uuid.uuid4())), True, "keys.db", "key-not-found", "no API key"),
         (("revoke-key", "not-a-uuid"), True, "keys.db", "invalid-value", "expected a UUID"),
         (("usage", str(uuid.uuid4())), True, "keys.db", "key-not-found", "no API key"),
+        (("create-key", "--user", "a", "--name", "x\nINFO forged"), True, "keys.db", "invalid-value", "name"),
+        (
+            ("create-key", "--user", "a", "--name", "n", "--scope", "a b"),
+            True,
+            "keys.db",
+            "invalid-value",
+            "scopes",
+        ),
         (("usage", str(uuid.uuid4()), "--days", "0"), True, "keys.db", "invalid-value", "--days"),
         (
             ("create-key", "--user", "a", "--name", "n", "--allow-ip", "10.0.0.0/33"),
@@ -173,3 +181,35 @@ def test_errors_name_what_is_wrong_with_their_code(tmp_path, args, secret, store
     assert result.returncode == 1
     assert f"error [{code}]" in result.stderr and words in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def failed(result: subprocess.CompletedProcess, code: str, *words: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert f"error [{code}]" in result.stderr and all(w in result.stderr for w in words), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_another_hashing_secret_than_the_stores_is_refused_before_it_can_make_useless_keys(tmp_path):
+    run(tmp_path, "migrate")
+    ok(
+        run(tmp_path, "create-key", "--user", "alice", "--name", "ci", "--json")
+    )  # the store now knows its secret
+    wrong = run(tmp_path, "create-key", "--user", "bob", "--name", "ci", hash_secret=b"w" * 32)
+    failed(wrong, "key-store", names.ENV_KEY_HASH_SECRET, "is not the secret")
+    assert [k["user_id"] for k in ok(run(tmp_path, "list-keys", "--json"))] == ["alice"]
+
+
+def test_a_store_a_newer_version_migrated_is_named_as_such(tmp_path):
+    run(tmp_path, "migrate")
+    engine = migrate.engine(f"sqlite:///{tmp_path}/keys.db")
+    with engine.begin() as connection:
+        connection.execute(sa.text(f"UPDATE {migrate.VERSION_TABLE} SET version_num = '0099'"))  # noqa: S608
+    engine.dispose()
+    for args in (("migrate",), ("list-keys",)):
+        failed(run(tmp_path, *args), "key-store", "revision 0099", "newer hokusai-mtls")
+
+
+def test_an_unsupported_database_is_named_and_the_url_is_not_printed(tmp_path):
+    result = run(tmp_path, "list-keys", store="mysql://root:hunter2@db/keys")
+    failed(result, "key-store", "'mysql' is not a supported database")
+    assert "hunter2" not in result.stderr

@@ -135,3 +135,16 @@ def test_bad_settings_name_their_field_and_store_nothing(store, options, field):
         store.create("alice", "ci", actor="alice", **options)
     with store.engine.connect() as connection:
         assert connection.execute(sa.select(sa.func.count()).select_from(ApiKey)).scalar() == 0
+
+
+def test_a_key_is_rotated_once_and_only_working_keys_count_against_a_users_limit(store):
+    old = store.create("alice", "ci", actor="alice")
+    new = store.rotate(old.record.id, actor="alice", grace=dt.timedelta(hours=2))
+    with pytest.raises(ValueError, match="already rotated"):  # a second successor would die with the grace
+        store.rotate(old.record.id, actor="alice", grace=dt.timedelta(0))
+    newest = store.rotate(new.record.id, actor="alice")  # its successor is the one to rotate
+    assert newest.record.rotated_from == new.record.id
+    assert store.active_key_count("alice") == 3  # the two in their grace and the newest
+    store.create("alice", "gone", actor="alice", expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+    store.revoke(old.record.id, actor="alice")
+    assert store.active_key_count("alice") == 2  # neither the expired nor the revoked one

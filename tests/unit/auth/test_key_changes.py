@@ -475,13 +475,16 @@ def test_a_store_that_fails_is_logged_once_per_outage_and_nothing_is_skipped(sto
 
     monkeypatch.setattr(store, "changes_since", down)
     store.revoke(key.record.id, actor="t")  # during the outage
+    assert changes.following
     assert [poller.poll() for _ in range(3)] == [0, 0, 0]
+    assert not changes.following  # what /health reports during the outage
+    assert changes.current and not changes.is_stale(str(other.record.id))  # cached answers stay trusted
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "revoked" in warnings[0].getMessage() and "SELECT secret" not in warnings[0].getMessage()
     monkeypatch.setattr(store, "changes_since", real)
     assert poller.poll() == 1  # the revocation made while the store was down
-    assert changes.is_stale(str(key.record.id))
+    assert changes.is_stale(str(key.record.id)) and changes.following
     assert any(r.levelno == logging.INFO and "again" in r.getMessage() for r in caplog.records)
     caplog.clear()
     monkeypatch.setattr(store, "changes_since", down)  # a second outage is logged again
