@@ -187,8 +187,11 @@ class KeyBackend(Protocol):
     """Who knows the keys: `AuthServiceClient`, or our store (`runtime.auth.key_store_backend`), which
     also follows revocations (`changes`) and records usage (`usage`); the service runs its `background()`."""
 
-    changes: KeyChanges | None
-    usage: UsageSink | None
+    @property
+    def changes(self) -> KeyChanges | None: ...
+
+    @property
+    def usage(self) -> UsageSink | None: ...
 
     async def validate(self, api_key: str, *, request_id: str | bytes) -> ApiKeyInfo | None: ...
 

@@ -30,7 +30,7 @@ from runtime.auth.key_changes import POLL_SECONDS, KeyChanges
 from runtime.auth.key_info import ApiKeyInfo
 from runtime.errors import AuthServiceUnavailable
 from runtime.keys.opening import first_line, open_store
-from runtime.keys.store import CHANGES_LIMIT, KeyRecord, KeyStore
+from runtime.keys.store import CHANGES_LIMIT, KeyChange, KeyRecord, KeyStore
 from runtime.keys.usage import UsageRecorder, retention_from_environ, usage_enabled
 from runtime.serving.server import Background, periodic
 
@@ -97,7 +97,7 @@ class ChangePoller:
         return found
 
     def _read(self) -> int:
-        new = []
+        new: list[KeyChange] = []
         start = self._after - CHANGES_OVERLAP
         for _ in range(MAX_PAGES_PER_POLL):
             page = self.store.changes_since(start)

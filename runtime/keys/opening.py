@@ -17,7 +17,7 @@ from runtime import names
 from runtime.errors import KeyStoreError
 from runtime.keys import migrate
 from runtime.keys.hashing import MIN_SECRET_BYTES, KeyHasher
-from runtime.keys.schema import StoreSetting
+from runtime.keys.schema import STORE_SETTINGS
 from runtime.keys.store import KeyStore
 
 
@@ -106,7 +106,7 @@ def _check_secret(engine: sa.Engine, hasher: KeyHasher) -> None:
     """The store's check value matches this hashing secret (or one of its previous ones); the first
     process to open a store writes it. `KeyStoreError` naming the variable otherwise: with another
     secret every key the store holds would be refused as invalid."""
-    table = StoreSetting.__table__
+    table = STORE_SETTINGS
     query = sa.select(table.c.value).where(table.c.name == HASH_CHECK)
     with engine.begin() as connection:
         stored = connection.scalar(query)

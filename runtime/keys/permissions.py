@@ -118,5 +118,15 @@ class Caller:
                 raise NotAllowed("the key must be limited to the calling key's allowed addresses")
             for entry in allowed_ips:
                 network = ipaddress.ip_network(entry, strict=False)
-                if not any(network.version == own.version and network.subnet_of(own) for own in mine):
+                if not any(_inside(network, own) for own in mine):
                     raise NotAllowed(f"allowed_ips: {entry} is outside the calling key's allowed addresses")
+
+
+def _inside(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network, own: ipaddress.IPv4Network | ipaddress.IPv6Network
+) -> bool:
+    if isinstance(network, ipaddress.IPv4Network) and isinstance(own, ipaddress.IPv4Network):
+        return network.subnet_of(own)
+    if isinstance(network, ipaddress.IPv6Network) and isinstance(own, ipaddress.IPv6Network):
+        return network.subnet_of(own)
+    return False  # another IP version is never inside

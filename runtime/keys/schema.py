@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import cast
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Uuid
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Table, Uuid
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -91,3 +92,10 @@ class StoreSetting(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(255))
+
+
+# The tables for SQLAlchemy Core statements (bulk inserts, updates by key, batched deletes), typed as
+# tables: `__table__` is declared as a FromClause, which insert/update/delete do not take.
+API_KEYS = cast(Table, ApiKey.__table__)
+USAGE = cast(Table, ApiKeyUsage.__table__)
+STORE_SETTINGS = cast(Table, StoreSetting.__table__)

@@ -111,6 +111,10 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.UTC)
 
 
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -288,7 +292,7 @@ class KeyStore:
         )
         with self._sessions() as session:
             return [
-                KeyChange(audit_id=row.id, key_id=row.api_key_id, at=_aware(row.at))
+                KeyChange(audit_id=row.id, key_id=row.api_key_id, at=_utc(row.at))
                 for row in session.execute(query)
                 if row.api_key_id is not None
             ]

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from runtime import env_numbers, names
 from runtime.keys.opening import first_line
-from runtime.keys.schema import ApiKey, ApiKeyUsage
+from runtime.keys.schema import API_KEYS, USAGE
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -166,7 +166,7 @@ class UsageRecorder:
     def prune(self, now: dt.datetime | None = None) -> int:
         """Delete usage older than the retention, `PRUNE_BATCH` rows per statement; the rows deleted."""
         cutoff = (now or dt.datetime.now(dt.UTC)) - self.retention
-        table = ApiKeyUsage.__table__
+        table = USAGE
         oldest = sa.select(table.c.id).where(table.c.timestamp < cutoff).limit(PRUNE_BATCH)
         deleted = 0
         while not self._stopping.is_set():
@@ -232,7 +232,7 @@ class UsageRecorder:
         uses = [{"key": key, "used_at": at} for key_id, at in last_used.items() if (key := _uuid(key_id))]
         if not rows and not uses:
             return
-        keys = ApiKey.__table__
+        keys = API_KEYS
         with self.engine.begin() as connection:
             if rows:
                 connection.execute(_INSERT_FOR_KNOWN_KEY, rows)
@@ -268,7 +268,7 @@ def _insert_for_known_key() -> sa.Insert:
     """One usage row per parameter set, only if its key is in `api_keys`: an id the store does not
     hold (another service's key in migration mode, a key deleted meanwhile) is skipped, not a
     foreign-key failure that would lose the whole batch."""
-    usage, keys = ApiKeyUsage.__table__, ApiKey.__table__
+    usage, keys = USAGE, API_KEYS
     columns = ("id", "api_key_id", "endpoint", "timestamp", "response_time_ms", "status_code")
     values = [sa.bindparam(name, type_=usage.c[name].type) for name in columns]
     return sa.insert(usage).from_select(
