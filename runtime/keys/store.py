@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
+import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from runtime.keys.schema import ApiKey, ApiKeyAudit
 
 DEFAULT_ROTATION_GRACE = dt.timedelta(hours=24)
 MAX_NAME_LENGTH = 255
+INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+"""Unicode categories a name may not hold: controls (a newline forges a log line), formats (a
+right-to-left override turns `ci-key` around on screen), surrogates, private and unassigned ones."""
 SCOPE = re.compile(r"[A-Za-z0-9:._-]{1,64}")
 CHANGE_ACTIONS = ("revoked", "rotated")
 """The audited actions after which a validator must not trust what it cached about the key."""
@@ -123,8 +127,8 @@ def _check_text(field: str, value: str) -> None:
     """A name or a user id: 1 to 255 printable characters, so it cannot forge a line in a log."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LENGTH:
         raise ValueError(f"{field}: expected 1 to {MAX_NAME_LENGTH} characters")
-    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in value):
-        raise ValueError(f"{field}: control characters are not allowed")
+    if any(unicodedata.category(character) in INVISIBLE for character in value):
+        raise ValueError(f"{field}: control, format and separator characters are not allowed")
 
 
 def check_networks(allowed_ips: Iterable[str] | None) -> list[str] | None:

@@ -56,6 +56,8 @@ log = logging.getLogger("hokusai_mtls")
 
 KEYS_PATH = "/api/v1/auth/keys"
 MAX_BODY_BYTES = 16 * 1024
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_STORE_THREADS = 4
@@ -186,7 +188,7 @@ def _count(request: Request, name: str, default: int, low: int, high: int) -> in
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12) or not low <= int(raw) <= high:
         raise HttpError(422, [{"field": name, "message": f"expected a whole number from {low} to {high}"}])
     return int(raw)
 
@@ -197,9 +199,14 @@ def _time(request: Request, name: str, default: dt.datetime) -> dt.datetime:
         return default
     try:
         value = dt.datetime.fromisoformat(raw)
-    except ValueError:
+        value = (value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+    except (ValueError, OverflowError):
         raise HttpError(422, [{"field": name, "message": "expected an ISO 8601 time"}]) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    if not EARLIEST <= value <= LATEST:  # and no date arithmetic near year 1 or 9999 overflows
+        raise HttpError(
+            422, [{"field": name, "message": f"expected a time from {EARLIEST.year} to {LATEST.year}"}]
+        )
+    return value
 
 
 class KeyApi:

@@ -148,3 +148,13 @@ def test_a_key_is_rotated_once_and_only_working_keys_count_against_a_users_limit
     store.create("alice", "gone", actor="alice", expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
     store.revoke(old.record.id, actor="alice")
     assert store.active_key_count("alice") == 2  # neither the expired nor the revoked one
+
+
+@pytest.mark.parametrize("name", ["ci\nINFO forged line", "ci\x00", "ci-\u202eyek", "ci\u2028two", "\ue000"])
+def test_a_name_that_could_forge_or_hide_text_is_refused(store, name):
+    with pytest.raises(ValueError, match="name: control, format and separator characters"):
+        store.create("alice", name, actor="alice")
+
+
+def test_a_name_in_any_script_is_kept_as_given(store):
+    assert store.create("zoë", "Zoë's laptop 💻 — 東京", actor="zoë").record.name == "Zoë's laptop 💻 — 東京"
