@@ -73,6 +73,9 @@ def key_hash_secret_name(environment: str) -> str:
     return api_keys_secret_prefix(environment) + KEY_HASH_SECRET
 
 
+ENV_ROUTE_POLICY = "HOKUSAI_MTLS_ROUTE_POLICY"
+"""JSON: which identities may call which methods and paths of this server, `enforce` or `audit`
+(`runtime.auth.route_policy`); unset: every accepted identity reaches every route."""
 ENV_KEY_USAGE = "HOKUSAI_MTLS_KEY_USAGE"
 """`on` (default, with a key store) or `off`: record every API-key request in `api_key_usage`
 (`runtime.keys.usage`, a bounded background writer)."""
@@ -303,6 +306,11 @@ METRIC_INTERNAL_LATENCY = "InternalRequestLatency"
 METRIC_INTERNAL_API_KEY_REQUESTS = "InternalApiKeyRequests"
 """Count, dimensions (Environment, Service): API-key requests from internal callers, i.e. a
 service that should have used its certificate (the PRD's "fallback to API key" alarm)."""
+METRIC_ROUTE_POLICY_DENIED = "RoutePolicyDenied"
+"""Count, dimensions (Environment, Service): mTLS requests the route policy refused (403)."""
+METRIC_ROUTE_POLICY_WOULD_DENY = "RoutePolicyWouldDeny"
+"""Count, dimensions (Environment, Service): mTLS requests an `audit` route policy let through
+that `enforce` would refuse (Istio's dry-run)."""
 METRIC_PLAIN_PORT_REQUESTS = "PlainPortRequests"
 """Count, dimensions (Environment, Service): plain-HTTP requests in permissive mode (not yet migrated)."""
 

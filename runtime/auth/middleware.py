@@ -26,8 +26,10 @@ error shape, so MLflow's client reports `PERMISSION_DENIED`, not `INTERNAL_ERROR
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from cryptography import x509
@@ -48,6 +50,7 @@ from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy, ServiceIdentity, peer_certificate_pem
 from runtime.auth.proxy_certificate import check_proxy_kind, forwarded_certificate, is_forwarding_header
 from runtime.auth.rate_limit import RateDecision
+from runtime.auth.route_policy import RoutePolicy
 from runtime.observability import audit
 from runtime.observability.metrics import Metrics
 from runtime.serving.http_headers import (
@@ -59,6 +62,9 @@ from runtime.serving.http_headers import (
 )
 
 log = logging.getLogger("hokusai_mtls.auth")
+WOULD_DENY_LOG_SECONDS = 60.0
+WOULD_DENY_LOG_ENTRIES = 1000
+
 
 __all__ = ["STATE_KEYS", "APIKeyAuthMiddleware", "mlflow_scope", "options_from_environ"]
 
@@ -103,6 +109,7 @@ class APIKeyAuthMiddleware:
         validator: ApiKeyValidator | None,
         limiter,
         usage: UsageSink | None = None,
+        route_policy: RoutePolicy | None = None,
         metrics: Metrics,
         enable_mtls: bool = True,
         count_plain: bool = False,
@@ -122,13 +129,18 @@ class APIKeyAuthMiddleware:
         bundle; `none`: never. `cors_allowed_origins`: origins whose preflights are answered.
         `mlflow_errors(scope)`: answer this request's refusals in MLflow's error shape.
         `usage`: told of every request made with a key the backend knows (allowed, or refused for its
-        address or rate limit): endpoint, status, time to the end of the response."""
+        address or rate limit): endpoint, status, time to the end of the response.
+        `route_policy`: which identities may call which methods and paths (`runtime.auth.route_policy`),
+        for callers with a certificate; in its audit mode a request it would refuse is counted, logged
+        (once a minute per identity, method and path) and let through."""
         self.app = app
         self.identities = identities
         self.addresses = addresses
         self.validator = validator
         self.limiter = limiter
         self.usage = usage
+        self.route_policy = route_policy
+        self._would_deny_logged: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self.metrics = metrics
         self.enable_mtls = enable_mtls
         self.count_plain = count_plain
@@ -228,6 +240,14 @@ class APIKeyAuthMiddleware:
                 )
                 return
             decision.identity = identity.service
+            if self.route_policy is not None and not self._route_allowed(scope, identity.service):
+                await decision.refuse(
+                    send,
+                    403,
+                    "policy_denied",
+                    f"the route policy does not let {identity.service} call this route",
+                )
+                return
             needed = self.required_scope(scope) if self.required_scope else None
             if needed is not None and needed not in identity.scopes:
                 await decision.refuse(
@@ -312,6 +332,31 @@ class APIKeyAuthMiddleware:
         finally:
             decision.allowed()
             decision.used(self.usage, info)
+
+    def _route_allowed(self, scope, service: str) -> bool:
+        """The route policy's verdict for this caller; in audit mode always True, a refusal counted."""
+        assert self.route_policy is not None  # noqa: S101 - only called with a policy
+        method = scope.get("method", "GET")  # a WebSocket opens with a GET
+        path = scope.get("path", "")
+        if self.route_policy.allows(service, method, path):
+            return True
+        self.metrics.route_policy(denied=not self.route_policy.audit)
+        if not self.route_policy.audit:
+            return False
+        key = (service, method, path[:200])
+        now = time.monotonic()
+        if now - self._would_deny_logged.get(key, -WOULD_DENY_LOG_SECONDS) >= WOULD_DENY_LOG_SECONDS:
+            self._would_deny_logged[key] = now
+            self._would_deny_logged.move_to_end(key)
+            while len(self._would_deny_logged) > WOULD_DENY_LOG_ENTRIES:
+                self._would_deny_logged.popitem(last=False)
+            log.warning(
+                "route policy (audit mode) would deny %s: %s %s",
+                service,
+                method,
+                json.dumps(path[:200]),  # JSON-escaped: a client's newline cannot forge a log line
+            )
+        return True
 
     # --- plumbing ------------------------------------------------------------------------------
     @staticmethod

@@ -94,6 +94,18 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self._prom_policy_denied = PromCounter(
+            "hokusai_mtls_route_policy_denied",
+            "mTLS requests the route policy refused",
+            labels,
+            registry=self.registry,
+        )
+        self._prom_policy_would_deny = PromCounter(
+            "hokusai_mtls_route_policy_would_deny",
+            "mTLS requests an audit-mode route policy would refuse",
+            labels,
+            registry=self.registry,
+        )
         self._prom_plain = PromCounter(
             "hokusai_mtls_plain_port_requests",
             "Requests on the permissive plain port",
@@ -130,6 +142,8 @@ class Metrics:
         self._started = 0
         self._completed = 0
         self._internal_api_key = 0
+        self._policy_denied = 0
+        self._policy_would_deny = 0
         self._plain = 0
         self._latency_ms: defaultdict[float, int] = defaultdict(int)
         self._days: dict[str, int] = {}
@@ -154,6 +168,16 @@ class Metrics:
         self._prom_internal_api_key.labels(self.environment, self.service).inc()
         with self._lock:
             self._internal_api_key += 1
+
+    def route_policy(self, *, denied: bool) -> None:
+        """A request the route policy refused (`denied`), or that its audit mode let through."""
+        counter = self._prom_policy_denied if denied else self._prom_policy_would_deny
+        counter.labels(self.environment, self.service).inc()
+        with self._lock:
+            if denied:
+                self._policy_denied += 1
+            else:
+                self._policy_would_deny += 1
 
     def plain_port_request(self) -> None:
         self._prom_plain.labels(self.environment, self.service).inc()
@@ -184,6 +208,8 @@ class Metrics:
                 "started": self._started,
                 "completed": self._completed,
                 "internal_api_key": self._internal_api_key,
+                "policy_denied": self._policy_denied,
+                "policy_would_deny": self._policy_would_deny,
                 "plain": self._plain,
                 "latency_ms": [[value, count] for value, count in self._latency_ms.items()],
             }
@@ -198,6 +224,7 @@ class Metrics:
             auth = [(str(path), str(outcome), _count(n)) for path, outcome, n in document["auth"]]
             started, completed = _count(document["started"]), _count(document["completed"])
             internal_api_key, plain = _count(document["internal_api_key"]), _count(document["plain"])
+            denied, would_deny = _count(document["policy_denied"]), _count(document["policy_would_deny"])
             latency = [(float(value), _count(n)) for value, n in document["latency_ms"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a metrics interval: {type(exc).__name__}: {exc}") from None
@@ -211,6 +238,8 @@ class Metrics:
             (self._prom_started, started),
             (self._prom_completed, completed),
             (self._prom_internal_api_key, internal_api_key),
+            (self._prom_policy_denied, denied),
+            (self._prom_policy_would_deny, would_deny),
             (self._prom_plain, plain),
         ):
             if n:
@@ -224,6 +253,8 @@ class Metrics:
             self._started += started
             self._completed += completed
             self._internal_api_key += internal_api_key
+            self._policy_denied += denied
+            self._policy_would_deny += would_deny
             self._plain += plain
             for value, n in latency:
                 self._latency_ms[value] += n
@@ -237,6 +268,7 @@ class Metrics:
                     auth[auth_path] += count
             started, completed = self._started, self._completed
             internal_api_key, plain = self._internal_api_key, self._plain
+            denied, would_deny = self._policy_denied, self._policy_would_deny
             latency, days = dict(self._latency_ms), dict(self._days)
             self._reset_interval()
         base = {names.DIM_ENVIRONMENT: self.environment, names.DIM_SERVICE: self.service}
@@ -263,6 +295,16 @@ class Metrics:
             )
         if plain:
             documents.append(self._emf(base, {names.METRIC_PLAIN_PORT_REQUESTS: (plain, "Count")}))
+        if denied or would_deny:
+            documents.append(
+                self._emf(
+                    base,
+                    {
+                        names.METRIC_ROUTE_POLICY_DENIED: (denied, "Count"),
+                        names.METRIC_ROUTE_POLICY_WOULD_DENY: (would_deny, "Count"),
+                    },
+                )
+            )
         values = sorted(latency.items())
         for start in range(0, len(values), _EMF_MAX_VALUES):
             chunk = values[start : start + _EMF_MAX_VALUES]

@@ -40,6 +40,7 @@ from runtime.auth.key_backend import api_key_path, migrate_store
 from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
+from runtime.auth.route_policy import policy_from_environ
 from runtime.certificates import pem
 from runtime.certificates.inspection import days_left
 from runtime.clients.adaptive_client import ClientTLS, create_adaptive_client
@@ -142,6 +143,7 @@ class ApiService:
             addresses=addresses,
             validator=self.keys.validator,
             usage=self.keys.usage,
+            route_policy=policy_from_environ(writable),
             limiter=limiter_from_environ(writable, self.redis),
             metrics=self.metrics,
             required_scope=proxied_mlflow_scope,
@@ -289,6 +291,7 @@ def serve_api(
     interval_from_environ(environ)
     refresh_seconds(environ)
     redis_client.max_connections(environ)
+    policy_from_environ(environ)
     spec = WorkerSpec.from_environ(environ)
     count = 1 if spec is not None else worker_count(environ, workers)
     host, port = host or "0.0.0.0", port or names.API_PORT  # noqa: S104 - the task's interface, in its SG

@@ -46,6 +46,7 @@ from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
+from runtime.auth.route_policy import policy_from_environ
 from runtime.certificates import pem
 from runtime.certificates.inspection import days_left, dns_names, ip_addresses
 from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
@@ -237,6 +238,7 @@ class MlflowServer:
             addresses=AddressPolicy.from_environ(environ),
             validator=self.keys.validator,
             usage=self.keys.usage,
+            route_policy=policy_from_environ(environ),
             limiter=limiter_from_environ(environ, self.redis),
             metrics=self.metrics,
             enable_mtls=self.tls is not None,
@@ -397,6 +399,7 @@ class MlflowServer:
 def serve_mlflow(environ: Mapping[str, str] = os.environ, *, workers: int | None = None, **overrides) -> None:
     """serve-mlflow: one process, a supervisor of `workers` (else HOKUSAI_MTLS_WORKERS, else the CPUs), or,
     started by such a supervisor, one of its workers."""
+    policy_from_environ(environ)  # a policy that cannot be read: exit 1 naming the field, before any work
     spec = WorkerSpec.from_environ(environ)
     count = 1 if spec is not None else worker_count(environ, workers)
     settings = MlflowServerSettings.from_environ(environ, **overrides)

@@ -113,6 +113,8 @@ def test_taking_an_interval_starts_a_new_one():
         "started": 0,
         "completed": 0,
         "internal_api_key": 0,
+        "policy_denied": 0,
+        "policy_would_deny": 0,
         "plain": 0,
         "latency_ms": [],
     }
@@ -127,19 +129,41 @@ def test_taking_an_interval_starts_a_new_one():
             "started": 0,
             "completed": 0,
             "internal_api_key": 0,
+            "policy_denied": 0,
+            "policy_would_deny": 0,
             "plain": 0,
             "latency_ms": [],
         },
-        {"auth": [], "started": True, "completed": 0, "internal_api_key": 0, "plain": 0, "latency_ms": []},
+        {
+            "auth": [],
+            "started": True,
+            "completed": 0,
+            "internal_api_key": 0,
+            "policy_denied": 0,
+            "policy_would_deny": 0,
+            "plain": 0,
+            "latency_ms": [],
+        },
         {
             "auth": [],
             "started": 0,
             "completed": 0,
             "internal_api_key": 0,
+            "policy_denied": 0,
+            "policy_would_deny": 0,
             "plain": 0,
             "latency_ms": [["nan", 1]],
         },
-        {"auth": "x", "started": 0, "completed": 0, "internal_api_key": 0, "plain": 0, "latency_ms": []},
+        {
+            "auth": "x",
+            "started": 0,
+            "completed": 0,
+            "internal_api_key": 0,
+            "policy_denied": 0,
+            "policy_would_deny": 0,
+            "plain": 0,
+            "latency_ms": [],
+        },
     ],
 )
 def test_a_malformed_report_is_refused_and_counts_nothing(document):
@@ -160,7 +184,7 @@ WORKER = textwrap.dedent(
     behaviour = sys.argv[1]
     if behaviour == "fail":
         sys.exit(3)
-    report = {"auth": [["mtls", "success", 2]], "started": 1, "completed": 1, "internal_api_key": 0,
+    report = {"auth": [["mtls", "success", 2]], "started": 1, "completed": 1, "internal_api_key": 0, "policy_denied": 0, "policy_would_deny": 0,
               "plain": 0, "latency_ms": [[1.5, 2]]}
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
