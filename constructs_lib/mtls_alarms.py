@@ -22,7 +22,8 @@ from runtime.lifecycle import CA_IDENTITY
 MTLS_SERVER_SERVICE = names.MLFLOW_SERVICE
 """The service that terminates mTLS: it publishes handshakes, failures, latency and plain-port counts."""
 AUTH_SERVICES: tuple[str, ...] = (names.MLFLOW_SERVICE, names.API_SERVICE)
-"""The services whose auth middleware publishes AuthenticatedRequests and InternalApiKeyRequests."""
+"""The services whose auth middleware publishes AuthenticatedRequests and InternalApiKeyRequests (and,
+with a route policy, RoutePolicyDenied and RoutePolicyWouldDeny)."""
 
 RATE_PERIOD = Duration.minutes(5)
 """Period of every count and rate alarm (and of the dashboard's count graphs)."""

@@ -36,7 +36,7 @@ def dashboard_name(environment: str) -> str:
 
 class MtlsDashboard(Construct):
     """Certificate expiry, auth paths, handshakes and failure rate, latency, API-key fallbacks,
-    plain-port traffic and the state of every alarm in `alarms`.
+    plain-port traffic, route-policy refusals and the state of every alarm in `alarms`.
 
     Attributes:
         dashboard: the `hokusai-mtls-<env>` dashboard.
@@ -63,6 +63,7 @@ class MtlsDashboard(Construct):
         self.dashboard.add_widgets(
             self._latency_widget(), self._internal_api_key_widget(), self._plain_port_widget()
         )
+        self.dashboard.add_widgets(self._route_policy_widget())
         self.dashboard.add_widgets(
             cloudwatch.AlarmStatusWidget(
                 title="Alarms", alarms=list(alarms.all_alarms), width=_FULL, height=_HEIGHT
@@ -213,6 +214,25 @@ class MtlsDashboard(Construct):
             ],
             left_y_axis=cloudwatch.YAxisProps(min=0, label="requests / 5 min", show_units=False),
             width=_THIRD,
+            height=_HEIGHT,
+        )
+
+    def _route_policy_widget(self) -> cloudwatch.IWidget:
+        """Always there, like the plain-port graph in strict mode: without `routePolicies` (or without
+        refusals) it stays empty, and an audit policy's would-deny line is what to read before `enforce`."""
+        outcomes = (
+            (names.METRIC_ROUTE_POLICY_DENIED, "denied"),
+            (names.METRIC_ROUTE_POLICY_WOULD_DENY, "would deny (audit)"),
+        )
+        return cloudwatch.GraphWidget(
+            title="route policy: denied and would-deny",
+            left=[
+                service_count(metric_name, self._environment, service, f"{service} {outcome}")
+                for service in AUTH_SERVICES
+                for metric_name, outcome in outcomes
+            ],
+            left_y_axis=cloudwatch.YAxisProps(min=0, label="requests / 5 min", show_units=False),
+            width=_FULL,
             height=_HEIGHT,
         )
 

@@ -23,8 +23,9 @@ TMP_DIR = "/tmp"  # noqa: S108 - a task-local volume, not a shared host director
 CONTAINER_NAME = "app"
 
 ECS2_REASON = (
-    "The environment holds names, modes, paths, network ranges, scopes, a worker count, a retention in days "
-    "and the auth service's URL only (ENVIRONMENT, ENABLE_MTLS_AUTH, HOKUSAI_MTLS_*, "
+    "The environment holds names, modes, paths, network ranges, scopes, a route policy (service names, "
+    "methods and path patterns), a worker count, a retention in days and the auth service's URL only "
+    "(ENVIRONMENT, ENABLE_MTLS_AUTH, HOKUSAI_MTLS_* including HOKUSAI_MTLS_ROUTE_POLICY, "
     "MLFLOW_ARTIFACTS_DESTINATION, AUTH_SERVICE_URL, which the settings refuse with credentials): no secret "
     "values. The certificates are fetched by the loader with the task role; the MLflow backend store URI, "
     "REDIS_URL and the API-key store's URL and hashing secret are injected from Secrets Manager with "

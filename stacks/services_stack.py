@@ -5,6 +5,7 @@ execution role, an encrypted log group, a security group. MLflow registers in Cl
 `mlflow.<namespace>` and accepts connections only from the API and worker security groups.
 With `apiKeyStore`, the API's container alone gets the key store's URL and hashing secret
 (`secrets=`: its execution role reads them; no task role, and neither mlflow nor the worker).
+With `routePolicies`, each server named there gets its own policy (HOKUSAI_MTLS_ROUTE_POLICY).
 The platform's existing ALB fronts the API; registering the API in its target group is not
 done here (README: "Deploying").
 """
@@ -148,6 +149,7 @@ class ServicesStack(Stack):
                     names.ENV_MLFLOW_ARTIFACTS_DESTINATION: settings.mlflow.artifacts_destination,
                     names.ENV_WORKERS: workers[names.MLFLOW_SERVICE],
                     **serving,
+                    **self._route_policy_environment(settings, names.MLFLOW_SERVICE),
                 },
                 "secrets": {
                     names.ENV_MLFLOW_BACKEND_STORE_URI: ecs.Secret.from_secrets_manager(backend_store),
@@ -163,6 +165,7 @@ class ServicesStack(Stack):
                     names.ENV_PROXY_KIND: settings.trusted_proxy_kind,
                     names.ENV_WORKERS: workers[names.API_SERVICE],
                     **self._key_store_environment(settings),
+                    **self._route_policy_environment(settings, names.API_SERVICE),
                 },
                 "secrets": {**serving_secrets, **key_store_secrets},
             },
@@ -238,6 +241,13 @@ class ServicesStack(Stack):
         if settings.cn_fallback:
             variables[names.ENV_CN_FALLBACK] = "true"
         return variables
+
+    @staticmethod
+    def _route_policy_environment(settings: EnvironmentSettings, service: str) -> dict[str, str]:
+        """HOKUSAI_MTLS_ROUTE_POLICY of `service` (mlflow or api), only when `routePolicies` has one for it:
+        the compact JSON of the document the settings checked with the runtime's parser."""
+        policy = settings.route_policies.get(service)
+        return {} if policy is None else {names.ENV_ROUTE_POLICY: policy.compact_json}
 
     def _authentication_secrets(self, settings: EnvironmentSettings) -> dict[str, ecs.Secret]:
         """REDIS_URL from its existing secret (it may hold a password): never in the environment.

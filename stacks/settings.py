@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from runtime import names
@@ -26,10 +27,13 @@ from stacks.settings_network import (
     parse_vpc,
 )
 from stacks.settings_services import (
+    DEFAULT_SCOPED_SERVICES,
     ApiKeyStore,
     ImageSource,
     MlflowStores,
+    RoutePolicySetting,
     TaskSize,
+    check_route_policy_identities,
     default_desired_counts,
     default_images,
     default_task_sizes,
@@ -38,6 +42,7 @@ from stacks.settings_services import (
     parse_desired_counts,
     parse_images,
     parse_mlflow,
+    parse_route_policies,
     parse_secret_name,
     parse_service_scopes,
     parse_task_sizes,
@@ -123,6 +128,7 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
         lambda raw, where, env: parse_api_key_store(raw, where, environment=env),
     ),
     "serviceScopes": ("service_scopes", lambda raw, where, _: parse_service_scopes(raw, where)),
+    "routePolicies": ("route_policies", lambda raw, where, _: parse_route_policies(raw, where)),
     "rotationDays": ("rotation_days", _as_is),
     "keyType": ("key_type", _as_is),
     "serverSans": ("server_sans", lambda raw, where, _: where.strings(raw, _SAN, "a DNS name or IP address")),
@@ -203,6 +209,12 @@ class EnvironmentSettings:
     service_scopes: Mapping[str, tuple[str, ...]] | None = None
     """[serviceScopes] HOKUSAI_MTLS_SERVICE_SCOPES of mlflow and api: service -> scopes of its
     certificate. None: the runtime's default (api and worker read and write MLflow)."""
+    route_policies: Mapping[str, RoutePolicySetting] = field(default_factory=lambda: MappingProxyType({}))
+    """[routePolicies] server (`mlflow`, `api`) -> `{"mode": "enforce" | "audit", "rules": [{"identities",
+    "methods", "paths"}]}` in the runtime's format (`runtime.auth.route_policy`), written into that server's
+    HOKUSAI_MTLS_ROUTE_POLICY: which certificate identities may call which methods and paths. Identities are
+    services of serviceScopes (default api, worker) or `*`. A server left out: every accepted identity
+    reaches every route, as before."""
     rotation_days: int = 30
     """[rotationDays] Secrets Manager rotates every identity secret this often (a fresh key and leaf);
     below leafLifetimeDays - certificateExpiryAlarmDays, so a working rotation never trips the alarm."""
@@ -282,6 +294,14 @@ class EnvironmentSettings:
                 "(the api's execution role would read the database password)"
             )
         self._check_api_key_store()
+        check_route_policy_identities(
+            self.route_policies,
+            tuple(self.service_scopes) if self.service_scopes is not None else DEFAULT_SCOPED_SERVICES,
+            self._at("routePolicies"),
+            source="the services of serviceScopes"
+            if self.service_scopes is not None
+            else "the services of the runtime's default scopes; serviceScopes names others",
+        )
         self._at("trustedProxyKind").choice(self.trusted_proxy_kind, names.PROXY_KINDS)
         if self.trusted_proxy_kind != names.PROXY_KIND_NONE and not self.trusted_proxy_cidrs:
             self._at("trustedProxyKind").fail(

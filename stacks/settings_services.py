@@ -1,7 +1,9 @@
-"""Service settings: images, desired counts, task sizes and MLflow's stores. Pure Python, no aws-cdk-lib."""
+"""Service settings: images, desired counts, task sizes, MLflow's stores and the route policies.
+Pure Python, no aws-cdk-lib."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,7 +12,8 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from runtime import names
-from stacks.settings_checks import Where
+from runtime.auth.route_policy import ANY, RoutePolicy, parse_policy
+from stacks.settings_checks import SettingsError, Where
 
 SERVICES: tuple[str, ...] = (names.MLFLOW_SERVICE, names.API_SERVICE, names.WORKER_SERVICE)
 """The ECS services, in the order the stacks build them; the keys of `images`, `desiredCounts` and
@@ -63,6 +66,14 @@ MAX_KEY_USAGE_RETENTION_DAYS = 3650
 
 PLAIN_HTTP_AUTH_ENVIRONMENTS = names.DEGRADABLE_ENVIRONMENTS
 """Where `authServiceUrl` may be `http://`: API keys would cross the network in clear text."""
+
+DEFAULT_SCOPED_SERVICES: tuple[str, ...] = tuple(identity.name for identity in names.CLIENT_IDENTITIES)
+"""The services a certificate identifies when `serviceScopes` is unset: the keys of
+`runtime.auth.peer_identity.DEFAULT_SERVICE_SCOPES` (a test keeps them equal; this module does not import
+cryptography). MLflow's own certificate names `mlflow` but is a server certificate: it calls no one."""
+MAX_ROUTE_POLICY_CHARS = 16 * 1024
+"""The most characters the compact JSON of one route policy may have: it becomes a container environment
+variable, and ECS refuses a task definition over 64 KiB (every variable, command and setting together)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,6 +292,59 @@ def parse_auth_service_url(raw: object, where: Where, *, environment: str) -> st
     if url.query or url.fragment or raw.endswith(("?", "#")):
         where.fail(f"{raw!r}: a base URL takes no query or fragment (the client appends the path)")
     return raw
+
+
+@dataclass(frozen=True)
+class RoutePolicySetting:
+    """One server's `routePolicies` entry, read by the runtime's own parser."""
+
+    policy: RoutePolicy
+    """What `runtime.auth.route_policy.parse_policy` made of the document."""
+    compact_json: str
+    """The document as HOKUSAI_MTLS_ROUTE_POLICY: `json.dumps(document, separators=(",", ":"),
+    sort_keys=True)`."""
+
+
+def parse_route_policies(raw: object, where: Where) -> Mapping[str, RoutePolicySetting]:
+    """`{"mlflow" | "api": {"mode": "enforce" | "audit", "rules": [...]}}`: each policy in the runtime's own
+    format, checked by the runtime's own parser (`runtime.auth.route_policy.parse_policy`), so synth refuses
+    exactly what the server would refuse at start. The identities the rules name are checked against the
+    services that have certificates in `EnvironmentSettings.__post_init__` (`check_route_policy_identities`).
+    """
+    raw = where.mapping(raw, allowed=SERVING_SERVICES)
+    policies = {}
+    for server, document in raw.items():
+        at = where / server
+        try:
+            policy = parse_policy(document, where=at.path)
+        except ValueError as error:  # its message starts with the path: `at.path`, `.rules[0].paths`...
+            raise SettingsError(str(error)) from None
+        compact = json.dumps(document, separators=(",", ":"), sort_keys=True)
+        if len(compact) > MAX_ROUTE_POLICY_CHARS:
+            at.fail(
+                f"is {len(compact)} characters as JSON, more than {MAX_ROUTE_POLICY_CHARS}: it is a container "
+                "environment variable, and ECS refuses a task definition over 64 KiB; use fewer, broader "
+                "patterns (`*` segments, a final `**`)"
+            )
+        policies[server] = RoutePolicySetting(policy=policy, compact_json=compact)
+    return MappingProxyType(policies)
+
+
+def check_route_policy_identities(
+    policies: Mapping[str, RoutePolicySetting], services: Sequence[str], where: Where, *, source: str
+) -> None:
+    """Every identity a rule names (other than `*`) is one of `services`, the ones a certificate can
+    identify (`source` says where they come from); a rule naming any other could never match."""
+    for server, setting in policies.items():
+        if not setting.policy.identities() - set(services):
+            continue
+        for index, rule in enumerate(setting.policy.rules):
+            unknown = sorted(rule.identities - set(services) - {ANY})
+            if unknown:
+                (where / server / f"rules[{index}]" / "identities").fail(
+                    f"{unknown[0]!r} is not a service that has a certificate here; expected "
+                    f"{', '.join(services)} ({source}) or {ANY}"
+                )
 
 
 def parse_service_scopes(raw: object, where: Where) -> Mapping[str, tuple[str, ...]]:

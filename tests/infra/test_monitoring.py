@@ -390,6 +390,8 @@ def test_dashboard_metrics_follow_the_runtime_names_contract(stacks, templates, 
     assert values(names.METRIC_CERT_DAYS_TO_EXPIRY, names.DIM_IDENTITY) == {i.name for i in names.IDENTITIES}
     assert values(names.METRIC_AUTH_REQUESTS, names.DIM_SERVICE) == AUTH_SERVICES
     assert values(names.METRIC_INTERNAL_API_KEY_REQUESTS, names.DIM_SERVICE) == AUTH_SERVICES
+    assert values(names.METRIC_ROUTE_POLICY_DENIED, names.DIM_SERVICE) == AUTH_SERVICES
+    assert values(names.METRIC_ROUTE_POLICY_WOULD_DENY, names.DIM_SERVICE) == AUTH_SERVICES
     for name in (
         names.METRIC_MTLS_HANDSHAKES,
         names.METRIC_MTLS_HANDSHAKE_FAILURES,
@@ -409,6 +411,32 @@ def test_dashboard_stacks_auth_paths_per_service(templates, env):
         metrics, _ = dashboard_metrics(widget)
         assert sorted(m.dimensions[names.DIM_AUTH_PATH] for m in metrics) == sorted(names.AUTH_PATHS)
         assert len({m.dimensions[names.DIM_SERVICE] for m in metrics}) == 1, "one service per stack"
+
+
+ROUTE_POLICY_WIDGET = "route policy: denied and would-deny"
+
+
+@ENVIRONMENTS
+def test_dashboard_graphs_route_policy_refusals_of_both_servers(templates, env):
+    """One graph, always there (like the plain-port graph in strict mode): denied and would-deny, each per
+    serving service, as 5-minute sums with the runtime's dimensions (Environment, Service)."""
+    route_metrics = {names.METRIC_ROUTE_POLICY_DENIED, names.METRIC_ROUTE_POLICY_WOULD_DENY}
+    widgets = [
+        w for w in metric_widgets(templates[env]) if w["properties"].get("title") == ROUTE_POLICY_WIDGET
+    ]
+    assert len(widgets) == 1
+    metrics, expressions = dashboard_metrics(widgets[0])
+    assert expressions == []
+    assert sorted((m.name, m.dimensions[names.DIM_SERVICE]) for m in metrics) == sorted(
+        (name, service) for name in route_metrics for service in AUTH_SERVICES
+    )
+    for metric in metrics:
+        assert metric.namespace == names.METRIC_NAMESPACE
+        assert set(metric.dimensions) == {names.DIM_ENVIRONMENT, names.DIM_SERVICE}, metric
+        # 300 s is CloudWatch's default period, which the body leaves out
+        assert (metric.options["stat"], metric.options.get("period", 300)) == ("Sum", 300), metric
+    for name in route_metrics:
+        assert widgets_showing(templates[env], name) == widgets, "on no other graph"
 
 
 @ENVIRONMENTS

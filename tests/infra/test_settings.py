@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -57,6 +58,10 @@ NAMESPACE = {
         "namespaceArn": "arn:aws:servicediscovery:eu-west-1:123456789012:namespace/ns-0123456789abcdef",
     }
 }
+
+
+RULE = {"identities": ["api"], "methods": ["GET"], "paths": ["/health"]}
+"""A valid route-policy rule, for the cases that break one of its fields."""
 
 
 def with_setting(env: str, key: str, value: object) -> dict:
@@ -363,6 +368,100 @@ def test_account_and_region_are_optional_and_checked():
         ("staging", "serviceScopes.api[0]", {"api": [7]}, "not a scope"),
         ("staging", "serviceScopes.api", {"api": ["mlflow:read", "mlflow:read"]}, "twice"),
         ("staging", "serviceScopes.my service", {"my service": ["mlflow:read"]}, "not a service name"),
+        # routePolicies: the runtime's parser (runtime.auth.route_policy) names the field; the identity and
+        # server checks are the settings' own.
+        ("staging", "routePolicies", [], "expected an object, got list"),
+        (
+            "staging",
+            "routePolicies.worker",
+            {"worker": {"mode": "enforce", "rules": []}},
+            "unknown setting; expected mlflow, api",
+        ),
+        (
+            "staging",
+            "routePolicies.mlflow",
+            {"mlflow": ["GET /health"]},
+            "expected an object with mode and rules",
+        ),
+        (
+            "staging",
+            "routePolicies.mlflow.mode",
+            {"mlflow": {"mode": "block", "rules": []}},
+            "expected one of enforce, audit, got 'block'",
+        ),
+        (
+            "production",
+            "routePolicies.api",
+            {"api": {"mode": "audit", "rules": [], "default": "deny"}},
+            "unknown field(s) default",
+        ),
+        ("staging", "routePolicies.mlflow.rules", {"mlflow": {"mode": "audit"}}, "expected a list"),
+        (
+            "staging",
+            "routePolicies.mlflow.rules[0]",
+            {"mlflow": {"rules": [{"identities": ["api"], "methods": ["GET"], "path": ["/health"]}]}},
+            "expected exactly identities, methods and paths",
+        ),
+        (
+            "staging",
+            "routePolicies.api.rules[1].methods",
+            {"api": {"rules": [{**RULE}, {**RULE, "methods": ["GET", "FETCH"]}]}},
+            "FETCH is not an HTTP method",
+        ),
+        (
+            "staging",
+            "routePolicies.mlflow.rules[0].methods",
+            {"mlflow": {"rules": [{**RULE, "methods": []}]}},
+            "expected a list of 1 to",
+        ),
+        (
+            "staging",
+            "routePolicies.mlflow.rules[0].paths",
+            {"mlflow": {"rules": [{**RULE, "paths": ["/api/**/runs"]}]}},
+            "** may only end a pattern",
+        ),
+        (
+            "staging",
+            "routePolicies.mlflow.rules[0].paths",
+            {"mlflow": {"rules": [{**RULE, "paths": ["api/2.0/mlflow/runs/get"]}]}},
+            "is not a path pattern (it starts with /)",
+        ),
+        (
+            "development",
+            "routePolicies.mlflow.rules[0].paths",
+            {"mlflow": {"rules": [{**RULE, "paths": ["/api/../admin"]}]}},
+            "has an empty, . or .. segment",
+        ),
+        (
+            "staging",
+            "routePolicies.mlflow.rules[1].identities",
+            {"mlflow": {"rules": [{**RULE}, {**RULE, "identities": ["worker", "reporter"]}]}},
+            "'reporter' is not a service that has a certificate here; expected api, worker",
+        ),
+        (
+            "staging",
+            "routePolicies.api.rules[0].identities",
+            {"api": {"rules": [{**RULE, "identities": ["server"]}]}},
+            "'server' is not a service that has a certificate here",
+        ),
+        (
+            "production",
+            "routePolicies.mlflow.rules[0].identities",
+            {"mlflow": {"rules": [{**RULE, "identities": ["mlflow"]}]}},
+            "'mlflow' is not a service that has a certificate here",
+        ),
+        (
+            "staging",
+            "routePolicies.mlflow.rules[0].identities",
+            {"mlflow": {"rules": [{**RULE, "identities": [7]}]}},
+            "expected non-empty strings",
+        ),
+        (
+            "staging",
+            "routePolicies.mlflow",
+            {"mlflow": {"rules": [{**RULE, "paths": [f"/p/{i:0500}" for i in range(40)]}]}},
+            "more than 16384: it is a container environment variable",
+        ),
     ],
 )
 def test_bad_setting_names_environment_and_setting(env, key, value, problem):
@@ -628,6 +727,7 @@ def test_cdk_json_sets_every_setting_and_strict_mode_everywhere(cdk_json_setting
         "serviceScopes",
         "caRolloverStartDays",
         "apiKeyStore",
+        "routePolicies",
     }
     for env, raw in cdk_json_settings.items():
         unset_here = optional | ({"authServiceUrl"} if env == "development" else set())
@@ -693,3 +793,81 @@ def test_every_service_needs_an_image():
     raw = with_setting("staging", "images", {"mlflow": {"dockerfile": "docker/Dockerfile.mlflow"}})
     with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.staging\.images\.api: missing"):
         load_settings(raw)
+
+
+# --- routePolicies --------------------------------------------------------------------------------
+
+MLFLOW_POLICY = {
+    "mode": "enforce",
+    "rules": [
+        {"identities": ["worker"], "methods": ["GET", "post"], "paths": ["/api/2.0/mlflow/runs/**"]},
+        {"identities": ["*"], "methods": ["GET"], "paths": ["/health", "/version"]},
+    ],
+}
+
+
+def test_route_policies_are_read_by_the_runtimes_parser_and_kept_as_compact_json():
+    from runtime.auth.route_policy import parse_policy, policy_from_environ
+
+    api_policy = {"mode": "audit", "rules": [{"identities": ["api"], "methods": ["*"], "paths": ["/**"]}]}
+    raw = with_setting("staging", "routePolicies", {"mlflow": MLFLOW_POLICY, "api": api_policy})
+    policies = load_settings(raw)["staging"].route_policies
+    assert set(policies) == {names.MLFLOW_SERVICE, names.API_SERVICE}
+    for server, document in ((names.MLFLOW_SERVICE, MLFLOW_POLICY), (names.API_SERVICE, api_policy)):
+        setting = policies[server]
+        assert setting.compact_json == json.dumps(document, separators=(",", ":"), sort_keys=True)
+        assert setting.policy == parse_policy(document)
+        # ...and the variable is what the server reads at start.
+        assert policy_from_environ({names.ENV_ROUTE_POLICY: setting.compact_json}) == setting.policy
+    assert policies[names.MLFLOW_SERVICE].policy.identities() == {"worker"}
+    assert policies[names.API_SERVICE].policy.audit
+
+
+def test_route_policies_default_to_none_and_an_empty_object_is_none():
+    assert dict(load_settings(VALID)["staging"].route_policies) == {}
+    assert dict(load_settings(with_setting("staging", "routePolicies", {}))["staging"].route_policies) == {}
+
+
+def test_route_policy_mode_defaults_to_enforce_as_in_the_runtime():
+    raw = with_setting("development", "routePolicies", {"api": {"rules": [RULE]}})
+    setting = load_settings(raw)["development"].route_policies["api"]
+    assert not setting.policy.audit
+    assert json.loads(setting.compact_json) == {"rules": [RULE]}
+
+
+def test_route_policy_identities_follow_service_scopes():
+    """With serviceScopes the services it names are the identities there are; without, api and worker."""
+    policy = {"rules": [{**RULE, "identities": ["reporter", "api"]}]}
+    raw = with_setting("staging", "routePolicies", {"mlflow": policy})
+    raw["staging"]["serviceScopes"] = {"api": ["mlflow:read"], "reporter": ["mlflow:read"]}
+    assert load_settings(raw)["staging"].route_policies["mlflow"].policy.identities() == {"reporter", "api"}
+    raw["staging"]["routePolicies"]["mlflow"]["rules"][0]["identities"] = ["worker"]
+    with pytest.raises(
+        SettingsError,
+        match=rf"^{CONTEXT_KEY}\.staging\.routePolicies\.mlflow\.rules\[0\]\.identities: 'worker' is not a "
+        r"service that has a certificate here; expected api, reporter \(the services of serviceScopes\)",
+    ):
+        load_settings(raw)
+
+
+def test_the_default_identities_are_the_runtimes_default_scoped_services():
+    from runtime.auth.peer_identity import DEFAULT_SERVICE_SCOPES
+    from stacks.settings_services import DEFAULT_SCOPED_SERVICES
+
+    assert set(DEFAULT_SCOPED_SERVICES) == set(DEFAULT_SERVICE_SCOPES)
+
+
+@pytest.mark.infra
+def test_a_bad_route_policy_fails_synthesis_with_environment_server_and_field(cdk_context):
+    import aws_cdk as cdk
+
+    from app import build_app
+
+    environments = copy.deepcopy(cdk_context[CONTEXT_KEY])
+    environments["production"]["routePolicies"] = {"mlflow": {"rules": [{**RULE, "identities": ["billing"]}]}}
+    app = cdk.App(context={**cdk_context, CONTEXT_KEY: environments})
+    with pytest.raises(
+        SettingsError,
+        match=rf"^{CONTEXT_KEY}\.production\.routePolicies\.mlflow\.rules\[0\]\.identities: 'billing' ",
+    ):
+        build_app(app)
