@@ -104,66 +104,35 @@ def test_workers_intervals_added_up_equal_one_process_that_served_everything():
     assert strip(merged.flush()) == strip(one.flush())
 
 
+EMPTY_INTERVAL = {
+    "auth": [],
+    "started": 0,
+    "completed": 0,
+    "internal_api_key": 0,
+    "policy_denied": 0,
+    "policy_would_deny": 0,
+    "plain": 0,
+    "latency_ms": [],
+}
+"""What a worker reports for an interval with nothing in it (written out here, not taken from the code)."""
+
+
 def test_taking_an_interval_starts_a_new_one():
     worker = Metrics(environment="staging", service="mlflow")
     record(worker, 2)
     assert worker.take_interval()["auth"]
-    assert worker.take_interval() == {
-        "auth": [],
-        "started": 0,
-        "completed": 0,
-        "internal_api_key": 0,
-        "policy_denied": 0,
-        "policy_would_deny": 0,
-        "plain": 0,
-        "latency_ms": [],
-    }
+    assert worker.take_interval() == EMPTY_INTERVAL
 
 
 @pytest.mark.parametrize(
     "document",
     [
         {},
-        {
-            "auth": [["mtls", "success", -1]],
-            "started": 0,
-            "completed": 0,
-            "internal_api_key": 0,
-            "policy_denied": 0,
-            "policy_would_deny": 0,
-            "plain": 0,
-            "latency_ms": [],
-        },
-        {
-            "auth": [],
-            "started": True,
-            "completed": 0,
-            "internal_api_key": 0,
-            "policy_denied": 0,
-            "policy_would_deny": 0,
-            "plain": 0,
-            "latency_ms": [],
-        },
-        {
-            "auth": [],
-            "started": 0,
-            "completed": 0,
-            "internal_api_key": 0,
-            "policy_denied": 0,
-            "policy_would_deny": 0,
-            "plain": 0,
-            "latency_ms": [["nan", 1]],
-        },
-        {
-            "auth": "x",
-            "started": 0,
-            "completed": 0,
-            "internal_api_key": 0,
-            "policy_denied": 0,
-            "policy_would_deny": 0,
-            "plain": 0,
-            "latency_ms": [],
-        },
+        {**EMPTY_INTERVAL, "auth": [["mtls", "success", -1]]},
+        {**EMPTY_INTERVAL, "started": True},
+        {**EMPTY_INTERVAL, "latency_ms": [["nan", 1]]},
+        {**EMPTY_INTERVAL, "auth": "x"},
+        {**EMPTY_INTERVAL, "policy_denied": -2},
     ],
 )
 def test_a_malformed_report_is_refused_and_counts_nothing(document):
