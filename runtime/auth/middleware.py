@@ -51,6 +51,7 @@ from runtime.auth.peer_identity import IdentityPolicy, ServiceIdentity, peer_cer
 from runtime.auth.proxy_certificate import check_proxy_kind, forwarded_certificate, is_forwarding_header
 from runtime.auth.rate_limit import RateDecision
 from runtime.auth.route_policy import RoutePolicy
+from runtime.keys import key_format
 from runtime.observability import audit
 from runtime.observability.metrics import Metrics
 from runtime.serving.http_headers import (
@@ -287,6 +288,7 @@ class APIKeyAuthMiddleware:
             )
             return
         decision.key_fingerprint = fingerprint(key)
+        decision.key_kind = "ours" if key_format.is_ours(key) else "other"  # who still uses old keys
         try:
             validation = await self.validator.validate(key, request_id=decision.request_id)
         except AuthServiceUnavailable as exc:
@@ -417,6 +419,7 @@ class _Decision:
         self.auth_path = names.AUTH_PATH_API_KEY
         self.identity: str | None = None
         self.key_fingerprint: str | None = None
+        self.key_kind: str | None = None
         self.status: int | None = None
         self.started = time.perf_counter()
 
@@ -483,4 +486,5 @@ class _Decision:
             internal=self.internal,
             identity=self.identity,
             key_fingerprint=self.key_fingerprint,
+            key_kind=self.key_kind,
         )

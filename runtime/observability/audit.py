@@ -5,7 +5,8 @@ Each line is a JSON object on the `hokusai_mtls.audit` logger, refusals at WARNI
 let through at INFO (so setting that logger to WARNING keeps the refusals and saves the ~20 us a
 line costs on every request), and CloudWatch Logs Insights can filter on its fields: `request_id`, `auth_path` (`mtls`, `api_key`), `identity`
 (the service a certificate named) or `key` (the first 16 hex digits of the key's SHA-256
-fingerprint: enough to find the key, useless to use it), `method`, `route` (the path, never the
+fingerprint: enough to find the key, useless to use it) and `key_kind` (`ours`: our store's format;
+`other`: the old auth service's, in migration mode), `method`, `route` (the path, never the
 query string, which may hold a credential), `client` (the address as `client_address` decided
 it), `internal`, `outcome` and `status` (what the caller got, from us or from the app).
 
@@ -41,8 +42,10 @@ def decision(
     internal: bool,
     identity: str | None = None,
     key_fingerprint: str | None = None,
+    key_kind: str | None = None,
 ) -> None:
-    """Write the line (skipped cheaply when the audit logger is off for it)."""
+    """Write the line (skipped cheaply when the audit logger is off for it). `key_kind`: `ours` for a
+    key in our store's format, `other` for any other key (the old auth service's, in migration mode)."""
     allowed = outcome == "success"
     if not enabled(allowed):
         return
@@ -52,6 +55,7 @@ def decision(
         "auth_path": auth_path,
         "identity": identity,
         "key": key_fingerprint[:KEY_FINGERPRINT_CHARS] if key_fingerprint else None,
+        "key_kind": key_kind,
         "method": method[:16],
         "route": route[:MAX_ROUTE_CHARS],
         "client": client,

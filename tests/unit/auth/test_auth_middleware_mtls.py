@@ -19,6 +19,7 @@ from runtime.auth.api_keys import fingerprint
 from runtime.auth.client_address import AddressPolicy
 from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy
+from runtime.keys.key_format import generate
 from runtime.serving.http_headers import masked_headers
 from tests.support.asgi import RecordingApp, call, echo_state, http_scope, tls_extension
 from tests.support.certs import new_ca
@@ -330,3 +331,14 @@ def test_every_decision_is_one_audit_line_without_the_credential(middleware, ca,
     )
     assert "good-key" not in caplog.text and "wrong-key" not in caplog.text
     assert len({r["request_id"] for r in records}) == 4
+    assert [r["key_kind"] for r in records] == [None, "other", "other", None]  # not our store's format
+
+
+def test_the_audit_line_tells_a_key_of_our_format_from_any_other(middleware, caplog):
+    """In migration mode, `key_kind` is how an operator sees who still uses the old service's keys."""
+    caplog.set_level(logging.INFO, logger="hokusai_mtls.audit")
+    ours = generate("staging")
+    call(middleware(), http_scope(headers=[("X-API-Key", ours)]))
+    call(middleware(), http_scope(headers=[("X-API-Key", ours[:-1] + ("A" if ours[-1] != "A" else "B"))]))
+    kinds = [json.loads(r.getMessage())["key_kind"] for r in caplog.records if r.name == "hokusai_mtls.audit"]
+    assert kinds == ["ours", "other"]  # a broken checksum is not ours
