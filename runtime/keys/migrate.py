@@ -29,9 +29,10 @@ def _config(connection: sa.Connection) -> Config:
     return config
 
 
-POOL_SIZE = 12
-"""Connections one process holds to the store at most: the lookups' threads
-(`key_store_backend.MAX_LOOKUP_THREADS`, 8), the usage writer, the change poller and the REST API."""
+POOL_SIZE = 8 + 1 + 1 + 4
+"""Connections one process holds to the store at most: one for each of the lookups' threads
+(`key_store_backend.MAX_LOOKUP_THREADS`, 8), the usage writer (1), the change poller (1) and the REST
+API's store threads (`key_api.MAX_STORE_THREADS`, 4), so no one of them waits for another's connection."""
 POOL_TIMEOUT_SECONDS = 2.0
 SQLITE_BUSY_MILLISECONDS = 2000
 MIGRATION_LOCK = 0x686B5F6B657973  # "hk_keys": PostgreSQL's advisory lock for the key store's migrations

@@ -344,3 +344,12 @@ def test_under_a_steady_trickle_the_writer_writes_a_batch_per_interval_not_a_tra
         recorder.stop()
     assert len(usage_rows(store)) == sent
     assert len(commits) <= 8, f"{len(commits)} transactions for {sent} rows"
+
+
+def test_the_store_pool_holds_a_connection_for_every_thread_that_uses_it():
+    """Lookups, the usage writer, the change poller and the REST API never queue for each other's
+    connection (a queue past `POOL_TIMEOUT_SECONDS` fails the request with 503)."""
+    from runtime.auth.key_store_backend import MAX_LOOKUP_THREADS
+    from runtime.services.key_api import MAX_STORE_THREADS
+
+    assert migrate.POOL_SIZE >= MAX_LOOKUP_THREADS + 1 + 1 + MAX_STORE_THREADS
