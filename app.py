@@ -10,13 +10,14 @@ from __future__ import annotations
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
-from stacks.settings import CONTEXT_KEY, load_settings
+from stacks.settings import CONTEXT_KEY, SERVICES_KEY, load_services, load_settings
 from stacks.stage import HokusaiStage
 
 
 def build_app(app: cdk.App | None = None) -> cdk.App:
     """Add every environment's stage and the cdk-nag checks to `app` (a new App by default)."""
     app = app if app is not None else cdk.App()
+    load_services(app.node.try_get_context(SERVICES_KEY))  # checked before any environment is built
     for settings in load_settings(app.node.try_get_context(CONTEXT_KEY)).values():
         HokusaiStage(app, settings=settings)
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))

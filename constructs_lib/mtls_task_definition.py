@@ -33,7 +33,9 @@ ECS2_REASON = (
 )
 
 
-def mtls_environment(*, environment: str, identity: names.Identity, mtls_mode: str) -> dict[str, str]:
+def mtls_environment(
+    *, environment: str, identity: names.Identity, mtls_mode: str, may_degrade: bool = False
+) -> dict[str, str]:
     """The container variables of the mTLS contract (README: "Container environment")."""
     if mtls_mode not in names.MTLS_MODES:
         raise ValueError(f"mtls_mode {mtls_mode!r} is not one of {', '.join(names.MTLS_MODES)}")
@@ -42,6 +44,7 @@ def mtls_environment(*, environment: str, identity: names.Identity, mtls_mode: s
         names.ENV_ENABLE_MTLS: "false" if mtls_mode == names.MTLS_MODE_OFF else "true",
         names.ENV_ROLE: identity.role,
         names.ENV_MTLS_MODE: mtls_mode,
+        names.ENV_MAY_DEGRADE: "true" if may_degrade else "false",
         names.ENV_CERT_DIR: identity.default_cert_dir,
         names.ENV_CA_BUNDLE_SECRET: names.secret_name(environment, names.CA_BUNDLE_SECRET),
         names.ENV_IDENTITY_SECRET: names.identity_secret_name(environment, identity),
@@ -67,6 +70,7 @@ class MtlsTaskDefinition(Construct):
         environment: str,
         identity: names.Identity,
         mtls_mode: str,
+        may_degrade: bool = False,
         image: ecs.ContainerImage,
         log_group: logs.ILogGroup,
         cpu: int = 512,
@@ -82,7 +86,9 @@ class MtlsTaskDefinition(Construct):
         `extra_environment` may not redefine a variable of the mTLS contract, and no variable may be
         both in the environment and in `secrets` (injected from Secrets Manager by the execution role)."""
         super().__init__(scope, construct_id)
-        contract = mtls_environment(environment=environment, identity=identity, mtls_mode=mtls_mode)
+        contract = mtls_environment(
+            environment=environment, identity=identity, mtls_mode=mtls_mode, may_degrade=may_degrade
+        )
         clash = sorted(set(contract) & set(extra_environment or {}))
         if clash:
             raise ValueError(f"extra_environment may not redefine {', '.join(clash)}")

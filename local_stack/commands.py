@@ -191,6 +191,12 @@ def print_summary(stack: Stack, items: list[Example], elapsed: float) -> None:
             f"{api['security_level']}: API keys outside (our key store), its own certificate to MLflow",
         ),
         (
+            "streaming",
+            stack.streaming_url,
+            f"{health['streaming']['security_level']}: a WebSocket app behind `hokusai-mtls serve --app`; "
+            f"the worker may stream {worker['streaming']['allowed']['path']} only",
+        ),
+        (
             "worker",
             f"exited {worker['exit_code']}",
             f"{worker['security_level']}: logged run {worker['run_id']} in experiment {worker['experiment']!r}",

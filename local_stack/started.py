@@ -16,6 +16,7 @@ from local_stack.environment import service_environment as _service_environment
 from local_stack.postgres_server import PostgresCluster, redact
 from local_stack.stack import Child, StateFile, Supervisor, remove_tree
 from runtime import names
+from runtime.service_catalog import DEFAULT_CATALOG, parse_catalog
 
 ENVIRONMENT = LOCAL_ENVIRONMENT
 KEY_DATABASE = "api_keys"
@@ -24,6 +25,15 @@ KEY_USER = "local-user"
 """The owner of the keys `up` creates and prints the command for."""
 KEY_NAME = "make local"
 INTERNAL_CIDRS = "10.0.0.0/8"
+STREAMING_SERVICE = "streaming"
+LOCAL_CATALOG = parse_catalog(
+    {
+        **{service.name: service.as_document() for service in DEFAULT_CATALOG.services},
+        STREAMING_SERVICE: {"serves": "mtls", "port": 8443, "callers": [names.WORKER_SERVICE]},
+    }
+)
+"""Our three plus a declared streaming server the worker may call: services are data here too
+(HOKUSAI_MTLS_SERVICES in every process of the stack, as the stacks set it in ECS)."""
 """A stand-in VPC. Not 127.0.0.0/8: on loopback the demo's own curl would count as an internal
 caller without a certificate, and the middleware logs a warning for each of those."""
 
@@ -150,6 +160,11 @@ class Stack:
         return redact(self.backend_store_uri, self.postgres.password)
 
     @property
+    def streaming_url(self) -> str:
+        """The streaming server's WebSockets (wss: mTLS), dialed on 127.0.0.1 here."""
+        return f"wss://127.0.0.1:{self.ports['streaming']}"
+
+    @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['api']}"
 
@@ -186,6 +201,7 @@ class Stack:
                 names.ENV_DEV_CA_DIR: str(self.run.scratch / "dev-ca"),
                 names.ENV_INTERNAL_CIDRS: INTERNAL_CIDRS,
                 names.ENV_REDIS_URL: self.redis_url,
+                names.ENV_SERVICES: LOCAL_CATALOG.to_json(),
                 **extra,
             },
         )
@@ -215,9 +231,10 @@ class Stack:
                 "mlflow-backend-store": self.backend_store_shown,
                 "mlflow-health": f"http://127.0.0.1:{self.ports['mlflow-health']}/health",
                 "api": self.api_url,
+                "streaming": self.streaming_url,
                 "key-store": self.key_store_shown,
             },
-            "cert_dirs": {i.name: str(self.cert_dir(i)) for i in names.IDENTITIES},
+            "cert_dirs": {i.name: str(self.cert_dir(i)) for i in LOCAL_CATALOG.identities},
             "postgres_dir": str(self.postgres.directory) if self.postgres is not None else None,
             "health": self.health,
             "worker": self.worker,

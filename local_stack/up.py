@@ -51,7 +51,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from local_stack import commands
+from local_stack import commands, streaming_app
+from local_stack import worker as worker_module
 from local_stack.environment import (
     BIN,
     DOCKER,
@@ -73,7 +74,16 @@ from local_stack.stack import (
     is_alive,
     stop_recorded,
 )
-from local_stack.started import ENVIRONMENT, KEY_DATABASE, KEY_NAME, KEY_USER, RunDir, Stack
+from local_stack.started import (
+    ENVIRONMENT,
+    KEY_DATABASE,
+    KEY_NAME,
+    KEY_USER,
+    LOCAL_CATALOG,
+    STREAMING_SERVICE,
+    RunDir,
+    Stack,
+)
 from runtime import names
 from runtime.certificates.certset import CertificateSet
 
@@ -158,8 +168,8 @@ def _redacted(stack: Stack, text: str) -> str:
 def start(stack: Stack, progress: Progress) -> None:
     """Start everything; returns once every service is ready and the worker's run is logged."""
     ports = stack.ports
-    ports.update({n: free_port() for n in ("secrets-manager", "redis", "mlflow", "api")})
-    ports["mlflow-health"] = free_port()
+    ports.update({n: free_port() for n in ("secrets-manager", "redis", "mlflow", "api", "streaming")})
+    ports["mlflow-health"], ports["streaming-health"] = free_port(), free_port()
     stack.supervisor.save(**stack.details())
 
     moto = stack.spawn(
@@ -177,7 +187,8 @@ def start(stack: Stack, progress: Progress) -> None:
     issued = stack.run.certs / "issued"
     _cli(stack, "certs", "issue", "--env", ENVIRONMENT, "--out", str(issued), "--server-san", "localhost", "--server-san", "127.0.0.1")  # fmt: skip
     progress(
-        f"issued the {ENVIRONMENT} set: CA, MLflow server (also localhost, 127.0.0.1), api, worker (hokusai-mtls certs issue)"
+        f"issued the {ENVIRONMENT} set: CA, MLflow server and the streaming server (also localhost, 127.0.0.1), "
+        "api, worker (hokusai-mtls certs issue, the services declared in HOKUSAI_MTLS_SERVICES)"
     )
     _wait(moto, _answers_http(f"{stack.secrets_url}/moto-api/"), "answering HTTP")
     uploaded = _cli(stack, "certs", "upload", "--env", ENVIRONMENT, "--dir", str(issued), "--no-ca-key")
@@ -201,6 +212,23 @@ def start(stack: Stack, progress: Progress) -> None:
             names.ENV_MLFLOW_ARTIFACTS_DESTINATION: str(stack.run.data / "artifacts"),
         },
     )  # fmt: skip
+    streaming_identity = LOCAL_CATALOG.identity_by_name(STREAMING_SERVICE)
+    streaming = stack.spawn(
+        "streaming",
+        [str(BIN / "hokusai-mtls"), "serve", "--app", "local_stack.streaming_app:app", "--host", "127.0.0.1", "--port", str(ports["streaming"]), "--health-port", str(ports["streaming-health"])],
+        **{
+            names.ENV_ROLE: streaming_identity.role,
+            names.ENV_CERT_DIR: str(stack.cert_dir(streaming_identity)),
+            names.ENV_ROUTE_POLICY: json.dumps(streaming_app.ROUTE_POLICY),
+            "PYTHONPATH": str(REPO),
+        },
+    )  # fmt: skip
+    stack.health["streaming"] = _healthy(streaming, ports["streaming-health"])
+    progress(
+        f"streaming server ready on {stack.streaming_url} (hokusai-mtls serve --app local_stack.streaming_app:app, "
+        f"security level {stack.health['streaming']['security_level']}): the worker may open "
+        f"{streaming_app.METRICS_PATH}, not {streaming_app.ADMIN_PATH}"
+    )
     worker = stack.spawn(
         "worker",
         ["sh", str(DOCKER / "entrypoint.sh"), "python", "-m", "local_stack.worker"],
@@ -209,6 +237,7 @@ def start(stack: Stack, progress: Progress) -> None:
             names.ENV_ROLE: names.WORKER.role,
             names.ENV_CERT_DIR: str(stack.cert_dir(names.WORKER)),
             "MLFLOW_TRACKING_URI": stack.mlflow_url,
+            worker_module.ENV_STREAMING_URL: stack.streaming_url,
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # a TLS refusal surfaces at once, not after minutes
             "PYTHONPATH": str(REPO),
         },
@@ -238,7 +267,13 @@ def start(stack: Stack, progress: Progress) -> None:
     )
     stack.worker = _worker_result(worker)
     progress(f"worker logged run {stack.worker['run_id']} over mTLS and exited 0")
-    _check_levels(stack, CertificateSet.read_from_dir(issued, ENVIRONMENT))
+    streamed = stack.worker["streaming"]
+    progress(
+        f"worker over a WebSocket with its certificate: {streamed['allowed']['path']} answered "
+        f"{streamed['allowed']['messages']} messages to caller {streamed['allowed']['caller']!r}; "
+        f"{streamed['refused']['path']} refused it with {streamed['refused']['status']} (route policy)"
+    )
+    _check_levels(stack, CertificateSet.read_from_dir(issued, ENVIRONMENT, LOCAL_CATALOG.identities))
     stack.supervisor.save(**stack.details())
 
 
@@ -350,6 +385,7 @@ def _check_levels(stack: Stack, issued: CertificateSet) -> None:
         "mlflow": (stack.health["mlflow"]["security_level"], stack.health["mlflow"].get("certificate", {}).get("serial"), names.SERVER),
         "api": (stack.health["api"]["security_level"], stack.health["api"].get("certificate", {}).get("serial"), names.API),
         "worker": (stack.worker.get("security_level"), stack.worker.get("serial"), names.WORKER),
+        "streaming": (stack.health["streaming"]["security_level"], stack.health["streaming"].get("certificate", {}).get("serial"), LOCAL_CATALOG.identity_by_name(STREAMING_SERVICE)),
     }  # fmt: skip
     for service, (level, serial, identity) in served.items():
         expected = f"{issued.identities[identity.name].certificate.serial_number:x}"

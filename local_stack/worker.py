@@ -32,6 +32,9 @@ RUN_NAME = "local-stack-worker"
 PARAMS = {"source": "local_stack.worker", "identity": "worker"}
 LOSSES = [1.0, 0.5, 0.25, 0.125, 0.0625]
 ARTIFACT = "report.txt"
+ENV_STREAMING_URL = "HOKUSAI_LOCAL_STREAMING_URL"
+"""The local streaming server's `wss://` base URL; unset: the worker streams nothing."""
+STREAM_SECONDS = 10.0
 
 
 def wait_for_port(url: str, seconds: float = 60) -> None:
@@ -60,6 +63,42 @@ def presented_identity() -> dict[str, str | None]:
     return {"serial": f"{certificate.serial_number:x}", "spiffe_id": next(iter(uris(certificate)), None)}
 
 
+def open_stream(base_url: str, path: str) -> dict:
+    """One WebSocket to `path` over mTLS, with the certificate and bundle the loader exported for MLflow.
+
+    Returns what the server said: the accepted stream's messages, or the status of its refusal.
+    """
+    import ssl
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, Request, TextMessage
+
+    parts = urlsplit(base_url)
+    context = ssl.create_default_context(cafile=os.environ[names.ENV_MLFLOW_SERVER_CERT])
+    context.load_cert_chain(os.environ[names.ENV_MLFLOW_CLIENT_CERT])
+    raw = socket.create_connection((parts.hostname, parts.port or 443), timeout=STREAM_SECONDS)
+    with context.wrap_socket(raw, server_hostname=parts.hostname) as sock:
+        connection = WSConnection(ConnectionType.CLIENT)
+        sock.sendall(connection.send(Request(host=parts.netloc, target=path)))
+        messages: list[dict] = []
+        while True:
+            data = sock.recv(65536)
+            connection.receive_data(data or None)
+            for event in connection.events():
+                if isinstance(event, RejectConnection):
+                    return {"path": path, "status": event.status_code}
+                if isinstance(event, TextMessage):
+                    messages.append(json.loads(event.data))
+                elif isinstance(event, CloseConnection):
+                    sock.sendall(connection.send(event.response()))
+                    caller = messages[0].get("caller") if messages else None
+                    return {"path": path, "status": 101, "caller": caller, "messages": len(messages)}
+                elif not isinstance(event, AcceptConnection):
+                    continue
+            if not data:
+                return {"path": path, "status": None, "messages": len(messages)}
+
+
 def main() -> int:
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     import mlflow  # after the environment is read: MLflow reads its variables at call time anyway
@@ -82,6 +121,14 @@ def main() -> int:
         "security_level": os.environ.get(names.ENV_SECURITY_LEVEL),
         **presented_identity(),
     }
+    if streaming := os.environ.get(ENV_STREAMING_URL):
+        from local_stack.streaming_app import ADMIN_PATH, METRICS_PATH
+
+        wait_for_port(streaming.replace("wss://", "https://"))
+        result["streaming"] = {
+            "allowed": open_stream(streaming, METRICS_PATH),
+            "refused": open_stream(streaming, ADMIN_PATH),
+        }
     print(json.dumps(result), flush=True)
     return 0
 

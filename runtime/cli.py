@@ -36,6 +36,7 @@ from runtime.errors import MtlsError, UnexpectedError
 from runtime.observability import log_redaction
 from runtime.secrets.loader import LoaderSettings, load_certificates
 from runtime.secrets.mlflow_config import apply_exports
+from runtime.service_catalog import catalog_from_environ, catalog_from_file
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -52,6 +53,14 @@ def _directory(path: str, option: str) -> Path:
     return directory
 
 
+def environment_name(value: str) -> str:
+    """argparse type of `--env`: any valid environment name (environments are declared, not fixed)."""
+    try:
+        return names.check_environment(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _read(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -62,6 +71,7 @@ def _read(path: str) -> bytes:
 # --- certs issue ---------------------------------------------------------------------
 def cmd_issue(args: argparse.Namespace) -> int:
     ca, bundle = load_ca_dir(_directory(args.ca_dir, "--ca-dir")) if args.ca_dir else (None, None)
+    identities = catalog_from_environ(os.environ).identities
     certificates = CertificateSet.issue(
         args.env,
         key_type=KeyType(args.key_type),
@@ -70,13 +80,15 @@ def cmd_issue(args: argparse.Namespace) -> int:
         server_sans=tuple(args.server_san),
         ca=ca,
         trust_bundle=bundle,
+        identities=identities,
     )
     certificates.verify()
     written = certificates.write_to_dir(Path(args.out), overwrite=args.force)
     print(f"issued the {args.env} set ({args.key_type}) into {args.out}; keys are 0600:")
-    print(f"  {'ca':<8} {_expiry(certificates.trust_bundle[0])}")
+    width = max(8, *(len(name) for name in certificates.identities))
+    print(f"  {'ca':<{width}} {_expiry(certificates.trust_bundle[0])}")
     for name, tls in certificates.identities.items():
-        print(f"  {name:<8} {_expiry(tls.certificate)}")
+        print(f"  {name:<{width}} {_expiry(tls.certificate)}")
     print(f"files: {', '.join(p.name for p in written)}")
     return 0
 
@@ -104,7 +116,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.dir:
         if not args.env:
             raise UsageError("--dir needs --env (the environment the set was issued for)")
-        CertificateSet.read_from_dir(_directory(args.dir, "--dir"), args.env).verify()
+        identities = catalog_from_environ(os.environ).identities
+        CertificateSet.read_from_dir(_directory(args.dir, "--dir"), args.env, identities).verify()
         print(f"OK: the {args.env} set in {args.dir} verifies (bundle, every identity, keys, usage, names)")
         return 0
     if not (args.cert and args.key and args.ca):
@@ -122,7 +135,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_upload(args: argparse.Namespace) -> int:
     from runtime.secrets.secret_store import SecretStore  # boto3 only for the commands that talk to AWS
 
-    certificates = CertificateSet.read_from_dir(_directory(args.dir, "--dir"), args.env)
+    identities = catalog_from_environ(os.environ).identities
+    certificates = CertificateSet.read_from_dir(_directory(args.dir, "--dir"), args.env, identities)
     if args.no_ca_key:
         certificates.ca = None
     results = SecretStore(args.env, region=args.region).upload(certificates, kms_key_id=args.kms_key_id)
@@ -195,6 +209,17 @@ def cmd_serve_mlflow(args: argparse.Namespace) -> int:
     from runtime.services.mlflow_server import serve_mlflow  # imports MLflow: only for this command
 
     serve_mlflow(host=args.host, port=args.port, health_port=args.health_port, workers=args.workers)
+    return 0
+
+
+def cmd_serve_app(args: argparse.Namespace) -> int:
+    """Any ASGI app behind mTLS, WebSockets included (runtime.services.asgi_service)."""
+    from runtime.serving.connection_limits import mlflow_limits
+
+    mlflow_limits(os.environ)  # a bad timeout or bound: exit 1 naming the variable, before any work
+    from runtime.services.asgi_service import serve_app
+
+    serve_app(args.app, host=args.host, port=args.port, health_port=args.health_port)
     return 0
 
 
@@ -306,10 +331,9 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--role",
         default=os.environ.get(names.ENV_ROLE),
-        choices=sorted(names.ROLES),
-        help=f"default: ${names.ENV_ROLE}",
+        help=f"a declared identity's role (ours: {', '.join(names.ROLES)}); default: ${names.ENV_ROLE}",
     )
-    parser.add_argument("--env", choices=names.ENVIRONMENTS, help=f"default: ${names.ENV_ENVIRONMENT}")
+    parser.add_argument("--env", type=environment_name, help=f"default: ${names.ENV_ENVIRONMENT}")
     parser.add_argument("--cert-dir", help=f"default: ${names.ENV_CERT_DIR}, else the role's directory")
     parser.add_argument("--region", help="default: $AWS_REGION")
 
@@ -320,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     parser.add_argument(
         "--log-level", type=str.upper, choices=LOG_LEVELS, help=f"default: ${ENV_LOG_LEVEL}, else INFO"
+    )
+    parser.add_argument(
+        "--services",
+        metavar="FILE",
+        help=f"the declared services: cdk.json (its hokusai:services) or a JSON file of them; default "
+        f"${names.ENV_SERVICES}, else mlflow, api and worker",
     )
     # metavar: argparse names a missing subcommand by it, never by `dest` (an internal name)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
@@ -342,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, metavar="N", help=WORKERS_HELP)
     serve.set_defaults(func=cmd_serve_mlflow, parser=serve)
 
+    app = commands.add_parser(
+        "serve", help="run any ASGI app behind mTLS, WebSockets included (--app module:attribute)"
+    )
+    app.add_argument("--app", required=True, metavar="MODULE:ATTRIBUTE", help="the ASGI app to serve")
+    app.add_argument("--host", help="default 0.0.0.0")
+    app.add_argument("--port", type=int, help=f"default ${names.ENV_PORT}, else 8443")
+    app.add_argument(
+        "--health-port", type=int, help=f"127.0.0.1 only; default ${names.ENV_HEALTH_PORT}, else the port + 1"
+    )
+    app.set_defaults(func=cmd_serve_app, parser=app)
+
     api = commands.add_parser("serve-api", help="run the API service's auth middleware and /mlflow proxy")
     api.add_argument("--host", help="default 0.0.0.0")
     api.add_argument("--port", type=int, help=f"default {names.API_PORT}")
@@ -360,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND", title="commands")
 
     issue = sub.add_parser("issue", help="issue a CA, the MLflow server and every client identity")
-    issue.add_argument("--env", required=True, choices=names.ENVIRONMENTS)
+    issue.add_argument("--env", required=True, type=environment_name)
     issue.add_argument("--out", required=True, help="directory to write (created 0700)")
     issue.add_argument("--key-type", default=KeyType.ECDSA_P256.value, choices=[k.value for k in KeyType])
     issue.add_argument("--leaf-days", type=int, help="default: 365 in development, 90 in staging/production")
@@ -389,11 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--hostname", help="server certificates: the name clients dial")
     verify.add_argument("--spiffe-id", help="client certificates: the URI SAN expected")
     verify.add_argument("--dir", help="a directory written by `certs issue`")
-    verify.add_argument("--env", choices=names.ENVIRONMENTS)
+    verify.add_argument("--env", type=environment_name)
     verify.set_defaults(func=cmd_verify, parser=verify)
 
     upload = sub.add_parser("upload", help="verify a set and store it in Secrets Manager")
-    upload.add_argument("--env", required=True, choices=names.ENVIRONMENTS)
+    upload.add_argument("--env", required=True, type=environment_name)
     upload.add_argument("--dir", required=True)
     upload.add_argument("--kms-key-id", help="KMS key for secrets this command creates")
     upload.add_argument("--region", help="default: $AWS_REGION")
@@ -409,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finish: old CA no longer trusted. Let every service load the secrets between steps.",
     )
     rollover.add_argument("step", choices=["status", "begin", "switch", "finish"])
-    rollover.add_argument("--env", required=True, choices=names.ENVIRONMENTS)
+    rollover.add_argument("--env", required=True, type=environment_name)
     rollover.add_argument("--region", help="default: $AWS_REGION")
     rollover.add_argument(
         "--ca-days", type=int, default=DEFAULT_CA_LIFETIME_DAYS, help="begin: new CA lifetime"
@@ -480,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, quiet=args.quiet)
     try:
+        if args.services:  # every command, and what it starts (`run`), then sees the same declaration
+            os.environ[names.ENV_SERVICES] = catalog_from_file(Path(args.services)).to_json()
+        catalog_from_environ(os.environ)  # a bad HOKUSAI_MTLS_SERVICES: one line naming it, before any work
         return args.func(args)
     except UsageError as exc:
         getattr(args, "parser", parser).print_usage(sys.stderr)  # the subcommand's own usage

@@ -10,12 +10,24 @@ app imports it without the runtime's dependencies.
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 ENVIRONMENTS: tuple[str, ...] = ("development", "staging", "production")
-"""The environments we deploy; `development` is the only one allowed to degrade."""
+"""The environments cdk.json declares by default. Any name `check_environment` accepts may be declared
+(`qa`, `sandbox-alice`): an environment is data, not one of these."""
 
 DEGRADABLE_ENVIRONMENTS: frozenset[str] = frozenset({"development"})
+"""Where HOKUSAI_MTLS_MAY_DEGRADE defaults to true when it is unset (a developer's own shell or compose
+file); the CDK stacks always set it, from the environment's `mayDegrade` setting."""
+
+ENVIRONMENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,22}[a-z0-9]|[a-z]")
+"""An environment's name: it is a DNS label of `hokusai-<env>.local`, a SPIFFE path segment, a path
+segment of every secret name and part of the stacks' names (so 1-24 characters, lower case)."""
+SERVICE_NAME = re.compile(r"[a-z][a-z0-9-]{0,30}[a-z0-9]|[a-z]")
+"""A declared service's (and identity's) name: the Cloud Map name `<service>.hokusai-<env>.local`, the
+SPIFFE ID's last segment, part of `<identity>-identity` and of the stacks' resource names."""
 
 CA_LIFETIME_DAYS = 5 * 365
 """Lifetime of a CA we make (first issuance, rollover); the stacks check rollover settings against it."""
@@ -24,6 +36,17 @@ CA_LIFETIME_DAYS = 5 * 365
 ENV_ENVIRONMENT = "ENVIRONMENT"
 ENV_ENABLE_MTLS = "ENABLE_MTLS_AUTH"
 """`false` is the rollback switch: no certificates, plain HTTP, API-key path only."""
+ENV_MAY_DEGRADE = "HOKUSAI_MTLS_MAY_DEGRADE"
+"""`true`: this environment may degrade at start-up (a local development CA, TLS only, plain HTTP), loudly;
+`false`: it fails closed. Unset: true only for `DEGRADABLE_ENVIRONMENTS` (`may_degrade`)."""
+ENV_SERVICES = "HOKUSAI_MTLS_SERVICES"
+"""The platform's services (cdk.json's `hokusai:services`, compact JSON, `runtime.service_catalog`): which
+identities exist, which serve and who may call them. The stacks write it into every container and Lambda;
+unset: our three (mlflow, api, worker)."""
+ENV_PORT = "HOKUSAI_MTLS_PORT"
+"""The port `hokusai-mtls serve --app` listens on (mTLS; default 8443): a declared server's `port`."""
+ENV_HEALTH_PORT = "HOKUSAI_MTLS_HEALTH_PORT"
+"""The loopback plain-HTTP health port of `hokusai-mtls serve --app` (default: its port + 1)."""
 ENV_ROLE = "HOKUSAI_MTLS_ROLE"
 ENV_CERT_DIR = "HOKUSAI_MTLS_CERT_DIR"
 ENV_DEV_CA_DIR = "HOKUSAI_MTLS_DEV_CA_DIR"
@@ -206,35 +229,78 @@ class Kind(enum.Enum):
     SERVER = "server"
     CLIENT = "client"
 
+    BOTH = "server-and-client"
+    """A service that serves mTLS and calls others: one leaf with both usages, its DNS name and SPIFFE ID."""
+
 
 @dataclass(frozen=True)
 class Identity:
     """A service that holds a certificate of its own."""
 
     name: str
+    """Its secret is `<name>-identity`; the same as `service` except MLflow's historic `server`."""
     kind: Kind
     role: str
     """The `hokusai-mtls load-certs --role` value that loads this identity."""
     default_cert_dir: str
+    service: str = ""
+    """The declared service it is: the SPIFFE ID's last segment and, if it serves, its Cloud Map name.
+    Empty means `name`."""
+
+    def __post_init__(self) -> None:
+        if not self.service:
+            object.__setattr__(self, "service", self.name)
 
     @property
     def secret_suffix(self) -> str:
         return f"{self.name}{IDENTITY_SECRET_SUFFIX}"
 
+    @property
+    def serves(self) -> bool:
+        """Its leaf is a server certificate (serverAuth, DNS name `<service>.hokusai-<env>.local`)."""
+        return self.kind in (Kind.SERVER, Kind.BOTH)
 
-SERVER = Identity("server", Kind.SERVER, "mlflow-server", SERVER_CERT_DIR)
+    @property
+    def calls(self) -> bool:
+        """Its leaf is a client certificate (clientAuth): it calls a server of the platform."""
+        return self.kind in (Kind.CLIENT, Kind.BOTH)
+
+    def hostname(self, environment: str) -> str:
+        """The Cloud Map name its callers dial (and its server certificate names)."""
+        return f"{self.service}.{cloud_map_namespace(environment)}"
+
+
+SERVER = Identity("server", Kind.SERVER, "mlflow-server", SERVER_CERT_DIR, service="mlflow")
 API = Identity("api", Kind.CLIENT, "api", CLIENT_CERT_DIR)
 WORKER = Identity("worker", Kind.CLIENT, "worker", CLIENT_CERT_DIR)
 IDENTITIES: tuple[Identity, ...] = (SERVER, API, WORKER)
+"""Our three, the identities of the default declaration; a platform's own come from
+`runtime.service_catalog` (cdk.json, HOKUSAI_MTLS_SERVICES)."""
 CLIENT_IDENTITIES: tuple[Identity, ...] = tuple(i for i in IDENTITIES if i.kind is Kind.CLIENT)
 ROLES: dict[str, Identity] = {i.role: i for i in IDENTITIES}
 
 
 def check_environment(environment: str) -> str:
-    """Return `environment` if we know it, else raise ValueError naming the choices."""
-    if environment not in ENVIRONMENTS:
-        raise ValueError(f"unknown environment {environment!r}; expected one of {', '.join(ENVIRONMENTS)}")
+    """Return `environment` if it is a valid environment name, else raise ValueError saying why."""
+    if not isinstance(environment, str) or not ENVIRONMENT_NAME.fullmatch(environment):
+        raise ValueError(
+            f"environment {environment!r} is not a valid name: 1-24 lower-case letters, digits and '-', "
+            "starting with a letter (e.g. development, staging, production, qa)"
+        )
     return environment
+
+
+def may_degrade(environment: str, environ: Mapping[str, str]) -> bool:
+    """Whether `environment` may degrade at start-up: HOKUSAI_MTLS_MAY_DEGRADE, else its default.
+
+    A bad value is a ValueError naming the variable, never a guess (a typo must not open production).
+    """
+    value = environ.get(ENV_MAY_DEGRADE, "").strip().lower()
+    if not value:
+        return environment in DEGRADABLE_ENVIRONMENTS
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError(f"{ENV_MAY_DEGRADE}={environ[ENV_MAY_DEGRADE]!r} is not a boolean; use true or false")
 
 
 def secret_prefix(environment: str) -> str:
@@ -271,7 +337,7 @@ def spiffe_id(environment: str, service: str) -> str:
 
 def mlflow_hostname(environment: str) -> str:
     """The Cloud Map name clients dial: `mlflow.hokusai-<env>.local`."""
-    return f"mlflow.{cloud_map_namespace(environment)}"
+    return SERVER.hostname(environment)
 
 
 def cloud_map_namespace(environment: str) -> str:

@@ -182,6 +182,7 @@ class ServicesStack(Stack):
                 environment=env,
                 identity=identity,
                 mtls_mode=settings.mtls_mode,
+                may_degrade=settings.may_degrade,
                 image=self._image(service, settings.images[service]),
                 log_group=log_groups[service],
                 cpu=size.cpu,

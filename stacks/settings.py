@@ -13,9 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from runtime import names
 from runtime.lifecycle import CA_SOURCE_IMPORTED, CA_SOURCE_ISSUED, CA_SOURCES
+from runtime.service_catalog import CDK_CONTEXT_KEY, DEFAULT_CATALOG, Catalog, parse_catalog
 from stacks.settings_checks import SettingsError, Where
 from stacks.settings_network import (
     CreateVpc,
@@ -51,6 +53,8 @@ from stacks.settings_services import (
 __all__ = ["CONTEXT_KEY", "EnvironmentSettings", "SettingsError", "load_settings"]
 
 CONTEXT_KEY = "hokusai:environments"
+SERVICES_KEY = CDK_CONTEXT_KEY
+"""`hokusai:services`: the platform's services (`runtime.service_catalog`)."""
 
 REMOVAL_POLICIES = ("retain", "destroy")
 RETAINED_ENVIRONMENTS = frozenset({"production"})
@@ -114,6 +118,7 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
         lambda raw, where, _: where.strings(raw, _ORIGIN, "an origin such as https://ui.example.com"),
     ),
     "cnFallback": ("cn_fallback", _as_is),
+    "mayDegrade": ("may_degrade", _as_is),
     "mlflow": ("mlflow", lambda raw, where, env: parse_mlflow(raw, where, environment=env)),
     "authServiceUrl": (
         "auth_service_url",
@@ -191,6 +196,10 @@ class EnvironmentSettings:
     cors_allowed_origins: tuple[str, ...] = ()
     """[corsAllowedOrigins] HOKUSAI_MTLS_CORS_ALLOWED_ORIGINS of mlflow and api: https origins whose CORS
     preflights are answered; empty: every preflight is refused at the edge."""
+    may_degrade: bool = False
+    """[mayDegrade] HOKUSAI_MTLS_MAY_DEGRADE of every container: whether a start-up without usable
+    certificates may degrade (a local development CA, TLS only, plain HTTP; loudly) instead of failing
+    closed, and whether authServiceUrl may be http. A setting, not a name: any environment may be declared."""
     cn_fallback: bool = False
     """[cnFallback] HOKUSAI_MTLS_CN_FALLBACK of mlflow and api: identify certificates without a SPIFFE URI
     by a CN `<service>.hokusai-<env>.local`. Only with caSource `imported` (our CA always writes SPIFFE IDs)."""
@@ -281,6 +290,14 @@ class EnvironmentSettings:
             self._at("namespace").fail(
                 "an imported private DNS namespace belongs to an existing VPC: import the VPC too"
             )
+        if not isinstance(self.may_degrade, bool):
+            self._at("mayDegrade").fail(f"expected true or false, got {self.may_degrade!r}")
+        plain_auth = self.auth_service_url is not None and urlsplit(self.auth_service_url).scheme == "http"
+        if plain_auth and not self.may_degrade:
+            self._at("authServiceUrl").fail(
+                f"{self.auth_service_url!r}: the scheme must be https (http only where mayDegrade is true): "
+                "API keys are sent to it"
+            )
         if self.auth_service_url is None and self.mtls_mode != names.MTLS_MODE_STRICT:
             self._at("authServiceUrl").fail(
                 f"required with mtlsMode {self.mtls_mode!r}: callers without a client certificate use "
@@ -368,10 +385,10 @@ class EnvironmentSettings:
 
 
 def load_settings(raw: object) -> dict[str, EnvironmentSettings]:
-    """Every environment's settings, in `runtime.names.ENVIRONMENTS` order.
+    """Every declared environment's settings, in cdk.json's order.
 
-    `raw` is the value of the context key (None when cdk.json does not have it).
-    Each environment in ENVIRONMENTS must have an entry, and no other may.
+    `raw` is the value of the context key (None when cdk.json does not have it). Any valid name is an
+    environment (`qa`, `sandbox-alice`): environments are data; at least one is declared.
     """
     if raw is None:
         raise SettingsError(f"{CONTEXT_KEY}: missing from the CDK context (cdk.json)")
@@ -382,7 +399,29 @@ def load_settings(raw: object) -> dict[str, EnvironmentSettings]:
             names.check_environment(environment)
         except ValueError as error:
             raise SettingsError(f"{CONTEXT_KEY}.{environment}: {error}") from None
-    missing = [env for env in names.ENVIRONMENTS if env not in raw]
-    if missing:
-        raise SettingsError(f"{CONTEXT_KEY}.{missing[0]}: missing (every environment needs settings)")
-    return {env: EnvironmentSettings.from_context(env, raw[env]) for env in names.ENVIRONMENTS}
+    if not raw:
+        raise SettingsError(f"{CONTEXT_KEY}: declares no environment")
+    return {env: EnvironmentSettings.from_context(env, raw[env]) for env in raw}
+
+
+def load_services(raw: object) -> Catalog:
+    """cdk.json's `hokusai:services`, checked by the runtime's own parser (`runtime.service_catalog`), so the
+    stacks and the containers (HOKUSAI_MTLS_SERVICES) cannot read it differently. Missing: our three.
+
+    The stacks build our three services today; a declaration of any other (the runtime already serves,
+    loads, issues and rotates them) is refused here, naming it, rather than deployed half-built.
+    """
+    if raw is None:
+        return DEFAULT_CATALOG
+    try:
+        catalog = parse_catalog(raw, where=SERVICES_KEY)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    if catalog != DEFAULT_CATALOG:
+        extra = sorted(set(catalog.service_names) - set(DEFAULT_CATALOG.service_names))
+        what = f"declares {', '.join(extra)}" if extra else "changes mlflow, api or worker"
+        raise SettingsError(
+            f"{SERVICES_KEY}: {what}; the stacks build exactly mlflow, api and worker as declared by default "
+            "so far (the runtime, `hokusai-mtls --services` and the lifecycle Lambdas take any declaration)"
+        )
+    return catalog

@@ -64,8 +64,6 @@ MAX_KEY_USAGE_RETENTION_DAYS = 3650
 """`runtime.keys.usage.MAX_RETENTION_DAYS`, the most HOKUSAI_MTLS_KEY_USAGE_RETENTION_DAYS the runtime accepts
 (a test keeps them equal; this module does not import SQLAlchemy)."""
 
-PLAIN_HTTP_AUTH_ENVIRONMENTS = names.DEGRADABLE_ENVIRONMENTS
-"""Where `authServiceUrl` may be `http://`: API keys would cross the network in clear text."""
 
 DEFAULT_SCOPED_SERVICES: tuple[str, ...] = tuple(identity.name for identity in names.CLIENT_IDENTITIES)
 """The services a certificate identifies when `serviceScopes` is unset: the keys of
@@ -270,10 +268,11 @@ def parse_api_key_store(raw: object, where: Where, *, environment: str) -> ApiKe
 def parse_auth_service_url(raw: object, where: Where, *, environment: str) -> str:
     """The auth service's base URL (the client POSTs to `<url>/api/v1/keys/validate`).
 
-    It goes into the container environment, so it may carry no credentials; `http://` only
-    in development, since API keys travel to it.
+    It goes into the container environment, so it may carry no credentials; `http://` only where
+    `mayDegrade` is true (the settings check that: API keys travel to it).
     """
-    schemes = ("https", "http") if environment in PLAIN_HTTP_AUTH_ENVIRONMENTS else ("https",)
+    del environment
+    schemes = ("https", "http")
     example = "a URL such as 'https://auth.example.com'"
     if not isinstance(raw, str) or not raw or raw != raw.strip() or any(c.isspace() for c in raw):
         where.fail(f"{raw!r} is not {example}")
@@ -283,8 +282,9 @@ def parse_auth_service_url(raw: object, where: Where, *, environment: str) -> st
     except ValueError as error:
         where.fail(f"{raw!r} is not {example} ({error})")
     if url.scheme not in schemes:
-        only = "https (http only in " + ", ".join(sorted(PLAIN_HTTP_AUTH_ENVIRONMENTS)) + ")"
-        where.fail(f"{raw!r}: the scheme must be {only}: API keys are sent to it")
+        where.fail(
+            f"{raw!r}: the scheme must be https (http only where mayDegrade is true): API keys are sent to it"
+        )
     if not url.hostname:
         where.fail(f"{raw!r} has no host; expected {example}")
     if url.username is not None or url.password is not None:

@@ -271,7 +271,8 @@ class APIKeyAuthMiddleware:
             try:
                 await self.app(scope, receive, decision.sending(send, []))
             finally:
-                self.metrics.internal_latency(time.perf_counter() - started)
+                if scope["type"] == "http":  # a WebSocket session is long-lived: its length is no latency
+                    self.metrics.internal_latency(time.perf_counter() - started)
                 decision.allowed()
             return
 

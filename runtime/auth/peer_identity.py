@@ -30,6 +30,7 @@ from runtime.certificates.inspection import uris
 from runtime.certificates.spiffe import looks_like_spiffe, parse_spiffe_id
 from runtime.names import ENV_SERVICE_SCOPES
 from runtime.security_level import parse_flag
+from runtime.service_catalog import RUNTIME_MLFLOW, Catalog, catalog_from_environ
 from runtime.serving.asgi_tls import TLS_EXTENSION
 
 log = logging.getLogger("hokusai_mtls.auth")
@@ -38,6 +39,18 @@ DEFAULT_SERVICE_SCOPES: dict[str, tuple[str, ...]] = {
     names.API_SERVICE: ("mlflow:read", "mlflow:write"),
     names.WORKER_SERVICE: ("mlflow:read", "mlflow:write"),
 }
+
+
+def declared_scopes(catalog: Catalog, server: str) -> dict[str, tuple[str, ...]]:
+    """The scopes a declared server grants its declared callers (and no one else): MLflow's read and
+    write to each caller of MLflow; `<server>:call` to each caller of any other server."""
+    declaration = catalog.service(server)
+    granted = (
+        ("mlflow:read", "mlflow:write") if declaration.runtime == RUNTIME_MLFLOW else (f"{server}:call",)
+    )
+    return dict.fromkeys(declaration.callers, granted)
+
+
 """The PRD's intent: the API and the workers use MLflow (logging a run reads, too)."""
 
 
@@ -130,7 +143,11 @@ class IdentityPolicy:
         self.identify_pem = functools.lru_cache(maxsize=256)(self._identify_pem)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> IdentityPolicy:
+    def from_environ(
+        cls, environ: Mapping[str, str] = os.environ, *, server: str | None = None
+    ) -> IdentityPolicy:
+        """HOKUSAI_MTLS_SERVICE_SCOPES, else, for a declared `server` (`runtime.service_catalog`), the scopes
+        it grants its declared callers (`declared_scopes`), else `DEFAULT_SERVICE_SCOPES`."""
         raw = environ.get(ENV_SERVICE_SCOPES)
         try:
             scopes = json_input.loads(raw) if raw else None
@@ -138,6 +155,8 @@ class IdentityPolicy:
             raise ValueError(f"{ENV_SERVICE_SCOPES}: {exc}") from None
         if scopes is not None and not isinstance(scopes, dict):
             raise ValueError(f"{ENV_SERVICE_SCOPES} must be a JSON object of service -> scopes")
+        if scopes is None and server is not None:
+            scopes = declared_scopes(catalog_from_environ(environ), server)
         cn_fallback = parse_flag(names.ENV_CN_FALLBACK, environ.get(names.ENV_CN_FALLBACK), default=False)
         return cls(environ.get(names.ENV_ENVIRONMENT, ""), scopes, cn_fallback=cn_fallback)
 

@@ -30,7 +30,12 @@ from runtime.certificates.files import (
     write_file_atomic,
 )
 from runtime.certificates.identity import TLSIdentity
-from runtime.certificates.issuance import DEFAULT_CA_LIFETIME_DAYS, CertificateAuthority, KeyType
+from runtime.certificates.issuance import (
+    DEFAULT_CA_LIFETIME_DAYS,
+    ISSUER_ORGANIZATION,
+    CertificateAuthority,
+    KeyType,
+)
 from runtime.certificates.verification import check_trust_bundle, verify_identity
 from runtime.errors import CertificateSetError, KeyMismatchError, OutputExistsError
 
@@ -54,13 +59,11 @@ def verify_for(
     """
     for certificate in bundle:
         check_ca_environment(certificate, environment)
-    if identity.kind is names.Kind.SERVER:
-        return verify_identity(
-            tls, bundle, kind=identity.kind, hostname=names.mlflow_hostname(environment), now=now
-        )
-    return verify_identity(
-        tls, bundle, kind=identity.kind, spiffe_id=names.spiffe_id(environment, identity.name), now=now
-    )
+    # A server is checked for the name its callers dial; a caller for the SPIFFE ID it is known by;
+    # a service that does both, for both.
+    hostname = identity.hostname(environment) if identity.serves else None
+    spiffe_id = names.spiffe_id(environment, identity.service) if identity.calls else None
+    return verify_identity(tls, bundle, kind=identity.kind, hostname=hostname, spiffe_id=spiffe_id, now=now)
 
 
 @dataclass
@@ -71,6 +74,8 @@ class CertificateSet:
     """Keyed by `names.Identity.name`."""
     ca: CertificateAuthority | None = None
     """The issuer; None when its key is kept elsewhere (only the bundle travels then)."""
+    expected: tuple[names.Identity, ...] = names.IDENTITIES
+    """The identities a complete set holds: the declared ones (`runtime.service_catalog`)."""
 
     @classmethod
     def issue(
@@ -96,35 +101,32 @@ class CertificateSet:
         ca = ca or CertificateAuthority.create(
             environment, key_type=key_type, lifetime_days=ca_lifetime_days, now=now
         )
-        issued = {}
-        for identity in identities:
-            if identity.kind is names.Kind.SERVER:
-                issued[identity.name] = ca.issue(
-                    environment,
-                    identity,
-                    key_type=key_type,
-                    lifetime_days=leaf_lifetime_days,
-                    now=now,
-                    extra_sans=server_sans,
-                )
-            else:
-                issued[identity.name] = ca.issue(
-                    environment, identity, key_type=key_type, lifetime_days=leaf_lifetime_days, now=now
-                )
-        return cls(environment, list(trust_bundle or [ca.certificate]), issued, ca)
+        identities = tuple(identities)
+        issued = {
+            identity.name: ca.issue(
+                environment,
+                identity,
+                key_type=key_type,
+                lifetime_days=leaf_lifetime_days,
+                now=now,
+                **({"extra_sans": server_sans} if identity.serves else {}),
+            )
+            for identity in identities
+        }
+        return cls(environment, list(trust_bundle or [ca.certificate]), issued, ca, identities)
 
     def verify(self, now: dt.datetime | None = None) -> None:
         """Raise the first problem: missing identity, bad bundle, foreign CA key, any leaf failing."""
         names.check_environment(self.environment)
         check_trust_bundle(self.trust_bundle, BUNDLE_FILE)
-        missing = [i.name for i in names.IDENTITIES if i.name not in self.identities]
+        missing = [i.name for i in self.expected if i.name not in self.identities]
         if missing:
             raise CertificateSetError(f"the {self.environment} set lacks identities: {', '.join(missing)}")
         if self.ca is not None and self.ca.certificate not in self.trust_bundle:
             raise CertificateSetError(
                 f"the issuing CA {self.ca.certificate.subject.rfc4514_string()} is not in the trust bundle"
             )
-        for identity in names.IDENTITIES:
+        for identity in self.expected:
             verify_for(identity, self.identities[identity.name], self.trust_bundle, self.environment, now)
 
     # --- directories ---------------------------------------------------------------
@@ -147,15 +149,17 @@ class CertificateSet:
         return [write_file_atomic(directory / name, data, mode) for name, (data, mode) in files.items()]
 
     @classmethod
-    def read_from_dir(cls, directory: Path, environment: str) -> CertificateSet:
-        """Read what `write_to_dir` wrote; every error names the file."""
+    def read_from_dir(
+        cls, directory: Path, environment: str, identities: Sequence[names.Identity] = names.IDENTITIES
+    ) -> CertificateSet:
+        """Read what `write_to_dir` wrote (for the declared `identities`); every error names the file."""
         directory = Path(directory)
         bundle = pem.load_certificates(_read(directory / BUNDLE_FILE), str(directory / BUNDLE_FILE))
-        identities = {}
-        for identity in names.IDENTITIES:
+        found = {}
+        for identity in identities:
             certificate, key = directory / f"{identity.name}.crt", directory / f"{identity.name}.key"
             if certificate.exists() or key.exists():
-                identities[identity.name] = TLSIdentity(
+                found[identity.name] = TLSIdentity(
                     pem.load_certificate(_read(certificate), str(certificate)),
                     pem.load_private_key(_read(key), str(key)),
                     f"{directory / identity.name}.{{crt,key}}",
@@ -163,17 +167,22 @@ class CertificateSet:
         ca = None
         if (directory / CA_KEY_FILE).exists():
             ca = _ca_for_key(bundle, directory / CA_KEY_FILE)
-        return cls(environment, bundle, identities, ca)
+        return cls(environment, bundle, found, ca, tuple(identities))
 
 
 def check_ca_environment(certificate: x509.Certificate, environment: str) -> None:
-    """Refuse a CA that our own issuance made for another environment (its OU names it).
+    """Refuse a CA that our own issuance made for another environment (O=Hokusai, its OU names it).
 
-    A CA imported from elsewhere carries no such mark and is accepted.
+    Any environment name counts (a `qa` CA in staging's bundle is refused); a CA imported from
+    elsewhere carries no such mark and is accepted.
     """
-    attributes = certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    subject = certificate.subject
+    organizations = {a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)}
+    if ISSUER_ORGANIZATION not in organizations:
+        return
+    attributes = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     units = {a.value for a in attributes if isinstance(a.value, str)}  # an OU is a string: bytes name none
-    others = sorted(units & set(names.ENVIRONMENTS) - {environment})
+    others = sorted(u for u in units if u != environment and names.ENVIRONMENT_NAME.fullmatch(u))
     if others:
         raise CertificateSetError(
             f"the CA {certificate.subject.rfc4514_string()} belongs to {others[0]}, not {environment}; "

@@ -29,9 +29,14 @@ def default_dev_ca_dir() -> Path:
     return Path(state) / "hokusai-mtls" / "dev-ca"
 
 
-def load_or_create_dev_ca(directory: Path, environment: str) -> CertificateAuthority:
-    if environment not in names.DEGRADABLE_ENVIRONMENTS:
-        raise ValueError(f"a local development CA is not allowed in {environment}")
+def load_or_create_dev_ca(
+    directory: Path, environment: str, *, may_degrade: bool | None = None
+) -> CertificateAuthority:
+    """The local development CA of `environment`, made on first use; only where it may degrade
+    (`may_degrade`, else `names.may_degrade` from this process's environment)."""
+    allowed = names.may_degrade(environment, os.environ) if may_degrade is None else may_degrade
+    if not allowed:
+        raise ValueError(f"a local development CA is not allowed in {environment} (it may not degrade)")
     directory = ensure_private_dir(Path(directory) / environment)
     with open(directory / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

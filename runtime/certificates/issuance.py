@@ -26,6 +26,10 @@ from runtime.errors import LifetimeError, NotACertificateAuthorityError
 DEFAULT_CA_LIFETIME_DAYS = names.CA_LIFETIME_DAYS
 """Long enough for many leaf rotations; CA rollover (docs) replaces it well before the end."""
 DEFAULT_LEAF_LIFETIME_DAYS: dict[str, int] = {"development": 365, "staging": 90, "production": 90}
+ISSUER_ORGANIZATION = "Hokusai"
+"""The O of every certificate we issue; with the OU (the environment) it marks our CAs' environment."""
+FALLBACK_LEAF_LIFETIME_DAYS = 90
+"""The leaf lifetime of any other declared environment (`qa`, ...) when none is given."""
 """The PRD: one year in development, 90 days in production; staging rehearses production."""
 CLOCK_SKEW_ALLOWANCE = dt.timedelta(minutes=5)
 """notBefore is back-dated so a peer whose clock runs a little behind accepts a fresh leaf."""
@@ -90,7 +94,7 @@ class CertificateAuthority:
         key = key_type.generate()
         subject = x509.Name(
             [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hokusai"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ISSUER_ORGANIZATION),
                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, environment),
                 x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"Hokusai MLflow CA {environment}"),
             ]
@@ -123,28 +127,37 @@ class CertificateAuthority:
 
     # --- leaves ------------------------------------------------------------------
     def issue(self, environment: str, identity: names.Identity, **options) -> TLSIdentity:
-        """Issue the leaf for one of `names.IDENTITIES`."""
-        if identity.kind is names.Kind.SERVER:
-            return self.issue_server(environment, **options)
-        return self.issue_client(environment, identity.name, **options)
+        """Issue the leaf of any declared identity (`runtime.service_catalog`): a client certificate for a
+        caller, a server certificate naming its Cloud Map name for a server, both usages for both."""
+        if identity.kind is names.Kind.CLIENT:
+            options.pop("extra_sans", None)
+            return self.issue_client(environment, identity.service, **options)
+        return self.issue_server(
+            environment, service=identity.service, client_auth=identity.kind is names.Kind.BOTH, **options
+        )
 
     def issue_server(
         self,
         environment: str,
         *,
+        service: str = names.MLFLOW_SERVICE,
+        client_auth: bool = False,
         extra_sans: tuple[str, ...] = (),
         key_type: KeyType = KeyType.ECDSA_P256,
         lifetime_days: int | None = None,
         now: dt.datetime | None = None,
     ) -> TLSIdentity:
-        """MLflow's certificate: DNS SAN `mlflow.hokusai-<env>.local` (+ extra DNS names or IPs)."""
-        hostname = names.mlflow_hostname(environment)
+        """A server's certificate: DNS SAN `<service>.hokusai-<env>.local` (MLflow's by default; + extra DNS
+        names or IPs) and the URI SAN `spiffe://hokusai/<env>/<service>`; `client_auth`: it calls too."""
+        hostname = f"{service}.{names.cloud_map_namespace(environment)}"
         sans: list[x509.GeneralName] = [x509.DNSName(hostname)]
         sans += [_subject_alternative_name(s) for s in extra_sans if s != hostname]
-        sans.append(x509.UniformResourceIdentifier(names.spiffe_id(environment, "mlflow")))
-        return self._issue_leaf(
-            environment, hostname, sans, ExtendedKeyUsageOID.SERVER_AUTH, key_type, lifetime_days, now
-        )
+        sans.append(x509.UniformResourceIdentifier(names.spiffe_id(environment, service)))
+        usages = [
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            *([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else []),
+        ]
+        return self._issue_leaf(environment, hostname, sans, usages, key_type, lifetime_days, now)
 
     def issue_client(
         self,
@@ -158,7 +171,7 @@ class CertificateAuthority:
         """A calling service's certificate: one URI SAN `spiffe://hokusai/<env>/<service>`, CN `service`."""
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(names.spiffe_id(environment, service))]
         return self._issue_leaf(
-            environment, service, sans, ExtendedKeyUsageOID.CLIENT_AUTH, key_type, lifetime_days, now
+            environment, service, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], key_type, lifetime_days, now
         )
 
     def _issue_leaf(
@@ -166,13 +179,14 @@ class CertificateAuthority:
         environment: str,
         common_name: str,
         sans: list[x509.GeneralName],
-        usage: x509.ObjectIdentifier,
+        usages: list[x509.ObjectIdentifier],
         key_type: KeyType,
         lifetime_days: int | None,
         now: dt.datetime | None,
     ) -> TLSIdentity:
         names.check_environment(environment)
-        days = DEFAULT_LEAF_LIFETIME_DAYS[environment] if lifetime_days is None else lifetime_days
+        default = DEFAULT_LEAF_LIFETIME_DAYS.get(environment, FALLBACK_LEAF_LIFETIME_DAYS)
+        days = default if lifetime_days is None else lifetime_days
         _check_lifetime(days, "leaf lifetime")
         now = now or _utcnow()
         end = now + dt.timedelta(days=days)
@@ -195,7 +209,7 @@ class CertificateAuthority:
             .subject_name(
                 x509.Name(
                     [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hokusai"),
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ISSUER_ORGANIZATION),
                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, environment),
                         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
                     ]
@@ -211,7 +225,7 @@ class CertificateAuthority:
                 _key_usage(digital_signature=True, key_encipherment=isinstance(key, rsa.RSAPrivateKey)),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(aki, critical=False)

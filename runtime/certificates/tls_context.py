@@ -157,8 +157,9 @@ def check_openssl_accepts(directory: Path, kind: names.Kind) -> None:
     on a new version before it becomes current, so a set OpenSSL refuses never replaces one it took.
     """
     try:
-        if kind is names.Kind.SERVER:
+        if kind in (names.Kind.SERVER, names.Kind.BOTH):
             _context(ServerFiles.from_directory(directory))
+        if kind is names.Kind.SERVER:
             return
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_cert_chain(directory / names.COMBINED_PEM_FILE)

@@ -40,7 +40,11 @@ from runtime.errors import (
 )
 from runtime.names import Kind
 
-_REQUIRED_USAGE = {Kind.SERVER: "serverAuth", Kind.CLIENT: "clientAuth"}
+_REQUIRED_USAGES = {
+    Kind.SERVER: ("serverAuth",),
+    Kind.CLIENT: ("clientAuth",),
+    Kind.BOTH: ("serverAuth", "clientAuth"),
+}
 MIN_RSA_BITS = 2048
 ALLOWED_CURVES = frozenset({"secp256r1", "secp384r1"})
 
@@ -179,10 +183,10 @@ def verify_certificate(
             f"{source}: {_subject(certificate)} is a CA certificate, not a {kind.value} leaf"
         )
     usages = extended_key_usages(certificate)
-    if _REQUIRED_USAGE[kind] not in usages:
+    if missing := [usage for usage in _REQUIRED_USAGES[kind] if usage not in usages]:
         raise WrongUsageError(
             f"{source}: {_subject(certificate)} has extended key usage {', '.join(usages) or 'none'}; "
-            f"a {kind.value} certificate needs {_REQUIRED_USAGE[kind]}"
+            f"a {kind.value} certificate needs {', '.join(_REQUIRED_USAGES[kind])} (lacks {', '.join(missing)})"
         )
     if hostname is not None and not hostname_matches(certificate, hostname):
         raise HostnameMismatchError(
@@ -209,8 +213,9 @@ def _verify_path(
 ) -> None:
     builder = rfc5280.PolicyBuilder().store(rfc5280.Store(list(bundle))).time(now)
     try:
-        if kind is Kind.CLIENT:
+        if kind in (Kind.CLIENT, Kind.BOTH):
             builder.build_client_verifier().verify(certificate, [])
+        if kind is Kind.CLIENT:
             return
         name = hostname or (dns_names(certificate) or ip_addresses(certificate) or [""])[0]
         subject: rfc5280.Subject

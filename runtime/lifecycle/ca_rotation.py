@@ -240,7 +240,7 @@ class CaRotation:
             raise RotationError(
                 f"{self.secret_id}: the pending bundle drops {', '.join(missing)}, which must stay"
             )
-        for identity in names.IDENTITIES:
+        for identity in self._store.catalog.identities:
             verify_for(
                 identity, self._store.fetch_identity(identity), bundle, self._store.environment, self.now
             )

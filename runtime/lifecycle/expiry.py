@@ -1,7 +1,7 @@
 """Scheduled check: days to expiry of every certificate, and a failure count for unreadable ones.
 
 For the trust bundle (`Identity=ca`, the CA that expires first) and each identity in
-`names.IDENTITIES` it publishes `CertificateDaysToExpiry` (whole days, negative once expired) and
+declared identity (HOKUSAI_MTLS_SERVICES, `runtime.service_catalog`) it publishes `CertificateDaysToExpiry` (whole days, negative once expired) and
 `CertificateCheckFailures` (1 if the secret could not be read, parsed or verified against the
 bundle, else 0) under `names.METRIC_NAMESPACE` with dimensions Environment and Identity.
 A bad secret is an alarm, never a silent gap, and never stops the check of the others.
@@ -89,7 +89,7 @@ def check(environment: str, *, secrets, cloudwatch, now: dt.datetime | None = No
     except MtlsError as exc:
         record(CA_IDENTITY, store.name(names.CA_BUNDLE_SECRET), None, exc)
 
-    for identity in names.IDENTITIES:
+    for identity in store.catalog.identities:
         secret_id = store.name(identity.secret_suffix)
         tls, error = None, None
         try:

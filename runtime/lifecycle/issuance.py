@@ -116,7 +116,7 @@ def ensure_certificates(client, settings: Settings, *, now: dt.datetime | None =
     store.fill_if_empty(store.name(names.CA_NEXT_SECRET), json.dumps(NO_NEXT_CA))
     data = {"CaSerial": f"{ca.certificate.serial_number:x}", "CaAction": ca_action}
     data["CaNotAfter"] = _iso(ca.certificate.not_valid_after_utc)
-    for identity in names.IDENTITIES:
+    for identity in store.catalog.identities:
         tls, action = _ensure_identity(store, settings, ca, bundle, identity, now)
         key = identity.name.capitalize()
         data[f"{key}Serial"] = f"{tls.certificate.serial_number:x}"
@@ -183,23 +183,14 @@ def _ensure_identity(
     except (SecretContentError, CertificateError) as exc:
         log.warning("re-issuing %s: the current value is not valid (%s)", secret_id, exc)
         action = "reissued"
-    if identity.kind is names.Kind.SERVER:
-        tls = ca.issue(
-            settings.environment,
-            identity,
-            key_type=settings.key_type,
-            lifetime_days=settings.leaf_lifetime_days,
-            now=now,
-            extra_sans=settings.server_sans,
-        )
-    else:
-        tls = ca.issue(
-            settings.environment,
-            identity,
-            key_type=settings.key_type,
-            lifetime_days=settings.leaf_lifetime_days,
-            now=now,
-        )
+    tls = ca.issue(
+        settings.environment,
+        identity,
+        key_type=settings.key_type,
+        lifetime_days=settings.leaf_lifetime_days,
+        now=now,
+        **({"extra_sans": settings.server_sans} if identity.serves else {}),
+    )
     store.put(secret_id, tls.to_secret_string())
     log.info("%s %s serial %x into %s", action, identity.name, tls.certificate.serial_number, secret_id)
     return tls, action

@@ -34,13 +34,14 @@ from runtime.lifecycle import ENV_KEY_TYPE, ENV_LEAF_LIFETIME_DAYS, ENV_SERVER_S
 from runtime.lifecycle.clients import secrets_client
 from runtime.lifecycle.rotation_steps import STEPS, RotationError, run_step
 from runtime.secrets.secret_store import SecretStore
+from runtime.service_catalog import catalog_from_environ
 
 __all__ = ["STEPS", "RotationError", "handler", "handshake", "leaf_lifetime_days"]
 
 log = logging.getLogger("hokusai_mtls")
 
 _IDENTITY_SECRET = re.compile(
-    rf"^hokusai/(?P<environment>[a-z]+)/mlflow/(?P<name>[a-z0-9-]+){names.IDENTITY_SECRET_SUFFIX}$"
+    rf"^hokusai/(?P<environment>[a-z0-9-]+)/mlflow/(?P<name>[a-z0-9-]+){names.IDENTITY_SECRET_SUFFIX}$"
 )
 _HANDSHAKE_ROUNDS = 10
 
@@ -60,7 +61,7 @@ class Target:
             if match is None:
                 raise ValueError("not an identity secret")
             environment = names.check_environment(match["environment"])
-            identity = names.identity_by_name(match["name"])
+            identity = catalog_from_environ(os.environ).identity_by_name(match["name"])
         except ValueError as exc:
             raise RotationError(
                 f"refusing to rotate {secret_name}: this function rotates only "
@@ -87,16 +88,8 @@ class IdentityRotation:
         ca = self._store.fetch_ca()
         environment, identity = self.target.environment, self.target.identity
         key_type, lifetime_days = _key_type(), leaf_lifetime_days()
-        if identity.kind is names.Kind.SERVER:
-            tls = ca.issue(
-                environment,
-                identity,
-                key_type=key_type,
-                lifetime_days=lifetime_days,
-                extra_sans=_server_sans(),
-            )
-        else:
-            tls = ca.issue(environment, identity, key_type=key_type, lifetime_days=lifetime_days)
+        extra = {"extra_sans": _server_sans()} if identity.serves else {}
+        tls = ca.issue(environment, identity, key_type=key_type, lifetime_days=lifetime_days, **extra)
         log.info(
             "createSecret %s: issued serial %x, valid until %s",
             self.secret_id,
@@ -134,11 +127,12 @@ def handshake(
     `load_cert_chain` reads files: a private temporary directory, removed at once.
     """
     throwaway_days = 1
-    if identity.kind is names.Kind.SERVER:
+    if identity.serves:  # a server (or both: verify_for checked its client usage) serves the handshake
         server, client = tls, ca.issue_client(environment, "rotation-test", lifetime_days=throwaway_days)
+        hostname = identity.hostname(environment)
     else:
         server, client = ca.issue_server(environment, lifetime_days=throwaway_days), tls
-    hostname = names.mlflow_hostname(environment)
+        hostname = names.mlflow_hostname(environment)
     cadata = pem.bundle_pem(list(bundle)).decode()
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -46,6 +46,7 @@ from runtime.certificates.inspection import days_left
 from runtime.certificates.tls_context import check_openssl_accepts
 from runtime.errors import LoadError, MtlsError, RefreshError, UnexpectedError
 from runtime.security_level import SecurityLevel, parse_flag
+from runtime.service_catalog import DEFAULT_CATALOG, Catalog, catalog_from_environ
 
 if TYPE_CHECKING:  # boto3 is imported only when a store is really needed (fast CLI start)
     from runtime.secrets.secret_store import SecretStore
@@ -76,10 +77,16 @@ class LoaderSettings:
     """Overrides `hokusai/<env>/mlflow/<identity>-identity` (HOKUSAI_MTLS_IDENTITY_SECRET)."""
     secrets_budget_seconds: float = DEFAULT_SECRETS_BUDGET_SECONDS
     """The most one load spends reading Secrets Manager (HOKUSAI_MTLS_SECRETS_BUDGET_SECONDS)."""
+    may_degrade: bool | None = None
+    """Whether a start-up may degrade (HOKUSAI_MTLS_MAY_DEGRADE); None: `names.may_degrade`'s default."""
+    catalog: Catalog = DEFAULT_CATALOG
+    """The declared services (HOKUSAI_MTLS_SERVICES): which roles exist and what each identity is."""
 
     def __post_init__(self) -> None:
         names.check_environment(self.environment)
-        names.identity_for_role(self.role)
+        self.catalog.identity_for_role(self.role)
+        if self.may_degrade is None:
+            object.__setattr__(self, "may_degrade", names.may_degrade(self.environment, {}))
         if not 0 < self.secrets_budget_seconds < float("inf"):
             raise ValueError(
                 f"{names.ENV_SECRETS_BUDGET_SECONDS}={self.secrets_budget_seconds!r}: expected a positive number of seconds"
@@ -87,7 +94,7 @@ class LoaderSettings:
 
     @property
     def identity(self) -> names.Identity:
-        return names.identity_for_role(self.role)
+        return self.catalog.identity_for_role(self.role)
 
     @property
     def directory(self) -> Path:
@@ -110,6 +117,8 @@ class LoaderSettings:
             raise TypeError(f"{cls.__name__}.from_environ() got unexpected keyword arguments: {unexpected}")
         cert_dir = given.get("cert_dir", environ.get(names.ENV_CERT_DIR) or None)
         budget = given.get("secrets_budget_seconds", budget)
+        may_degrade = given.get("may_degrade", names.may_degrade(environment, environ))
+        catalog = given.get("catalog") or catalog_from_environ(environ)
         return cls(
             environment=environment,
             role=role,
@@ -120,6 +129,8 @@ class LoaderSettings:
             ca_bundle_secret=given.get("ca_bundle_secret", environ.get(names.ENV_CA_BUNDLE_SECRET) or None),
             identity_secret=given.get("identity_secret", environ.get(names.ENV_IDENTITY_SECRET) or None),
             secrets_budget_seconds=DEFAULT_SECRETS_BUDGET_SECONDS if budget is None else budget,
+            may_degrade=may_degrade,
+            catalog=catalog,
         )
 
 
@@ -164,17 +175,17 @@ class LoadResult:
     def exports(self) -> dict[str, str | None]:
         """Environment for the service: a value to set, or None to unset (so stale paths cannot linger)."""
         f = self.files
-        is_server = self.settings.identity.kind is names.Kind.SERVER
+        identity = self.settings.identity
         level_is_mtls = self.level is SecurityLevel.MTLS
         ca_bundle = str(f[names.CA_BUNDLE_FILE]) if names.CA_BUNDLE_FILE in f else None
         result: dict[str, str | None] = {
             names.ENV_SECURITY_LEVEL: self.level.value,
             names.ENV_CA_BUNDLE_FILE: ca_bundle,
         }
-        if is_server:
+        if identity.serves:
             result[names.ENV_SERVER_CERT_FILE] = str(f[names.CERT_FILE]) if level_is_mtls else None
             result[names.ENV_SERVER_KEY_FILE] = str(f[names.KEY_FILE]) if level_is_mtls else None
-        else:
+        if identity.calls:
             result[names.ENV_MLFLOW_CLIENT_CERT] = str(f[names.COMBINED_PEM_FILE]) if level_is_mtls else None
             result[names.ENV_MLFLOW_SERVER_CERT] = ca_bundle
             # MLflow raises if this is set alongside SERVER_CERT, and it would disable verification.
@@ -227,7 +238,7 @@ def _files_for(identity: names.Identity, bundle, tls: TLSIdentity | None) -> dic
     if tls is not None:
         files[names.CERT_FILE] = (tls.certificate_pem(), PUBLIC_FILE_MODE)
         files[names.KEY_FILE] = (tls.private_key_pem(), PRIVATE_FILE_MODE)
-        if identity.kind is names.Kind.CLIENT:
+        if identity.calls:
             files[names.COMBINED_PEM_FILE] = (tls.combined_pem(), PRIVATE_FILE_MODE)
     return files
 
@@ -256,7 +267,7 @@ def read_published(settings: LoaderSettings, level: SecurityLevel, source: str) 
     wanted = [names.CA_BUNDLE_FILE]
     if level is SecurityLevel.MTLS:
         wanted += [names.CERT_FILE, names.KEY_FILE]
-        if settings.identity.kind is names.Kind.CLIENT:
+        if settings.identity.calls:
             wanted.append(names.COMBINED_PEM_FILE)
     files = {name: directory / name for name in wanted if (directory / name).exists()}
     if level is SecurityLevel.INSECURE:
@@ -336,7 +347,7 @@ def _load(settings: LoaderSettings, store: SecretStore | None, refresh: bool) ->
             f"role {settings.role} in {environment}: no new set loaded; still using the files in "
             f"{settings.directory}. Problems: " + "; ".join(problems)
         )
-    if environment not in names.DEGRADABLE_ENVIRONMENTS:
+    if not settings.may_degrade:
         raise LoadError(
             f"{environment} requires mTLS and the certificates for role {settings.role} did not load; "
             f"the previous files in {settings.directory} are untouched. Problems: " + "; ".join(problems)
@@ -346,15 +357,15 @@ def _load(settings: LoaderSettings, store: SecretStore | None, refresh: bool) ->
         settings.role,
         "; ".join(problems),
     )
-    if bundle and identity.kind is names.Kind.CLIENT:
+    if bundle and identity.kind is names.Kind.CLIENT:  # TLS only: a caller that verifies its server
         files = _files_for(identity, bundle, None)
         return _publish(settings, SecurityLevel.TLS, SOURCE_SECRETS, files, None, tuple(problems))
     try:
-        ca = load_or_create_dev_ca(settings.dev_ca_dir, environment)
+        ca = load_or_create_dev_ca(settings.dev_ca_dir, environment, may_degrade=True)
         tls = ca.issue(
             environment,
             identity,
-            **({"extra_sans": ("localhost", "127.0.0.1")} if identity.kind is names.Kind.SERVER else {}),
+            **({"extra_sans": ("localhost", "127.0.0.1")} if identity.serves else {}),
         )
         files = _files_for(identity, [ca.certificate], tls)
         result = _publish(settings, SecurityLevel.MTLS, SOURCE_DEV_CA, files, tls, tuple(problems))

@@ -179,7 +179,7 @@ def read_state(store: RolloverStore, now: dt.datetime | None = None) -> State:
     for ca in bundle:
         check_ca_environment(ca, store.environment)
     state = State(store.environment, bundle, issuer, next_ca)
-    for identity in names.IDENTITIES:
+    for identity in store.catalog.identities:
         entry = IdentityState(identity.name, store.name(identity.secret_suffix))
         try:
             tls = store.fetch_identity(identity)
@@ -249,7 +249,7 @@ def begin(
     check_ca_environment(new.certificate, store.environment)
     bundle = [*state.bundle, new.certificate]
     check_trust_bundle(bundle, "the two-CA bundle")
-    for identity in names.IDENTITIES:  # every current leaf still verifies against the new bundle
+    for identity in store.catalog.identities:  # every current leaf still verifies against the new bundle
         verify_for(identity, store.fetch_identity(identity), bundle, store.environment, now)
     store.write(names.CA_BUNDLE_SECRET, pem.bundle_pem(bundle).decode(), "trust-bundle", None)
     done.append(f"published {store.name(names.CA_BUNDLE_SECRET)} with {len(bundle)} CAs (old + new)")
@@ -286,14 +286,14 @@ def switch(
         store.write(names.CA_NEXT_SECRET, json.dumps(NO_NEXT_CA), "ca-key-next", None)
         done.append(f"{store.name(names.CA_NEXT_SECRET)} emptied (marker, no key)")
     issuer = state.next_ca or state.issuer
-    for identity, entry in zip(names.IDENTITIES, state.identities, strict=True):
+    for identity, entry in zip(store.catalog.identities, state.identities, strict=True):
         if entry.problem is None and entry.issuer == issuer.certificate:
             done.append(f"unchanged {entry.secret_id}: already issued by the new CA")
             continue
         options: dict = {"lifetime_days": leaf_lifetime_days, "now": now}
         if entry.certificate is not None:
             options["key_type"] = _key_type(entry.certificate)
-            if identity.kind is names.Kind.SERVER:
+            if identity.serves:
                 options["extra_sans"] = _extra_sans(entry.certificate, store.environment)
         tls = issuer.issue(store.environment, identity, **options)
         verify_for(identity, tls, state.bundle, store.environment, now)
@@ -324,7 +324,7 @@ def final_bundle(store: RolloverStore, state: State, now: dt.datetime) -> list[x
             f"{label(issuer)}: {'; '.join(dependent)}; run `switch` again"
         )
     bundle = [issuer]
-    for identity in names.IDENTITIES:
+    for identity in store.catalog.identities:
         verify_for(identity, store.fetch_identity(identity), bundle, store.environment, now)
     return bundle
 

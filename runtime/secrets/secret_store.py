@@ -44,6 +44,7 @@ from runtime.errors import (
     SecretThrottledError,
     SecretUnavailableError,
 )
+from runtime.service_catalog import Catalog, catalog_from_environ
 
 RETRY_ATTEMPTS = 5
 """Total attempts per call under botocore's standard retry mode (exponential backoff, jitter)."""
@@ -127,8 +128,13 @@ class UploadResult:
 class SecretStore:
     """One environment's certificate secrets under `hokusai/<env>/mlflow/`."""
 
-    def __init__(self, environment: str, *, client=None, region: str | None = None) -> None:
+    def __init__(
+        self, environment: str, *, client=None, region: str | None = None, catalog: Catalog | None = None
+    ) -> None:
+        """`catalog`: the declared services whose identities live here; default HOKUSAI_MTLS_SERVICES's
+        (the stacks set it in every Lambda), else our three."""
         self.environment = names.check_environment(environment)
+        self.catalog = catalog or catalog_from_environ(os.environ)
         if client is None:
             try:
                 client = make_client(region)
@@ -209,7 +215,7 @@ class SecretStore:
         if certificates.ca is not None:
             ca = certificates.ca.identity
             values.append((names.CA_KEY_SECRET, ca.to_secret_string(), "ca-key", ca.certificate))
-        for identity in names.IDENTITIES:
+        for identity in certificates.expected:  # the declared identities; verify() found each
             tls = certificates.identities[identity.name]
             values.append(
                 (identity.secret_suffix, tls.to_secret_string(), f"identity:{identity.name}", tls.certificate)

@@ -133,7 +133,7 @@ class ApiService:
         addresses = AddressPolicy.from_environ(writable)
         excluded = ["/health"]
         if self.keys.store is not None:  # the store's REST API, and the auth service's validation call
-            routes[1:1] = self._key_routes(addresses, environment)
+            routes[1:1] = self._key_routes(addresses)
             excluded.append(VALIDATE_PATH)
         edge = options_from_environ(writable)
         self.app = APIKeyAuthMiddleware(
@@ -153,11 +153,13 @@ class ApiService:
             **edge,
         )
 
-    def _key_routes(self, addresses: AddressPolicy, environment: str) -> list[Route]:
+    def _key_routes(self, addresses: AddressPolicy) -> list[Route]:
         from runtime.services.key_api import KEYS_PATH, KeyApi  # Pydantic and SQLAlchemy: only with a store
 
         assert self.keys.store is not None and self.keys.validator is not None  # noqa: S101 - see caller
-        require_https = environment not in names.DEGRADABLE_ENVIRONMENTS
+        require_https = (
+            not self.loaded.settings.may_degrade
+        )  # HOKUSAI_MTLS_MAY_DEGRADE, development's default
         if not require_https and (self.worker is None or self.worker.index == 1):
             log.warning("%s: the key API answers plain HTTP too (development only)", KEYS_PATH)
         api = KeyApi(self.keys.store, self.keys.validator, addresses=addresses, require_https=require_https)

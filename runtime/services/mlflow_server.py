@@ -47,7 +47,6 @@ from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
 from runtime.auth.route_policy import policy_from_environ
-from runtime.certificates import pem
 from runtime.certificates.inspection import days_left, dns_names, ip_addresses
 from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
 from runtime.errors import WorkerError
@@ -61,6 +60,13 @@ from runtime.secrets.loader import (
 )
 from runtime.security_level import SecurityLevel
 from runtime.services import mlflow_setup
+from runtime.services.asgi_service import (
+    check_mode,
+    health_report,
+    proxy_trust_bundle,
+    service_listener_name,
+    service_mode,
+)
 from runtime.serving.acceptor import ACCEPT_BATCH
 from runtime.serving.connection_limits import mlflow_limits
 from runtime.serving.server import Background, Listener, Serving, listen_socket, periodic
@@ -82,26 +88,16 @@ class MlflowServerSettings:
     metrics_seconds: float = DEFAULT_INTERVAL_SECONDS
 
     def __post_init__(self) -> None:
-        if self.mode not in names.MTLS_MODES:
-            raise ValueError(
-                f"{names.ENV_MTLS_MODE}={self.mode!r}: expected one of {', '.join(names.MTLS_MODES)}"
-            )
-        if self.mode == names.MTLS_MODE_OFF and self.loader.enable_mtls:
-            raise ValueError(
-                f"{names.ENV_MTLS_MODE}=off needs {names.ENV_ENABLE_MTLS}=false (the rollback switch)"
-            )
+        check_mode(self.mode, self.loader)
         if not self.backend_store_uri:
             raise ValueError(f"{names.ENV_MLFLOW_BACKEND_STORE_URI} is not set")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> MlflowServerSettings:
         loader = LoaderSettings.from_environ(environ, role=names.SERVER.role)
-        mode = environ.get(names.ENV_MTLS_MODE) or (
-            names.MTLS_MODE_STRICT if loader.enable_mtls else names.MTLS_MODE_OFF
-        )
         values = {
             "loader": loader,
-            "mode": mode,
+            "mode": service_mode(environ, loader),
             "backend_store_uri": environ.get(names.ENV_MLFLOW_BACKEND_STORE_URI, ""),
             "artifacts_destination": environ.get(names.ENV_MLFLOW_ARTIFACTS_DESTINATION) or None,
             "refresh_seconds": refresh_seconds(environ),
@@ -232,8 +228,9 @@ class MlflowServer:
             from mlflow.server.fastapi_app import app  # a worker: configured by its supervisor's environment
         return APIKeyAuthMiddleware(
             app,
-            identities=IdentityPolicy.from_environ(
-                {**environ, names.ENV_ENVIRONMENT: settings.loader.environment}
+            identities=IdentityPolicy.from_environ(  # MLflow's declared callers, unless scopes are set
+                {**environ, names.ENV_ENVIRONMENT: settings.loader.environment},
+                server=settings.loader.identity.service,
             ),
             addresses=AddressPolicy.from_environ(environ),
             validator=self.keys.validator,
@@ -264,10 +261,7 @@ class MlflowServer:
 
     def _proxy_trust_bundle(self, proxy_kind: str) -> list:
         """The bundle forwarded certificates are verified against, when a proxy forwards them."""
-        bundle = self.settings.loader.directory / names.CA_BUNDLE_FILE
-        if proxy_kind == names.PROXY_KIND_NONE or not bundle.exists():
-            return []
-        return pem.load_certificates(bundle.read_bytes(), str(bundle))
+        return proxy_trust_bundle(self.settings.loader.directory, proxy_kind)
 
     def _certificate_hosts(self) -> list[str]:
         """The names our certificate is valid for: a client that verified it dialed one of them."""
@@ -276,9 +270,7 @@ class MlflowServer:
         return [*dns_names(self.tls.certificate), *ip_addresses(self.tls.certificate)]
 
     def _service_name(self) -> str:
-        if self.tls is None:
-            return "plain"
-        return "mtls" + (" + plain (permissive)" if self.settings.mode == names.MTLS_MODE_PERMISSIVE else "")
+        return service_listener_name(self.tls, self.settings.mode)
 
     def _listeners(self) -> list[Listener]:
         """The service port (a worker's: the socket its supervisor bound), and the health port unless a worker."""
@@ -340,22 +332,7 @@ class MlflowServer:
 
     # --- health ------------------------------------------------------------------------------------
     def health(self) -> dict:
-        report: dict[str, object] = {
-            "status": "ok",
-            "security_level": self.loaded.level.value,
-            "mode": self.settings.mode,
-        }
-        if self.tls is not None:
-            certificate = self.tls.certificate
-            left = days_left(certificate)
-            report["certificate"] = {
-                "serial": f"{certificate.serial_number:x}",
-                "not_after": certificate.not_valid_after_utc.isoformat(),
-                "days_left": left,
-                "reloads": self.tls.reloads,
-            }
-            if left < 0:
-                report["status"] = "certificate-expired"
+        report = health_report(self.loaded.level, self.settings.mode, self.tls)
         if self.supervisor is not None:
             state = self.supervisor.state()
             report["workers"] = {

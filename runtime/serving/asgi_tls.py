@@ -32,9 +32,11 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
+
 from runtime.certificates.pem import certificate_pem, load_der_certificate
 from runtime.errors import PemError
-from runtime.serving.bounded_h11 import BoundedH11Protocol
+from runtime.serving.bounded_h11 import BoundedH11Protocol, Slot
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -122,3 +124,33 @@ class TLSExtensionH11Protocol(BoundedH11Protocol):
     def with_hook(cls, on_tls_connection: Callable[[], None]) -> type[TLSExtensionH11Protocol]:
         """A subclass that reports every completed TLS connection to `on_tls_connection`."""
         return type(cls.__name__, (cls,), {"on_tls_connection": staticmethod(on_tls_connection)})
+
+
+class TLSExtensionWSProtocol(WSProtocol):
+    """uvicorn's wsproto WebSocket protocol, plus the TLS extension on the WebSocket scope.
+
+    The h11 protocol (`TLSExtensionH11Protocol`) hands an upgraded connection to this one
+    (`BoundedH11Protocol.handle_websocket_upgrade`): it already checked a resumed session, so here the
+    extension is only described, with the same helper, from the same TLS connection. The connection
+    bound's slot comes along and is released when the connection is lost. On a plain connection
+    (a permissive listener's plain twin) there is no TLS object and no extension: the middleware
+    takes the API-key path. Use as `uvicorn.Config(ws=...)`; depends on uvicorn's `WSProtocol`
+    (`app`, `connection_made`, `connection_lost`), pinned with uvicorn.
+    """
+
+    slot: Slot | None = None
+    """Set by the h11 protocol that upgraded the connection."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.app = with_tls_extension(self.app, tls_extension(ssl_object))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            slot, self.slot = self.slot, None
+            if slot is not None:
+                slot.release()

@@ -133,6 +133,22 @@ class BoundedH11Protocol(H11Protocol):
         if self.slot is not None:
             self.slot.release()
 
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        """Hand the connection to the WebSocket protocol (a listener with `websockets=True`): our
+        timers stop (a WebSocket is long-lived; its own pings bound a dead peer) and the connection
+        bound's slot goes with it, released when the WebSocket's connection is lost."""
+        self._cancel_header_timer()
+        self._cancel_body_timer()
+        self._cancel_write_timer()
+        super().handle_websocket_upgrade(event)
+        slot, self.slot = self.slot, None
+        successor = self.transport.get_protocol()
+        if slot is not None:
+            if hasattr(successor, "slot"):
+                successor.slot = slot
+            else:  # a WebSocket protocol of uvicorn's own: release when the transport goes
+                slot.release()
+
     def pause_writing(self) -> None:
         super().pause_writing()
         self._watch_drain()

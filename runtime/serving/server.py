@@ -55,7 +55,7 @@ from runtime import names
 from runtime.certificates.tls_context import ReloadableServerContext
 from runtime.errors import MtlsError
 from runtime.serving.acceptor import ACCEPT_BATCH, Acceptor
-from runtime.serving.asgi_tls import TLSExtensionH11Protocol
+from runtime.serving.asgi_tls import TLSExtensionH11Protocol, TLSExtensionWSProtocol
 from runtime.serving.bounded_h11 import BoundedH11Protocol
 from runtime.serving.connection_limits import ConnectionLimits, mlflow_limits
 
@@ -69,6 +69,11 @@ GRACEFUL_SHUTDOWN_SECONDS = 10
 EXIT_TIMEOUT_SECONDS = 5.0
 """How long the background jobs' `at_exit` actions may take together: with the graceful shutdown,
 well inside ECS's default 30 s `stopTimeout` between SIGTERM and SIGKILL."""
+WS_MAX_MESSAGE_BYTES = 1024 * 1024
+"""The largest WebSocket message a `websockets=True` listener takes; a bigger one closes the
+connection (1009). uvicorn's default is 16 MiB."""
+WS_PING_SECONDS = 20.0
+"""A WebSocket is pinged this often, and closed if the pong takes longer than this."""
 TLS_READ_BUFFER_BYTES = 32 * 1024
 """asyncio gives every TLS connection a 256 KiB read buffer (`asyncio.sslproto.SSLProtocol.max_size`)
 from the moment it is accepted: about 300 KiB per pending handshake or idle TLS connection, 1.2 GiB
@@ -95,6 +100,10 @@ class Listener:
     accept_batch: int = ACCEPT_BATCH
     """Connections taken per readiness event. Worker processes sharing one socket take 1, so a worker
     busy with a handshake leaves the next connection to an idle one instead of queueing a batch."""
+    websockets: bool = False
+    """Accept WebSocket upgrades (`TLSExtensionWSProtocol`: the TLS extension on the WebSocket scope,
+    messages up to `WS_MAX_MESSAGE_BYTES`, no per-message deflate, pings every `WS_PING_SECONDS`).
+    False: an upgrade request is answered as plain HTTP (MLflow and the API have no WebSocket routes)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,13 @@ def _config(listener: Listener, *, lifespan: LifespanType, limits: ConnectionLim
         host=listener.host,
         port=listener.port,
         http=protocol.with_limits(limits),  # TLS is the acceptor's: uvicorn itself serves no socket
-        ws="none",  # no WebSocket routes; an upgrade would leave our protocol and its timers
+        # Without WebSockets: an upgrade stays an HTTP request. With them: our wsproto subclass takes
+        # the connection over from our h11 protocol (its timers stop, its bound slot moves along).
+        ws=TLSExtensionWSProtocol if listener.websockets else "none",
+        ws_max_size=WS_MAX_MESSAGE_BYTES,
+        ws_per_message_deflate=False,  # compression: a memory cost per connection and a decompression bomb
+        ws_ping_interval=WS_PING_SECONDS,
+        ws_ping_timeout=WS_PING_SECONDS,
         lifespan=lifespan,
         interface="asgi3",  # our apps are ASGI 3; auto-detection misreads bound methods as ASGI 2
         access_log=False,

@@ -549,7 +549,7 @@ def test_cdk_nag_reports_no_unacknowledged_violations(stacks, env):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"environment": "prod"}, "unknown environment"),
+        ({"environment": "Prod"}, "is not a valid name"),
         ({"alarm_emails": "oncall@example.com"}, "not one string"),
         ({"alarm_emails": ["oncall.example.com"]}, "not an e-mail address"),
         ({"alarm_emails": ["a@example.com", "a@example.com"]}, "listed twice"),

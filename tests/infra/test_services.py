@@ -223,6 +223,7 @@ def test_container_environment_is_the_documented_contract(services, settings, en
         names.ENV_ENABLE_MTLS: "true",
         names.ENV_ROLE: identity.role,
         names.ENV_MTLS_MODE: names.MTLS_MODE_STRICT,
+        names.ENV_MAY_DEGRADE: "true" if env == "development" else "false",  # cdk.json's mayDegrade
         names.ENV_CERT_DIR: identity.default_cert_dir,
         names.ENV_CA_BUNDLE_SECRET: names.secret_name(env, names.CA_BUNDLE_SECRET),
         names.ENV_IDENTITY_SECRET: names.identity_secret_name(env, identity),

@@ -273,7 +273,7 @@ def test_account_and_region_are_optional_and_checked():
             "staging",
             "authServiceUrl",
             "http://auth.hokus.ai",
-            "the scheme must be https (http only in development)",
+            "the scheme must be https (http only where mayDegrade is true)",
         ),
         ("production", "authServiceUrl", "http://auth.hokus.ai", "the scheme must be https"),
         ("staging", "authServiceUrl", "auth.hokus.ai", "the scheme must be https"),
@@ -491,15 +491,16 @@ def _nest(key: str, value: object) -> object:
     return value
 
 
-def test_auth_service_url_may_be_plain_http_in_development_only():
+def test_auth_service_url_may_be_plain_http_only_where_the_environment_may_degrade():
     url = "http://auth.development.internal:8080/base"
-    assert (
-        load_settings(with_setting("development", "authServiceUrl", url))["development"].auth_service_url
-        == url
-    )
-    for env in ("staging", "production"):
+    raw = with_setting("development", "authServiceUrl", url)
+    raw["development"]["mayDegrade"] = True
+    assert load_settings(raw)["development"].auth_service_url == url
+    for env in ("development", "staging", "production"):  # mayDegrade false (the default): refused
         with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.{env}\.authServiceUrl: .*must be https"):
             load_settings(with_setting(env, "authServiceUrl", url))
+    with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.staging\.mayDegrade: expected true or false"):
+        load_settings(with_setting("staging", "mayDegrade", "yes"))
 
 
 @pytest.mark.parametrize("mode", [names.MTLS_MODE_PERMISSIVE, names.MTLS_MODE_OFF])
@@ -671,15 +672,29 @@ def test_missing_setting_is_named():
         load_settings(raw)
 
 
-def test_missing_and_unknown_environments_are_named():
-    raw = copy.deepcopy(VALID)
-    del raw["staging"]
-    with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.staging: missing"):
-        load_settings(raw)
-    with pytest.raises(SettingsError, match=r"unknown environment 'qa'"):
-        load_settings({**VALID, "qa": VALID["staging"]})
+def test_environments_are_whatever_cdk_json_declares_and_bad_names_are_named():
+    declared = load_settings({"qa": VALID["staging"], "sandbox-alice": VALID["development"]})
+    assert tuple(declared) == ("qa", "sandbox-alice")
+    assert not declared["qa"].may_degrade  # fails closed unless declared otherwise
+    with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.QA: .*'QA' is not a valid name"):
+        load_settings({**VALID, "QA": VALID["staging"]})
+    with pytest.raises(SettingsError, match="declares no environment"):
+        load_settings({})
     with pytest.raises(SettingsError, match="missing from the CDK context"):
         load_settings(None)
+
+
+def test_the_services_declaration_is_checked_by_the_runtimes_parser():
+    from runtime.service_catalog import DEFAULT_CATALOG
+    from stacks.settings import load_services
+
+    default = {service.name: service.as_document() for service in DEFAULT_CATALOG.services}
+    assert load_services(default) == DEFAULT_CATALOG
+    assert load_services(None) == DEFAULT_CATALOG
+    with pytest.raises(SettingsError, match=r"hokusai:services\.worker\.port: only a service that serves"):
+        load_services({**default, "worker": {"port": 9000}})
+    with pytest.raises(SettingsError, match="hokusai:services: declares streaming; the stacks build exactly"):
+        load_services({**default, "streaming": {"serves": "mtls", "port": 8443, "callers": ["api"]}})
 
 
 def test_settings_are_keyword_only():

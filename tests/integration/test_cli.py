@@ -16,13 +16,15 @@ import boto3
 import pytest
 
 from tests.conftest import REGION
+from tests.unit.test_service_catalog import PLATFORM
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "runtime.cli"]
 
 
 def run(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run([*CLI, *args], capture_output=True, text=True, check=False, env=os.environ, **kw)
+    env = kw.pop("env", os.environ)
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True, check=False, env=env, **kw)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -352,8 +354,50 @@ def test_argparse_internal_names_never_show(argv):
     assert "required: COMMAND" in result.stderr
 
 
-def test_usage_errors_exit_2():
-    assert run("certs", "issue", "--env", "qa", "--out", "x", check=False).returncode == 2
+def test_usage_errors_exit_2(tmp_path):
+    result = run("certs", "issue", "--env", "Prod!", "--out", str(tmp_path / "x"), check=False)
+    assert result.returncode == 2
+    assert "environment 'Prod!' is not a valid name" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_declared_service_in_a_declared_environment_is_issued_verified_and_loaded(tmp_path):
+    """`--services` (here a cdk.json) gives every command the platform's identities: issue makes the
+    streaming service's leaf, verify --dir insists on it, and the loader knows its role."""
+    cdk_json = tmp_path / "cdk.json"
+    cdk_json.write_text(json.dumps({"context": {"hokusai:services": PLATFORM}}))
+    out = tmp_path / "set"
+    issued = run("--services", str(cdk_json), "certs", "issue", "--env", "qa", "--out", str(out))
+    assert "streaming" in issued.stdout
+    assert (out / "streaming.key").stat().st_mode & 0o777 == 0o600
+    run("--services", str(cdk_json), "certs", "verify", "--dir", str(out), "--env", "qa")
+    (out / "streaming.crt").unlink()
+    (out / "streaming.key").unlink()
+    refused = run(
+        "--services", str(cdk_json), "certs", "verify", "--dir", str(out), "--env", "qa", check=False
+    )
+    assert refused.returncode == 1 and "lacks identities: streaming" in refused.stderr
+    # Without the declaration, the same command checks our three only.
+    run("certs", "verify", "--dir", str(out), "--env", "qa")
+
+
+def test_a_bad_declaration_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "services.json"
+    bad.write_text(
+        json.dumps({**PLATFORM, "streaming": {"serves": "mtls", "port": 8443, "callers": ["billing"]}})
+    )
+    result = run(
+        "--services", str(bad), "certs", "issue", "--env", "qa", "--out", str(tmp_path / "o"), check=False
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(
+        "callers: 'billing' is not a declared service (mlflow, api, worker, document-converter, "
+        "streaming, batch-report)"
+    )
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+    env = {**os.environ, "HOKUSAI_MTLS_SERVICES": "{"}
+    result = run("certs", "issue", "--env", "qa", "--out", str(tmp_path / "o"), check=False, env=env)
+    assert result.returncode == 1 and "HOKUSAI_MTLS_SERVICES: not valid JSON" in result.stderr
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

@@ -30,7 +30,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from local_stack import postgres_server, worker
+from local_stack import postgres_server, streaming_app, worker
 from local_stack.commands import NO_HTTP_ANSWER
 from local_stack.environment import REPO
 from local_stack.stack import group_members, process_exists
@@ -188,6 +188,7 @@ def test_each_service_reports_its_security_level_from_its_own_health(stack):
     )
     assert re.search(r"\n  api +http://127\.0\.0\.1:\d+ +pid \d+ +MTLS", table)
     assert re.search(r"\n  worker +exited 0 +pid \d+ +MTLS: logged run [0-9a-f]{32}", table)
+    assert re.search(r"\n  streaming +wss://127\.0\.0\.1:\d+ +pid \d+ +MTLS: a WebSocket app", table)
     for child in stack.state["children"]:  # every pid printed is one it started
         assert f"pid {child['pid']} " in table
 
@@ -467,6 +468,7 @@ def test_zz_sigint_stops_every_process_it_started_and_cleans_its_state(stack):
         "secrets-manager",
         "redis",
         "mlflow",
+        "streaming",
         "api",
         "worker",
         *(["postgres"] if postgres_server.available() else []),
@@ -490,3 +492,21 @@ def test_zz_sigint_stops_every_process_it_started_and_cleans_its_state(stack):
     assert os.path.isdir(stack.run_dir)
     if stack.state["postgres_dir"]:  # the cluster goes with the data (no --keep-data)
         assert not Path(stack.state["postgres_dir"]).exists()
+
+
+def test_a_second_declared_server_streams_to_the_worker_on_one_route_and_refuses_another(stack):
+    """`make local`'s streaming app (`hokusai-mtls serve --app`): the worker's certificate opens
+    /stream/metrics, where the app knows it as the worker, and the route policy refuses /stream/admin."""
+    streamed = stack.state["worker"]["streaming"]
+    assert streamed["allowed"] == {
+        "path": streaming_app.METRICS_PATH,
+        "status": 101,
+        "caller": names.WORKER_SERVICE,
+        "messages": 1 + streaming_app.TICKS,
+    }
+    assert streamed["refused"] == {"path": streaming_app.ADMIN_PATH, "status": 403}
+    assert stack.state["health"]["streaming"]["security_level"] == "MTLS"
+    assert re.search(
+        r"/stream/metrics answered 4 messages to caller 'worker'; /stream/admin refused it with 403",
+        stack.output,
+    )

@@ -77,7 +77,16 @@ def test_the_concerns_are_the_folders():
     folders = sorted(p.name for p in RUNTIME.iterdir() if p.is_dir() and not p.name.startswith("__"))
     assert folders == sorted(set(BELOW) - {GROUND, "cli"})
     flat = sorted(p.stem for p in RUNTIME.glob("*.py"))
-    assert flat == ["__init__", "cli", "env_numbers", "errors", "json_input", "names", "security_level"]
+    assert flat == [
+        "__init__",
+        "cli",
+        "env_numbers",
+        "errors",
+        "json_input",
+        "names",
+        "security_level",
+        "service_catalog",
+    ]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

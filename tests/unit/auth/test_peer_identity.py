@@ -121,3 +121,24 @@ def test_a_certificate_whose_extensions_cannot_be_parsed_names_no_one(ca):
 def test_valid_spiffe_ids_parse(uri, segments):
     assert parse_spiffe_id(uri).segments == segments
     assert str(parse_spiffe_id(uri)) == uri
+
+
+def test_a_declared_server_identifies_only_its_declared_callers():
+    """`which identities may call it` from the declaration: the document converter knows the api (with
+    `document-converter:call`); the worker, whose certificate the same CA signed, names no one there."""
+    from runtime.service_catalog import parse_catalog
+    from tests.unit.test_service_catalog import PLATFORM
+
+    qa = new_ca("qa")
+    environ = {names.ENV_ENVIRONMENT: "qa", names.ENV_SERVICES: parse_catalog(PLATFORM).to_json()}
+    converter = IdentityPolicy.from_environ(environ, server="document-converter")
+    api = converter.identify(qa.issue_client("qa", "api").certificate)
+    assert api is not None and api.scopes == ("document-converter:call",)
+    assert converter.identify(qa.issue_client("qa", "worker").certificate) is None
+    mlflow = IdentityPolicy.from_environ(environ, server="mlflow")
+    streaming = mlflow.identify(qa.issue_client("qa", "streaming").certificate)
+    assert streaming is not None and streaming.scopes == ("mlflow:read", "mlflow:write")
+    scoped = IdentityPolicy.from_environ(
+        {**environ, names.ENV_SERVICE_SCOPES: '{"worker": ["x"]}'}, server="mlflow"
+    )
+    assert scoped.identify(qa.issue_client("qa", "api").certificate) is None  # the explicit setting wins

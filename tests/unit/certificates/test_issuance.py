@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from runtime import names
+from runtime.certificates.inspection import uris
 from runtime.certificates.issuance import CertificateAuthority, KeyType
 from runtime.errors import LifetimeError, NotACertificateAuthorityError
 from tests.support.certs import (
@@ -99,9 +100,16 @@ def test_non_positive_lifetimes_are_refused(days):
         new_ca(lifetime_days=days)
 
 
-def test_unknown_environment_is_refused_by_name():
-    with pytest.raises(ValueError, match="'qa'.*development, staging, production"):
-        new_ca("qa")
+def test_an_invalid_environment_name_is_refused_by_name():
+    with pytest.raises(ValueError, match="'QA/1' is not a valid name"):
+        new_ca("QA/1")
+
+
+def test_a_declared_environment_of_any_valid_name_gets_its_own_ca_and_leaves():
+    ca = new_ca("sandbox-alice")
+    leaf = ca.issue("sandbox-alice", names.WORKER)
+    assert uris(leaf.certificate) == ["spiffe://hokusai/sandbox-alice/worker"]
+    assert (leaf.certificate.not_valid_after_utc - leaf.certificate.not_valid_before_utc).days >= 90
 
 
 def test_issue_dispatches_by_identity_kind():

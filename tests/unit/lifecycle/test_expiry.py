@@ -129,6 +129,6 @@ def test_an_identity_from_a_ca_outside_the_bundle_is_a_failure(secretsmanager, c
 
 
 def test_the_environment_comes_from_the_variable_and_must_be_known(secretsmanager, cloudwatch, monkeypatch):
-    monkeypatch.setenv(names.ENV_ENVIRONMENT, "qa")
-    with pytest.raises(ValueError, match="unknown environment"):
+    monkeypatch.setenv(names.ENV_ENVIRONMENT, "../production")
+    with pytest.raises(ValueError, match="is not a valid name"):
         expiry.handler({}, None, secrets=secretsmanager, cloudwatch=cloudwatch)

@@ -184,7 +184,7 @@ def test_an_imported_ca_that_was_not_uploaded_fails_the_deployment(secretsmanage
 @pytest.mark.parametrize(
     ("properties", "message"),
     [
-        ({"Environment": "qa"}, "unknown environment"),
+        ({"Environment": "Staging"}, "is not a valid name"),
         ({"LeafLifetimeDays": "ninety"}, "invalid ResourceProperties"),
         ({"KeyType": "dsa-1024"}, "invalid ResourceProperties"),
         ({"ServerSans": "localhost"}, "must be a list"),

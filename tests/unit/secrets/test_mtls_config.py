@@ -223,8 +223,8 @@ def test_enable_flag_must_be_a_boolean_word():
 def test_unknown_role_and_environment_are_named():
     with pytest.raises(ValueError, match="unknown role 'db'"):
         LoaderSettings("staging", "db")
-    with pytest.raises(ValueError, match="unknown environment 'prod'"):
-        LoaderSettings("prod", "api")
+    with pytest.raises(ValueError, match="environment 'prod!' is not a valid name"):
+        LoaderSettings("prod!", "api")
 
 
 # --- configure_internal_mtls (the API service, in-process) -------------------------------
