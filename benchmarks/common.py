@@ -71,6 +71,9 @@ __all__ = [
 
 MLFLOW_ENV = "staging"
 """Like tests/integration: a staging set in Secrets Manager (moto), so there is no dev fallback."""
+START_SECONDS = 300
+"""How long serve-mlflow may take to answer /health: `--smoke` runs every bench side by side on 2 cores,
+where creating MLflow's tables alone took 70 s in CI (a bound on a wait, not a measured figure)."""
 SNI = "localhost"  # in the server certificate's SANs (with 127.0.0.1)
 
 
@@ -587,7 +590,7 @@ def running_mlflow(
             )
         stack.callback(stop, process)
         started = time.monotonic()
-        report = wait_healthy(process, health_port, stderr, seconds=120)
+        report = wait_healthy(process, health_port, stderr, seconds=START_SECONDS)
         if report.get("status") != "ok":
             raise RuntimeError(f"serve-mlflow reports {report}")
         yield MlflowServer(
