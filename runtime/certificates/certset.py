@@ -178,11 +178,16 @@ def check_ca_environment(certificate: x509.Certificate, environment: str) -> Non
     """
     subject = certificate.subject
     organizations = {a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)}
-    if ISSUER_ORGANIZATION not in organizations:
-        return
     attributes = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     units = {a.value for a in attributes if isinstance(a.value, str)}  # an OU is a string: bytes name none
-    others = sorted(u for u in units if u != environment and names.ENVIRONMENT_NAME.fullmatch(u))
+    # Ours (O=Hokusai) name any environment in their OU; any CA naming one of the default three is refused
+    # elsewhere, as before environments were declared.
+    ours = ISSUER_ORGANIZATION in organizations
+    others = sorted(
+        u
+        for u in units
+        if u != environment and (u in names.ENVIRONMENTS or (ours and names.ENVIRONMENT_NAME.fullmatch(u)))
+    )
     if others:
         raise CertificateSetError(
             f"the CA {certificate.subject.rfc4514_string()} belongs to {others[0]}, not {environment}; "
