@@ -17,8 +17,8 @@ from stacks.stage import HokusaiStage
 def build_app(app: cdk.App | None = None) -> cdk.App:
     """Add every environment's stage and the cdk-nag checks to `app` (a new App by default)."""
     app = app if app is not None else cdk.App()
-    load_services(app.node.try_get_context(SERVICES_KEY))  # checked before any environment is built
-    for settings in load_settings(app.node.try_get_context(CONTEXT_KEY)).values():
+    services = load_services(app.node.try_get_context(SERVICES_KEY))  # checked before any environment
+    for settings in load_settings(app.node.try_get_context(CONTEXT_KEY), services).values():
         HokusaiStage(app, settings=settings)
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     return app

@@ -43,12 +43,12 @@ import json, sys, time
 t0 = time.perf_counter()
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
-from stacks.settings import CONTEXT_KEY, load_settings
+from stacks.settings import CONTEXT_KEY, SERVICES_KEY, load_services, load_settings
 from stacks.stage import HokusaiStage
 context = json.load(open("cdk.json"))["context"]
 app = cdk.App(context=context, outdir=sys.argv[2])
 t1 = time.perf_counter()
-settings = list(load_settings(context[CONTEXT_KEY]).values())
+settings = list(load_settings(context[CONTEXT_KEY], load_services(context.get(SERVICES_KEY))).values())
 count = int(sys.argv[1])
 for index in range(count):
     s = settings[index % len(settings)]

@@ -39,21 +39,33 @@ from constructs import Construct
 from constructs_lib import lambda_bundle
 from constructs_lib.certificate_secrets import CertificateSecrets
 from constructs_lib.log_encryption_key import LogEncryptionKey
+from constructs_lib.naming import construct_label
 from runtime import lifecycle, names
+from runtime.service_catalog import DEFAULT_CATALOG, Catalog
 
 ISSUANCE_HANDLER = "runtime.lifecycle.issuance.handler"
 ROTATION_HANDLER = "runtime.lifecycle.rotation.handler"
 CA_ROTATION_HANDLER = "runtime.lifecycle.ca_rotation.handler"
 EXPIRY_HANDLER = "runtime.lifecycle.expiry.handler"
 
-ROTATION_PURPOSES: tuple[str, ...] = ("ca-rotation", *(f"{i.name}-rotation" for i in names.IDENTITIES))
-"""The rotation functions, by the purpose in their names (`lifecycle_function_name`); the
-Monitoring stack alarms on each one's errors by that name, without a cross-stack export."""
+
+def rotation_purposes(identities: Sequence[names.Identity] = names.IDENTITIES) -> tuple[str, ...]:
+    """The rotation functions, by the purpose in their names (`lifecycle_function_name`): the CA's and one
+    per identity. The Monitoring stack alarms on each one's errors by that name, without a cross-stack
+    export."""
+    return (
+        lifecycle.CA_ROTATION_PURPOSE,
+        *(lifecycle.rotation_purpose(identity.name) for identity in identities),
+    )
+
+
+ROTATION_PURPOSES: tuple[str, ...] = rotation_purposes()
+"""Our three identities' (and the CA's) rotation purposes."""
 
 
 def lifecycle_function_name(environment: str, purpose: str) -> str:
-    """`hokusai-mtls-<env>-<purpose>`, e.g. `hokusai-mtls-staging-ca-rotation`."""
-    return f"hokusai-mtls-{names.check_environment(environment)}-{purpose}"
+    """`hokusai-mtls-<env>-<purpose>`, e.g. `hokusai-mtls-staging-ca-rotation` (at most 64 characters)."""
+    return lifecycle.check_function_name(names.check_environment(environment), purpose)
 
 
 EXPIRY_SCHEDULE = Duration.hours(1)
@@ -113,7 +125,10 @@ class CertificateLifecycle(Construct):
         ca_rollover_wait_days: int,
         log_retention_days: int,
         removal_policy: RemovalPolicy,
+        catalog: Catalog = DEFAULT_CATALOG,
     ) -> None:
+        """`catalog`: the declared services; `certificates` has a secret for each of its identities, and
+        every function gets HOKUSAI_MTLS_SERVICES, so the handlers issue, rotate and check exactly them."""
         super().__init__(scope, construct_id)
         if not 1 <= rotation_days < leaf_lifetime_days:
             raise ValueError(
@@ -125,6 +140,7 @@ class CertificateLifecycle(Construct):
         self._certificates = certificates
         self._environment = names.check_environment(environment)
         self._log_retention_days = log_retention_days
+        self._services = {names.ENV_SERVICES: catalog.to_json()}
         self.log_key = LogEncryptionKey(
             self,
             "LogKey",
@@ -133,7 +149,7 @@ class CertificateLifecycle(Construct):
             removal_policy=removal_policy,
         )
         self._code = lambda_bundle.lifecycle_code(self)
-        identities = [certificates.identity(identity) for identity in names.IDENTITIES]
+        identities = [certificates.identity(identity) for identity in catalog.identities]
 
         # --- issuance -------------------------------------------------------------------
         self.issuance = self._function(
@@ -178,6 +194,10 @@ class CertificateLifecycle(Construct):
                 "ServerSans": list(server_sans),
                 "KeyType": key_type,
                 "CaSource": ca_source,
+                # The handler issues what HOKUSAI_MTLS_SERVICES declares; listing the identities here makes
+                # a newly declared service an Update of this resource, so its first leaf is issued on
+                # the deploy that adds it (before its tasks start: Services depends on Secrets).
+                "Identities": [identity.name for identity in catalog.identities],
             },
         )
         for secret in (*ca_secrets, *certificates.identities.values()):
@@ -192,15 +212,16 @@ class CertificateLifecycle(Construct):
             rotation_environment[lifecycle.ENV_SERVER_SANS] = ",".join(server_sans)
         rotation: dict[str, lambda_.Function] = {}
         schedules: dict[str, secretsmanager.CfnRotationSchedule] = {}
-        for identity in names.IDENTITIES:
+        for identity in catalog.identities:
             secret = certificates.identity(identity)
-            label = identity.name.capitalize()
+            label = construct_label(identity.name)
             function = self._function(
                 f"{label}Rotation",
                 ROTATION_HANDLER,
                 f"rotates {names.identity_secret_name(environment, identity)}",
                 timeout=Duration.minutes(2),
                 environment=rotation_environment,
+                function_purpose=lifecycle.rotation_purpose(identity.name),
             )
             self._allow_secrets(function, ROTATE, [secret], write=True)
             self._allow_secrets(function, READ, [certificates.ca_key, certificates.ca_bundle])
@@ -304,14 +325,18 @@ class CertificateLifecycle(Construct):
         *,
         timeout: Duration,
         environment: Mapping[str, str] | None = None,
+        function_purpose: str | None = None,
     ) -> lambda_.Function:
+        """`function_purpose` names the function and its log group (`hokusai-mtls-<env>-<purpose>`);
+        default: the construct id in kebab case (`CaRotation` -> `ca-rotation`). Every function gets
+        HOKUSAI_MTLS_SERVICES."""
         role = iam.Role(
             self,
             f"{construct_id}Role",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description=f"hokusai-mtls {self._environment}: {purpose}",
         )
-        purpose = _kebab(construct_id)
+        purpose = function_purpose or _kebab(construct_id)
         log_group = self._log_group(f"{construct_id}Logs", purpose)
         log_group.grant_write(role)
         function = lambda_.Function(
@@ -327,7 +352,7 @@ class CertificateLifecycle(Construct):
             log_group=log_group,
             timeout=timeout,
             memory_size=512,
-            environment=dict(environment or {}),
+            environment={**(environment or {}), **self._services},
         )
         Validations.of(function).acknowledge(Acknowledgment(id="AwsSolutions-L1", reason=L1_REASON))
         _depend_on_policy_only(function.node.default_child, role)

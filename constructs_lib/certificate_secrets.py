@@ -9,7 +9,7 @@ random placeholder password that does not parse as PEM.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from aws_cdk import RemovalPolicy, Stack
@@ -18,6 +18,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
+from constructs_lib.naming import construct_label
 from runtime import names
 
 SECRET_READ_ACTIONS = ("secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret")
@@ -47,7 +48,8 @@ class CertificateSecrets(Construct):
         ca_key: `hokusai/<env>/mlflow/ca-key`, the issuing CA; only the issuer may read it.
         ca_key_next: `hokusai/<env>/mlflow/ca-key-next`, the next CA while a rollover runs (the
             CA rotation or the operator's `certs rollover` writes it; no task role reads it).
-        identities: identity name (`server`, `api`, `worker`) -> its `<name>-identity` secret.
+        identities: identity name (`server`, `api`, `worker`, any declared one) -> its `<name>-identity`
+            secret.
     """
 
     def __init__(
@@ -57,7 +59,9 @@ class CertificateSecrets(Construct):
         *,
         environment: str,
         removal_policy: RemovalPolicy,
+        identities: Sequence[names.Identity] = names.IDENTITIES,
     ) -> None:
+        """`identities`: the declared services' (`Catalog.identities`), one secret each."""
         super().__init__(scope, construct_id)
         names.check_environment(environment)
         self._environment = environment
@@ -85,14 +89,15 @@ class CertificateSecrets(Construct):
             names.secret_name(environment, names.CA_NEXT_SECRET),
             "The next CA during a rollover (its `begin`); a no-rollover marker otherwise",
         )
+        self.declared_identities = tuple(identities)
         self.identities: Mapping[str, secretsmanager.Secret] = MappingProxyType(
             {
                 identity.name: self._secret(
-                    f"{identity.name.capitalize()}Identity",
+                    f"{construct_label(identity.name)}Identity",
                     names.identity_secret_name(environment, identity),
                     f"Certificate and private key of the {identity.name} identity ({identity.kind.value})",
                 )
-                for identity in names.IDENTITIES
+                for identity in identities
             }
         )
 

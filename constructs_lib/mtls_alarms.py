@@ -6,7 +6,7 @@ with the same constants, so a typo here cannot silently watch a metric nobody wr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from aws_cdk import Duration
@@ -15,7 +15,8 @@ from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from constructs_lib.certificate_lifecycle import ROTATION_PURPOSES, lifecycle_function_name
+from constructs_lib.certificate_lifecycle import lifecycle_function_name, rotation_purposes
+from constructs_lib.naming import construct_label
 from runtime import names
 from runtime.lifecycle import CA_IDENTITY
 
@@ -35,7 +36,14 @@ CHECK_FAILURES_PERIOD = Duration.hours(3)
 """The expiry check runs every hour (constructs_lib.certificate_lifecycle.EXPIRY_SCHEDULE) and always
 publishes CertificateCheckFailures (0 or 1) per identity and `ca`: a 3-hour window holds two or
 three runs however EventBridge's start time drifts, so an empty window means the check is down."""
-CHECK_FAILURE_IDENTITIES: tuple[str, ...] = (CA_IDENTITY, *(identity.name for identity in names.IDENTITIES))
+
+
+def check_failure_identities(identities: Sequence[names.Identity] = names.IDENTITIES) -> tuple[str, ...]:
+    """The `Identity` dimension values the expiry check publishes CertificateCheckFailures for."""
+    return (CA_IDENTITY, *(identity.name for identity in identities))
+
+
+CHECK_FAILURE_IDENTITIES: tuple[str, ...] = check_failure_identities()
 ROTATION_ERRORS_PERIOD = Duration.hours(1)
 """Rotations run days apart; an hour holds one rotation's four steps and Secrets Manager's retries."""
 FAILURE_RATE_EVALUATION_PERIODS = 3
@@ -136,7 +144,7 @@ class MtlsAlarms(Construct):
     when it goes into ALARM and when it returns to OK.
 
     Attributes:
-        certificate_expiry: identity name (`server`, `api`, `worker`) -> its days-to-expiry alarm.
+        certificate_expiry: identity name (`server`, `api`, `worker`, any declared) -> its days-to-expiry alarm.
         mtls_failure_rate: the failure-rate alarm on the MLflow server.
         failure_rate_expression: the metric math it watches (the dashboard graphs the same object).
         internal_api_key: service name (`mlflow`, `api`) -> its internal API-key request alarm.
@@ -153,8 +161,12 @@ class MtlsAlarms(Construct):
         certificate_expiry_alarm_days: int,
         mtls_failure_rate_percent: float,
         mtls_failure_min_requests: int,
+        identities: Sequence[names.Identity] = names.IDENTITIES,
     ) -> None:
+        """`identities`: the declared services' (`Catalog.identities`): each gets its expiry, check-failure
+        and rotation-failure alarms."""
         super().__init__(scope, construct_id)
+        self.identities = tuple(identities)
         _check_settings(certificate_expiry_alarm_days, mtls_failure_rate_percent, mtls_failure_min_requests)
         self._environment = names.check_environment(environment)
         self._prefix = alarm_name_prefix(environment)
@@ -164,11 +176,14 @@ class MtlsAlarms(Construct):
         self.mtls_failure_min_requests = mtls_failure_min_requests
 
         self.certificate_expiry: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
-            {identity.name: self._certificate_expiry(identity) for identity in names.IDENTITIES}
+            {identity.name: self._certificate_expiry(identity) for identity in self.identities}
         )
 
         self.certificate_check_failures: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
-            {identity: self._certificate_check_failures(identity) for identity in CHECK_FAILURE_IDENTITIES}
+            {
+                identity: self._certificate_check_failures(identity)
+                for identity in check_failure_identities(self.identities)
+            }
         )
 
         self.failure_rate_expression = mtls_failure_rate(environment, min_requests=mtls_failure_min_requests)
@@ -196,7 +211,7 @@ class MtlsAlarms(Construct):
         )
 
         self.rotation_failures: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
-            {purpose: self._rotation_failures(purpose) for purpose in ROTATION_PURPOSES}
+            {purpose: self._rotation_failures(purpose) for purpose in rotation_purposes(self.identities)}
         )
 
     @property
@@ -212,7 +227,7 @@ class MtlsAlarms(Construct):
     def _certificate_expiry(self, identity: names.Identity) -> cloudwatch.Alarm:
         days = self.certificate_expiry_alarm_days
         return self._alarm(
-            f"{identity.name.capitalize()}CertificateExpiry",
+            f"{construct_label(identity.name)}CertificateExpiry",
             f"certificate-expiry-{identity.name}",
             metric=certificate_days_to_expiry(self._environment, identity),
             threshold=days,
@@ -234,7 +249,7 @@ class MtlsAlarms(Construct):
 
     def _certificate_check_failures(self, identity: str) -> cloudwatch.Alarm:
         return self._alarm(
-            f"{identity.capitalize()}CertificateCheckFailures",
+            f"{construct_label(identity)}CertificateCheckFailures",
             f"certificate-check-failures-{identity}",
             metric=mtls_metric(
                 names.METRIC_CERT_CHECK_FAILURES,
@@ -278,7 +293,7 @@ class MtlsAlarms(Construct):
     def _rotation_failures(self, purpose: str) -> cloudwatch.Alarm:
         function_name = lifecycle_function_name(self._environment, purpose)
         return self._alarm(
-            f"{''.join(part.capitalize() for part in purpose.split('-'))}Failures",
+            f"{construct_label(purpose)}Failures",
             f"{purpose}-failures",
             metric=cloudwatch.Metric(
                 namespace="AWS/Lambda",

@@ -6,6 +6,8 @@ alarm cannot disagree; metric names and dimensions come from `runtime.names`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Duration
 from aws_cdk import aws_cloudwatch as cloudwatch
 from constructs import Construct
@@ -42,10 +44,21 @@ class MtlsDashboard(Construct):
         dashboard: the `hokusai-mtls-<env>` dashboard.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, environment: str, alarms: MtlsAlarms) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        environment: str,
+        alarms: MtlsAlarms,
+        servers: Sequence[str] = (),
+    ) -> None:
+        """`servers`: the declared mTLS servers other than MLflow; each gets a row of its handshakes and
+        its route policy's refusals. The certificate graphs show `alarms.identities`."""
         super().__init__(scope, construct_id)
         self._environment = names.check_environment(environment)
         self._alarms = alarms
+        self._servers = tuple(servers)
         self.dashboard = cloudwatch.Dashboard(
             self,
             "Dashboard",
@@ -64,6 +77,8 @@ class MtlsDashboard(Construct):
             self._latency_widget(), self._internal_api_key_widget(), self._plain_port_widget()
         )
         self.dashboard.add_widgets(self._route_policy_widget())
+        for server in self._servers:
+            self.dashboard.add_widgets(*self._declared_server_widgets(server))
         self.dashboard.add_widgets(
             cloudwatch.AlarmStatusWidget(
                 title="Alarms", alarms=list(alarms.all_alarms), width=_FULL, height=_HEIGHT
@@ -87,7 +102,7 @@ class MtlsDashboard(Construct):
     def _certificate_widgets(self) -> list[cloudwatch.IWidget]:
         metrics = [
             certificate_days_to_expiry(self._environment, identity, label=identity.name)
-            for identity in names.IDENTITIES
+            for identity in self._alarms.identities
         ]
         days = self._alarms.certificate_expiry_alarm_days
         return [
@@ -120,7 +135,7 @@ class MtlsDashboard(Construct):
                         label=identity,
                         **{names.DIM_IDENTITY: identity},
                     )
-                    for identity in (CA_IDENTITY, *(i.name for i in names.IDENTITIES))
+                    for identity in (CA_IDENTITY, *(i.name for i in self._alarms.identities))
                 ],
                 left_y_axis=cloudwatch.YAxisProps(min=0, label="failures", show_units=False),
                 width=_FULL,
@@ -181,6 +196,35 @@ class MtlsDashboard(Construct):
                     )
                 ],
                 left_y_axis=cloudwatch.YAxisProps(min=0, label="%", show_units=False),
+                width=_HALF,
+                height=_HEIGHT,
+            ),
+        ]
+
+    def _declared_server_widgets(self, server: str) -> list[cloudwatch.IWidget]:
+        """A declared server's row: its handshakes (verified, refused) and its route policy's refusals."""
+        route_outcomes = (
+            (names.METRIC_ROUTE_POLICY_DENIED, "denied"),
+            (names.METRIC_ROUTE_POLICY_WOULD_DENY, "would deny (audit)"),
+        )
+        return [
+            cloudwatch.GraphWidget(
+                title=f"{server}: mTLS handshakes",
+                left=[
+                    service_count(names.METRIC_MTLS_HANDSHAKES, self._environment, server, "verified"),
+                    service_count(names.METRIC_MTLS_HANDSHAKE_FAILURES, self._environment, server, "refused"),
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, label="handshakes / 5 min", show_units=False),
+                width=_HALF,
+                height=_HEIGHT,
+            ),
+            cloudwatch.GraphWidget(
+                title=f"{server}: route policy denied and would-deny",
+                left=[
+                    service_count(metric_name, self._environment, server, outcome)
+                    for metric_name, outcome in route_outcomes
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, label="requests / 5 min", show_units=False),
                 width=_HALF,
                 height=_HEIGHT,
             ),

@@ -15,6 +15,7 @@ from constructs import Construct
 from constructs_lib.mtls_alarms import MtlsAlarms, alarm_name_prefix
 from constructs_lib.mtls_dashboard import MtlsDashboard
 from runtime import names
+from runtime.service_catalog import DEFAULT_CATALOG, RUNTIME_MLFLOW, Catalog
 
 CLOUDWATCH = iam.ServicePrincipal("cloudwatch.amazonaws.com")
 
@@ -43,10 +44,12 @@ class MonitoringStack(Stack):
         mtls_failure_rate_percent: float = 1,
         mtls_failure_min_requests: int = 100,
         removal_policy: RemovalPolicy = RemovalPolicy.RETAIN,
+        catalog: Catalog = DEFAULT_CATALOG,
         **kwargs: Any,
     ) -> None:
         """`removal_policy` applies to the KMS key (default RETAIN, like an L2 `kms.Key`);
-        the topic, alarms and dashboard hold no data and go with the stack."""
+        the topic, alarms and dashboard hold no data and go with the stack. `catalog`: the declared
+        services; every identity gets its alarms, every declared mTLS server a dashboard row."""
         names.check_environment(environment)
         emails = _check_emails(alarm_emails)
         super().__init__(
@@ -83,9 +86,13 @@ class MonitoringStack(Stack):
             certificate_expiry_alarm_days=certificate_expiry_alarm_days,
             mtls_failure_rate_percent=mtls_failure_rate_percent,
             mtls_failure_min_requests=mtls_failure_min_requests,
+            identities=catalog.identities,
         )
+        declared_servers = [
+            server.name for server in catalog.mtls_servers() if server.runtime != RUNTIME_MLFLOW
+        ]
         self.dashboard = MtlsDashboard(
-            self, "Dashboard", environment=environment, alarms=self.alarms
+            self, "Dashboard", environment=environment, alarms=self.alarms, servers=declared_servers
         ).dashboard
 
     def _let_cloudwatch_alarms_publish(self, environment: str) -> None:

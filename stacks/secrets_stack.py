@@ -31,7 +31,11 @@ class SecretsStack(Stack):
         )
         removal_policy = RemovalPolicy.RETAIN if settings.retain else RemovalPolicy.DESTROY
         self.certificates = CertificateSecrets(
-            self, "Certificates", environment=settings.environment, removal_policy=removal_policy
+            self,
+            "Certificates",
+            environment=settings.environment,
+            removal_policy=removal_policy,
+            identities=settings.catalog.identities,
         )
         self.lifecycle = CertificateLifecycle(
             self,
@@ -47,6 +51,7 @@ class SecretsStack(Stack):
             ca_rollover_wait_days=settings.ca_rollover_wait_days,
             log_retention_days=settings.log_retention_days,
             removal_policy=removal_policy,
+            catalog=settings.catalog,
         )
         self.key_hash_secret = (
             KeyHashSecret(

@@ -31,25 +31,17 @@ from constructs_lib.certificate_secrets import CertificateSecrets
 from constructs_lib.key_hash_secret import KeyHashSecret
 from constructs_lib.log_encryption_key import LogEncryptionKey
 from constructs_lib.mtls_task_definition import MtlsTaskDefinition
+from constructs_lib.naming import construct_label
 from runtime import names
+from runtime.service_catalog import ServiceDeclaration
 from stacks.network import Network
 from stacks.settings import EnvironmentSettings
-from stacks.settings_services import PROJECT_ROOT, SERVICES, SERVING_SERVICES, ImageSource, MlflowStores
+from stacks.settings_services import PROJECT_ROOT, SERVING_SERVICES, ImageSource, MlflowStores
 
 ARTIFACT_OBJECT_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
 """MLflow's proxied artifacts (S3ArtifactRepository): download, upload (multipart too), delete."""
 ARTIFACT_BUCKET_ACTIONS = ("s3:ListBucket",)
 """list_artifacts / delete_artifacts list the keys under the prefix."""
-
-
-_IDENTITIES = {
-    names.MLFLOW_SERVICE: names.SERVER,
-    names.API_SERVICE: names.API,
-    names.WORKER_SERVICE: names.WORKER,
-}
-"""The mTLS identity each service's tasks run as. Their cpu and memory: the `taskSizes` setting."""
-CLIENT_SERVICES = (names.API_SERVICE, names.WORKER_SERVICE)
-"""The services that call MLflow: only their security groups reach its ports."""
 
 
 def mlflow_ports(mtls_mode: str) -> tuple[int, ...]:
@@ -95,33 +87,28 @@ class ServicesStack(Stack):
             removal_policy=RemovalPolicy.RETAIN if settings.retain else RemovalPolicy.DESTROY,
         )
 
+        catalog = settings.catalog
+        declared = catalog.service_names
         security_groups = {
             service: ec2.SecurityGroup(
                 self,
-                f"{service.capitalize()}SecurityGroup",
+                f"{construct_label(service)}SecurityGroup",
                 vpc=vpc,
                 description=f"hokusai-mtls {env}: {service} tasks",
                 allow_all_outbound=True,
             )
-            for service in SERVICES
+            for service in declared
         }
-        for client in CLIENT_SERVICES:
-            for port in mlflow_ports(settings.mtls_mode):
-                security_groups[names.MLFLOW_SERVICE].add_ingress_rule(
-                    security_groups[client], ec2.Port.tcp(port), f"{client} tasks to MLflow port {port}"
-                )
-        for cidr in settings.trusted_proxy_cidrs:
-            security_groups[names.API_SERVICE].add_ingress_rule(
-                ec2.Peer.ipv4(cidr),
-                ec2.Port.tcp(names.API_PORT),
-                f"trusted proxy {cidr} (the platform's ALB)",
-            )
+        self._allow_callers(settings, security_groups)
 
         log_groups = {
             service: self.log_key.log_group(
-                self, f"{service.capitalize()}Logs", name=service, retention_days=settings.log_retention_days
+                self,
+                f"{construct_label(service)}Logs",
+                name=service,
+                retention_days=settings.log_retention_days,
             )
-            for service in SERVICES
+            for service in declared
         }
 
         backend_store = secretsmanager.Secret.from_secret_name_v2(
@@ -171,14 +158,22 @@ class ServicesStack(Stack):
             },
             names.WORKER_SERVICE: {},
         }
+        for service in settings.services.extra:
+            options[service] = self._declared_service_options(
+                settings, catalog.service(service), serving, serving_secrets
+            )
 
         task_definitions: dict[str, MtlsTaskDefinition] = {}
         services: dict[str, ecs.FargateService] = {}
-        for service in SERVICES:
-            identity, size = _IDENTITIES[service], settings.task_sizes[service]
+        for service in declared:
+            identity, size = catalog.identity_of(service), settings.task_sizes[service]
+            if identity is None:  # the settings refuse a declared service without a certificate
+                raise ValueError(f"{service} has no certificate: nothing mTLS to build")
+            label = construct_label(service)
+            service_options = options[service]
             task = MtlsTaskDefinition(
                 self,
-                f"{service.capitalize()}Task",
+                f"{label}Task",
                 environment=env,
                 identity=identity,
                 mtls_mode=settings.mtls_mode,
@@ -187,14 +182,21 @@ class ServicesStack(Stack):
                 log_group=log_groups[service],
                 cpu=size.cpu,
                 memory_limit_mib=size.memory_mib,
-                **options[service],
+                **{
+                    **service_options,
+                    "extra_environment": {
+                        names.ENV_SERVICES: catalog.to_json(),
+                        **service_options.get("extra_environment", {}),
+                    },
+                },
             )
             certificates.grant_identity(identity, task.task_role)
             self._acknowledge_image_pull(task, settings.images[service])
             task_definitions[service] = task
+            declaration = catalog.service(service)
             services[service] = ecs.FargateService(
                 self,
-                f"{service.capitalize()}Service",
+                f"{label}Service",
                 cluster=cluster,
                 task_definition=task.task_definition,
                 desired_count=settings.desired_counts[service],
@@ -204,14 +206,16 @@ class ServicesStack(Stack):
                 circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
                 min_healthy_percent=100,
                 max_healthy_percent=200,
+                # An mTLS server is dialed by its Cloud Map name, `<service>.hokusai-<env>.local`, the DNS
+                # name its server certificate carries.
                 cloud_map_options=(
                     ecs.CloudMapOptions(
-                        name=names.MLFLOW_SERVICE,
+                        name=service,
                         cloud_map_namespace=namespace,
                         dns_record_type=servicediscovery.DnsRecordType.A,
                         dns_ttl=Duration.seconds(10),
                     )
-                    if service == names.MLFLOW_SERVICE
+                    if declaration.serves_mtls
                     else None
                 ),
             )
@@ -225,6 +229,68 @@ class ServicesStack(Stack):
         self.services: Mapping[str, ecs.FargateService] = MappingProxyType(services)
         self.security_groups: Mapping[str, ec2.SecurityGroup] = MappingProxyType(security_groups)
         self.log_groups = MappingProxyType(log_groups)
+
+    @staticmethod
+    def _allow_callers(
+        settings: EnvironmentSettings, security_groups: Mapping[str, ec2.SecurityGroup]
+    ) -> None:
+        """Only a server's declared callers reach an mTLS server's port; only the trusted proxies (the
+        platform's ALB) reach a proxied server's. Nothing reaches a service that serves nothing."""
+        for server in settings.catalog.services:
+            if server.serves_mtls:
+                ports = mlflow_ports(settings.mtls_mode) if server.runtime == "mlflow" else (server.port,)
+                what = "MLflow" if server.runtime == "mlflow" else server.name
+                for caller in server.callers:
+                    for port in ports:
+                        security_groups[server.name].add_ingress_rule(
+                            security_groups[caller],
+                            ec2.Port.tcp(port),
+                            f"{caller} tasks to {what} port {port}",
+                        )
+            elif server.serves:
+                for cidr in settings.trusted_proxy_cidrs:
+                    security_groups[server.name].add_ingress_rule(
+                        ec2.Peer.ipv4(cidr),
+                        ec2.Port.tcp(server.port),
+                        f"trusted proxy {cidr} (the platform's ALB)",
+                    )
+
+    def _declared_service_options(
+        self,
+        settings: EnvironmentSettings,
+        declaration: ServiceDeclaration,
+        serving: Mapping[str, str],
+        serving_secrets: Mapping[str, ecs.Secret],
+    ) -> dict[str, Any]:
+        """The task options of a declared service (not ours).
+
+        An mTLS server runs `hokusai-mtls serve --app` (or anything that honours the same variables): its
+        port and loopback health port (`port + 1`), what MLflow gets to tell callers apart and run the
+        API-key path, and its route policy. It does not get HOKUSAI_MTLS_SERVICE_SCOPES: it identifies
+        exactly its declared callers (`HOKUSAI_MTLS_SERVICES`), whatever serviceScopes grants MLflow.
+        A proxied service (its own server behind the ALB) gets its port mapped; a client gets nothing more.
+        """
+        if declaration.serves_mtls:
+            port = _port_of(declaration)
+            health_port = port + 1
+            environment = {
+                names.ENV_PORT: str(port),
+                names.ENV_HEALTH_PORT: str(health_port),
+                **{key: value for key, value in serving.items() if key != names.ENV_SERVICE_SCOPES},
+                **self._route_policy_environment(settings, declaration.name),
+            }
+            return {
+                "ports": (port,),
+                "health_check_port": health_port,
+                "extra_environment": environment,
+                "secrets": dict(serving_secrets),
+            }
+        if declaration.serves:
+            return {
+                "ports": (_port_of(declaration),),
+                "extra_environment": self._route_policy_environment(settings, declaration.name),
+            }
+        return {}
 
     @staticmethod
     def _authentication_environment(settings: EnvironmentSettings) -> dict[str, str]:
@@ -245,7 +311,7 @@ class ServicesStack(Stack):
 
     @staticmethod
     def _route_policy_environment(settings: EnvironmentSettings, service: str) -> dict[str, str]:
-        """HOKUSAI_MTLS_ROUTE_POLICY of `service` (mlflow or api), only when `routePolicies` has one for it:
+        """HOKUSAI_MTLS_ROUTE_POLICY of `service` (any declared server), only when `routePolicies` has one for it:
         the compact JSON of the document the settings checked with the runtime's parser."""
         policy = settings.route_policies.get(service)
         return {} if policy is None else {names.ENV_ROUTE_POLICY: policy.compact_json}
@@ -312,7 +378,7 @@ class ServicesStack(Stack):
             return ecs.ContainerImage.from_registry(str(source.uri))
         imported = ecr.Repository.from_repository_attributes(
             self,
-            f"{service.capitalize()}Repository",
+            f"{construct_label(service)}Repository",
             repository_arn=self.format_arn(
                 service="ecr",
                 region=repository.region,
@@ -354,3 +420,10 @@ class ServicesStack(Stack):
                 "artifactsDestination prefix; the object actions are limited to that prefix.",
             )
         )
+
+
+def _port_of(declaration: ServiceDeclaration) -> int:
+    """A serving declaration's port (parse_catalog requires one of every server)."""
+    if declaration.port is None:
+        raise ValueError(f"{declaration.name} serves without a port")
+    return declaration.port

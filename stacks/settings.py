@@ -16,9 +16,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from runtime import names
-from runtime.lifecycle import CA_SOURCE_IMPORTED, CA_SOURCE_ISSUED, CA_SOURCES
-from runtime.service_catalog import CDK_CONTEXT_KEY, DEFAULT_CATALOG, Catalog, parse_catalog
+from runtime.lifecycle import (
+    CA_SOURCE_IMPORTED,
+    CA_SOURCE_ISSUED,
+    CA_SOURCES,
+    check_function_name,
+    rotation_purpose,
+)
+from runtime.service_catalog import CDK_CONTEXT_KEY, Catalog
 from stacks.settings_checks import SettingsError, Where
+from stacks.settings_declared import DEFAULT_DECLARED, DeclaredServices, parse_declared_services
 from stacks.settings_network import (
     CreateVpc,
     ImportCluster,
@@ -29,16 +36,12 @@ from stacks.settings_network import (
     parse_vpc,
 )
 from stacks.settings_services import (
-    DEFAULT_SCOPED_SERVICES,
     ApiKeyStore,
     ImageSource,
     MlflowStores,
     RoutePolicySetting,
     TaskSize,
     check_route_policy_identities,
-    default_desired_counts,
-    default_images,
-    default_task_sizes,
     parse_api_key_store,
     parse_auth_service_url,
     parse_desired_counts,
@@ -79,6 +82,7 @@ KEY_TYPES = ("ecdsa-p256", "rsa-2048", "rsa-3072", "rsa-4096")
 """`runtime.certificates.issuance.KeyType` values (a test keeps them equal; this module does not import cryptography)."""
 
 _Parser = Callable[[object, Where, str], Any]
+_ServiceParser = Callable[[object, Where, DeclaredServices], Any]
 
 
 def _as_is(raw: object, where: Where, environment: str) -> object:
@@ -104,9 +108,6 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "certificateExpiryAlarmDays": ("certificate_expiry_alarm_days", _as_is),
     "mtlsFailureRatePercent": ("mtls_failure_rate_percent", _as_is),
     "mtlsFailureMinRequests": ("mtls_failure_min_requests", _as_is),
-    "images": ("images", lambda raw, where, _: parse_images(raw, where)),
-    "desiredCounts": ("desired_counts", lambda raw, where, _: parse_desired_counts(raw, where)),
-    "taskSizes": ("task_sizes", lambda raw, where, _: parse_task_sizes(raw, where)),
     "vpc": ("vpc", lambda raw, where, _: parse_vpc(raw, where)),
     "cluster": ("cluster", lambda raw, where, _: parse_cluster(raw, where)),
     "namespace": ("namespace", lambda raw, where, _: parse_namespace(raw, where)),
@@ -133,13 +134,25 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
         lambda raw, where, env: parse_api_key_store(raw, where, environment=env),
     ),
     "serviceScopes": ("service_scopes", lambda raw, where, _: parse_service_scopes(raw, where)),
-    "routePolicies": ("route_policies", lambda raw, where, _: parse_route_policies(raw, where)),
     "rotationDays": ("rotation_days", _as_is),
     "keyType": ("key_type", _as_is),
     "serverSans": ("server_sans", lambda raw, where, _: where.strings(raw, _SAN, "a DNS name or IP address")),
     "caSource": ("ca_source", _as_is),
     "caRolloverStartDays": ("ca_rollover_start_days", _as_is),
     "caRolloverWaitDays": ("ca_rollover_wait_days", _as_is),
+}
+# cdk.json key -> (dataclass field, parser of the raw value given the declared services)
+_SERVICE_KEYS: dict[str, tuple[str, _ServiceParser]] = {
+    "images": ("images", lambda raw, where, declared: parse_images(raw, where, declared.names)),
+    "desiredCounts": (
+        "desired_counts",
+        lambda raw, where, declared: parse_desired_counts(raw, where, declared.names),
+    ),
+    "taskSizes": ("task_sizes", lambda raw, where, declared: parse_task_sizes(raw, where, declared.names)),
+    "routePolicies": (
+        "route_policies",
+        lambda raw, where, declared: parse_route_policies(raw, where, declared.servers),
+    ),
 }
 _REQUIRED = ("leafLifetimeDays", "logRetentionDays", "removalPolicy", "vpc", "mlflow")
 
@@ -172,14 +185,18 @@ class EnvironmentSettings:
     """[mtlsFailureRatePercent] Alarm when more than this share of handshakes fail..."""
     mtls_failure_min_requests: int = 100
     """[mtlsFailureMinRequests] ...over at least this many handshakes in 5 minutes."""
-    images: Mapping[str, ImageSource] = field(default_factory=default_images)
-    """[images] service -> `{"dockerfile": "docker/Dockerfile.<service>"}` or `{"uri": ...}`."""
-    desired_counts: Mapping[str, int] = field(default_factory=default_desired_counts)
-    """[desiredCounts] service -> number of tasks (default 1 each)."""
-    task_sizes: Mapping[str, TaskSize] = field(default_factory=default_task_sizes)
+    services: DeclaredServices = DEFAULT_DECLARED
+    """[hokusai:services, shared by every environment] The platform's services (`stacks.settings_declared`)."""
+    images: Mapping[str, ImageSource] = field(default_factory=lambda: MappingProxyType({}))
+    """[images] service -> `{"dockerfile": "docker/Dockerfile.<service>"}` or `{"uri": ...}`. Complete after
+    construction: a service left out takes its `hokusai:services` image or, for ours, docker/Dockerfile.<svc>."""
+    desired_counts: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    """[desiredCounts] service -> number of tasks (else its declared `desiredCount`, else 1)."""
+    task_sizes: Mapping[str, TaskSize] = field(default_factory=lambda: MappingProxyType({}))
     """[taskSizes] service -> `{"cpu", "memoryMiB", "workers"?}`: a Fargate cpu/memory pair; `workers` (mlflow
     and api only) is their HOKUSAI_MTLS_WORKERS, 1..4 per vCPU (default: one per whole vCPU, at least 1).
-    A service left out keeps `DEFAULT_TASK_SIZES` (mlflow 1024/2048, api and worker 512/1024)."""
+    A service left out keeps its declared `taskSize`, else `DEFAULT_TASK_SIZES` (mlflow 1024/2048, api and
+    worker 512/1024), else 512/1024."""
     cluster: ImportCluster | None = None
     """[cluster] None (`"create"`) or the imported cluster."""
     namespace: ImportNamespace | None = None
@@ -219,10 +236,11 @@ class EnvironmentSettings:
     """[serviceScopes] HOKUSAI_MTLS_SERVICE_SCOPES of mlflow and api: service -> scopes of its
     certificate. None: the runtime's default (api and worker read and write MLflow)."""
     route_policies: Mapping[str, RoutePolicySetting] = field(default_factory=lambda: MappingProxyType({}))
-    """[routePolicies] server (`mlflow`, `api`) -> `{"mode": "enforce" | "audit", "rules": [{"identities",
+    """[routePolicies] server (`mlflow`, `api`, any declared server) -> `{"mode": "enforce" | "audit", "rules": [{"identities",
     "methods", "paths"}]}` in the runtime's format (`runtime.auth.route_policy`), written into that server's
     HOKUSAI_MTLS_ROUTE_POLICY: which certificate identities may call which methods and paths. Identities are
-    services of serviceScopes (default api, worker) or `*`. A server left out: every accepted identity
+    the server's declared callers (api: every caller; mlflow and api: the services of serviceScopes when it is
+    set) or `*`. A server left out: every accepted identity
     reaches every route, as before."""
     rotation_days: int = 30
     """[rotationDays] Secrets Manager rotates every identity secret this often (a fresh key and leaf);
@@ -311,14 +329,15 @@ class EnvironmentSettings:
                 "(the api's execution role would read the database password)"
             )
         self._check_api_key_store()
-        check_route_policy_identities(
-            self.route_policies,
-            tuple(self.service_scopes) if self.service_scopes is not None else DEFAULT_SCOPED_SERVICES,
-            self._at("routePolicies"),
-            source="the services of serviceScopes"
-            if self.service_scopes is not None
-            else "the services of the runtime's default scopes; serviceScopes names others",
-        )
+        self._complete_service_settings()
+        for identity in self.catalog.identities:
+            try:
+                check_function_name(self.environment, rotation_purpose(identity.name))
+            except ValueError as error:
+                raise SettingsError(f"{CONTEXT_KEY}.{self.environment}: {error}") from None
+        for server, policy in self.route_policies.items():
+            callers, source = self._policy_identities(server)
+            check_route_policy_identities({server: policy}, callers, self._at("routePolicies"), source=source)
         self._at("trustedProxyKind").choice(self.trusted_proxy_kind, names.PROXY_KINDS)
         if self.trusted_proxy_kind != names.PROXY_KIND_NONE and not self.trusted_proxy_cidrs:
             self._at("trustedProxyKind").fail(
@@ -333,6 +352,53 @@ class EnvironmentSettings:
             )
         if self.internal_cidrs is None:
             object.__setattr__(self, "internal_cidrs", (self.vpc.cidr,))
+
+    def _complete_service_settings(self) -> None:
+        """Every declared service gets an image, a count and a size (the environment's, else the declared
+        one, else the default); a key naming an undeclared service is refused."""
+        declared = self.services.names
+        for key, values in (
+            ("images", self.images),
+            ("desiredCounts", self.desired_counts),
+            ("taskSizes", self.task_sizes),
+            ("routePolicies", self.route_policies),
+        ):
+            allowed = self.services.servers if key == "routePolicies" else declared
+            unknown = sorted(set(values) - set(allowed))
+            if unknown:
+                (self._at(key) / unknown[0]).fail(
+                    f"is not a declared {'server' if key == 'routePolicies' else 'service'}; "
+                    f"expected {', '.join(allowed)} ({CDK_CONTEXT_KEY})"
+                )
+        images = {svc: self.services.image(svc, self.images, self._at("images")) for svc in declared}
+        counts = {svc: self.services.desired_count(svc, self.desired_counts) for svc in declared}
+        sizes = {svc: self.services.task_size(svc, self.task_sizes) for svc in declared}
+        object.__setattr__(self, "images", MappingProxyType(images))
+        object.__setattr__(self, "desired_counts", MappingProxyType(counts))
+        object.__setattr__(self, "task_sizes", MappingProxyType(sizes))
+
+    def _policy_identities(self, server: str) -> tuple[tuple[str, ...], str]:
+        """The identities a route policy of `server` may name, and where they come from (for the message).
+
+        A declared mTLS server (not MLflow) identifies exactly its declared callers, whatever serviceScopes
+        says (the stacks do not give it HOKUSAI_MTLS_SERVICE_SCOPES); MLflow and the api identify the
+        services of serviceScopes when it is set, else their callers (the api: every caller of any server).
+        """
+        catalog = self.catalog
+        declaration = catalog.service(server)
+        ours = server in (names.MLFLOW_SERVICE, names.API_SERVICE)
+        if ours and self.service_scopes is not None:
+            return tuple(self.service_scopes), "the services of serviceScopes"
+        if declaration.serves_mtls:
+            callers = tuple(_identity_name(catalog, caller) for caller in declaration.callers)
+            return callers, f"the callers {CDK_CONTEXT_KEY}.{server} declares"
+        callers = tuple(identity.name for identity in catalog.client_identities)
+        return callers, "the services that call a server; serviceScopes names others"
+
+    @property
+    def catalog(self) -> Catalog:
+        """The runtime's view of the declared services (HOKUSAI_MTLS_SERVICES of every container)."""
+        return self.services.catalog
 
     def _check_api_key_store(self) -> None:
         """The store's URL secret is the api's alone: no other secret of the settings may be it."""
@@ -373,19 +439,34 @@ class EnvironmentSettings:
         return Where(f"{CONTEXT_KEY}.{self.environment}.{key}")
 
     @classmethod
-    def from_context(cls, environment: str, raw: object) -> EnvironmentSettings:
-        """Build from one entry of cdk.json's `hokusai:environments` (camelCase keys)."""
+    def from_context(
+        cls, environment: str, raw: object, services: DeclaredServices = DEFAULT_DECLARED
+    ) -> EnvironmentSettings:
+        """Build from one entry of cdk.json's `hokusai:environments` (camelCase keys), for `services`."""
         where = Where(f"{CONTEXT_KEY}.{environment}")
-        raw = where.mapping(raw, allowed=_KEYS, required=_REQUIRED)
-        values = {}
+        raw = where.mapping(raw, allowed=(*_KEYS, *_SERVICE_KEYS), required=_REQUIRED)
+        values: dict[str, Any] = {}
         for key, value in raw.items():
-            field_name, parse = _KEYS[key]
-            values[field_name] = parse(value, where / key, environment)
-        return cls(environment=environment, **values)
+            if key in _SERVICE_KEYS:
+                field_name, parse_for_services = _SERVICE_KEYS[key]
+                values[field_name] = parse_for_services(value, where / key, services)
+            else:
+                field_name, parse = _KEYS[key]
+                values[field_name] = parse(value, where / key, environment)
+        return cls(environment=environment, services=services, **values)
 
 
-def load_settings(raw: object) -> dict[str, EnvironmentSettings]:
-    """Every declared environment's settings, in cdk.json's order.
+def _identity_name(catalog: Catalog, service: str) -> str:
+    identity = catalog.identity_of(service)
+    if identity is None:  # a caller always calls, so it has a certificate
+        raise SettingsError(f"{CDK_CONTEXT_KEY}.{service}: a caller without a certificate")
+    return identity.name
+
+
+def load_settings(
+    raw: object, services: DeclaredServices = DEFAULT_DECLARED
+) -> dict[str, EnvironmentSettings]:
+    """Every declared environment's settings for `services` (`load_services`), in cdk.json's order.
 
     `raw` is the value of the context key (None when cdk.json does not have it). Any valid name is an
     environment (`qa`, `sandbox-alice`): environments are data; at least one is declared.
@@ -401,27 +482,10 @@ def load_settings(raw: object) -> dict[str, EnvironmentSettings]:
             raise SettingsError(f"{CONTEXT_KEY}.{environment}: {error}") from None
     if not raw:
         raise SettingsError(f"{CONTEXT_KEY}: declares no environment")
-    return {env: EnvironmentSettings.from_context(env, raw[env]) for env in raw}
+    return {env: EnvironmentSettings.from_context(env, raw[env], services) for env in raw}
 
 
-def load_services(raw: object) -> Catalog:
-    """cdk.json's `hokusai:services`, checked by the runtime's own parser (`runtime.service_catalog`), so the
-    stacks and the containers (HOKUSAI_MTLS_SERVICES) cannot read it differently. Missing: our three.
-
-    The stacks build our three services today; a declaration of any other (the runtime already serves,
-    loads, issues and rotates them) is refused here, naming it, rather than deployed half-built.
-    """
-    if raw is None:
-        return DEFAULT_CATALOG
-    try:
-        catalog = parse_catalog(raw, where=SERVICES_KEY)
-    except ValueError as error:
-        raise SettingsError(str(error)) from None
-    if catalog != DEFAULT_CATALOG:
-        extra = sorted(set(catalog.service_names) - set(DEFAULT_CATALOG.service_names))
-        what = f"declares {', '.join(extra)}" if extra else "changes mlflow, api or worker"
-        raise SettingsError(
-            f"{SERVICES_KEY}: {what}; the stacks build exactly mlflow, api and worker as declared by default "
-            "so far (the runtime, `hokusai-mtls --services` and the lifecycle Lambdas take any declaration)"
-        )
-    return catalog
+def load_services(raw: object) -> DeclaredServices:
+    """cdk.json's `hokusai:services` (missing: our three), read by the runtime's own parser
+    (`runtime.service_catalog`) plus the stacks' own fields and checks (`stacks.settings_declared`)."""
+    return parse_declared_services(raw)

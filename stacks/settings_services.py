@@ -12,7 +12,7 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from runtime import names
-from runtime.auth.route_policy import ANY, RoutePolicy, parse_policy
+from runtime.auth.route_policy import ANY, RoutePolicy, check_no_route_tables, parse_policy
 from stacks.settings_checks import SettingsError, Where
 
 SERVICES: tuple[str, ...] = (names.MLFLOW_SERVICE, names.API_SERVICE, names.WORKER_SERVICE)
@@ -143,7 +143,9 @@ DEFAULT_TASK_SIZES: Mapping[str, TaskSize] = MappingProxyType(
         names.WORKER_SERVICE: TaskSize(cpu=512, memory_mib=1024),
     }
 )
-"""The size of a service that `taskSizes` leaves out."""
+"""The size of one of our three services that `taskSizes` leaves out."""
+GENERIC_TASK_SIZE = TaskSize(cpu=512, memory_mib=1024)
+"""The size of a declared service (not ours) that neither `hokusai:services` nor `taskSizes` sizes."""
 
 
 def default_workers(cpu: int) -> int:
@@ -189,29 +191,26 @@ class ApiKeyStore:
     """HOKUSAI_MTLS_KEY_USAGE_RETENTION_DAYS of the api; None: the runtime's default (90 days)."""
 
 
-def parse_images(raw: object, where: Where) -> Mapping[str, ImageSource]:
-    raw = where.mapping(raw, allowed=SERVICES, required=SERVICES)
-    return MappingProxyType({service: _parse_image(raw[service], where / service) for service in SERVICES})
+def parse_images(raw: object, where: Where, services: Sequence[str] = SERVICES) -> Mapping[str, ImageSource]:
+    """`{"<service>": {"dockerfile": ...} | {"uri": ...}}` for any of `services`; one left out takes its
+    image from `hokusai:services` or, for our three, docker/Dockerfile.<service> (`stacks.settings_declared`)."""
+    raw = where.mapping(raw, allowed=services)
+    return MappingProxyType({service: parse_image(raw[service], where / service) for service in raw})
 
 
-def parse_desired_counts(raw: object, where: Where) -> Mapping[str, int]:
-    raw = where.mapping(raw, allowed=SERVICES, required=SERVICES)
+def parse_desired_counts(raw: object, where: Where, services: Sequence[str] = SERVICES) -> Mapping[str, int]:
+    raw = where.mapping(raw, allowed=services)
     return MappingProxyType(
-        {service: (where / service).whole_number(raw[service], 0, MAX_DESIRED_COUNT) for service in SERVICES}
+        {service: (where / service).whole_number(raw[service], 0, MAX_DESIRED_COUNT) for service in raw}
     )
 
 
-def parse_task_sizes(raw: object, where: Where) -> Mapping[str, TaskSize]:
-    """`{"<service>": {"cpu": N, "memoryMiB": M, "workers": W?}, ...}`; a service left out keeps its
-    default size (`DEFAULT_TASK_SIZES`)."""
-    raw = where.mapping(raw, allowed=SERVICES)
+def parse_task_sizes(raw: object, where: Where, services: Sequence[str] = SERVICES) -> Mapping[str, TaskSize]:
+    """`{"<service>": {"cpu": N, "memoryMiB": M, "workers": W?}, ...}` for any of `services`; one left out
+    keeps its declared or default size (`DEFAULT_TASK_SIZES`, `GENERIC_TASK_SIZE`)."""
+    raw = where.mapping(raw, allowed=services)
     return MappingProxyType(
-        {
-            service: _parse_task_size(raw[service], where / service, service=service)
-            if service in raw
-            else DEFAULT_TASK_SIZES[service]
-            for service in SERVICES
-        }
+        {service: parse_task_size(raw[service], where / service, service=service) for service in raw}
     )
 
 
@@ -305,13 +304,16 @@ class RoutePolicySetting:
     sort_keys=True)`."""
 
 
-def parse_route_policies(raw: object, where: Where) -> Mapping[str, RoutePolicySetting]:
-    """`{"mlflow" | "api": {"mode": "enforce" | "audit", "rules": [...]}}`: each policy in the runtime's own
+def parse_route_policies(
+    raw: object, where: Where, servers: Sequence[str] = SERVING_SERVICES
+) -> Mapping[str, RoutePolicySetting]:
+    """`{"<server>": {"mode": "enforce" | "audit", "rules": [...]}}`, for any of `servers` (the declared
+    services that serve): each policy in the runtime's own
     format, checked by the runtime's own parser (`runtime.auth.route_policy.parse_policy`), so synth refuses
     exactly what the server would refuse at start. The identities the rules name are checked against the
     services that have certificates in `EnvironmentSettings.__post_init__` (`check_route_policy_identities`).
     """
-    raw = where.mapping(raw, allowed=SERVING_SERVICES)
+    raw = where.mapping(raw, allowed=servers)
     policies = {}
     for server, document in raw.items():
         at = where / server
@@ -319,6 +321,11 @@ def parse_route_policies(raw: object, where: Where) -> Mapping[str, RoutePolicyS
             policy = parse_policy(document, where=at.path)
         except ValueError as error:  # its message starts with the path: `at.path`, `.rules[0].paths`...
             raise SettingsError(str(error)) from None
+        if server != names.MLFLOW_SERVICE:
+            try:
+                check_no_route_tables(policy, at.path)
+            except ValueError as error:
+                raise SettingsError(str(error)) from None
         compact = json.dumps(document, separators=(",", ":"), sort_keys=True)
         if len(compact) > MAX_ROUTE_POLICY_CHARS:
             at.fail(
@@ -379,7 +386,7 @@ def default_task_sizes() -> Mapping[str, TaskSize]:
     return DEFAULT_TASK_SIZES
 
 
-def _parse_task_size(raw: object, where: Where, *, service: str) -> TaskSize:
+def parse_task_size(raw: object, where: Where, *, service: str) -> TaskSize:
     serving = service in SERVING_SERVICES
     if not serving and isinstance(raw, Mapping) and "workers" in raw:
         (where / "workers").fail(
@@ -422,7 +429,7 @@ def _describe_sizes(sizes: Sequence[int]) -> str:
     return ", ".join(map(str, sizes[:-1])) + f" or {sizes[-1]}"
 
 
-def _parse_image(raw: object, where: Where) -> ImageSource:
+def parse_image(raw: object, where: Where) -> ImageSource:
     how, value = where.one_of_keys(raw, ("dockerfile", "uri"))
     where = where / how
     if how == "uri":

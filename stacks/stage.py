@@ -47,4 +47,5 @@ class HokusaiStage(Stage):
             mtls_failure_rate_percent=settings.mtls_failure_rate_percent,
             mtls_failure_min_requests=settings.mtls_failure_min_requests,
             removal_policy=RemovalPolicy.RETAIN if settings.retain else RemovalPolicy.DESTROY,
+            catalog=settings.catalog,
         )

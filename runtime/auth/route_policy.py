@@ -18,6 +18,11 @@ carry scopes of their own.
 - `paths`: `/`-separated patterns: a segment `*` matches one segment, a final `**` any rest (none
   included); anything else matches itself exactly. The path is the one routing sees (percent-decoded
   by the server, as `scope["path"]`); a pattern never matches a `..` segment, and `/a/` is not `/a`.
+- `routes`, instead of `methods` and `paths`: entries of a built-in route table. `mlflow:read` and
+  `mlflow:write` are MLflow's (`runtime.auth.mlflow_routes`: searches over POST read, a route the table
+  does not know writes), so `{"identities": ["worker"], "routes": ["mlflow:read"]}` lets the workers read
+  MLflow and nothing else, without listing MLflow's hundred routes. Only an MLflow server's policy may
+  use them (the settings check that).
 
 A policy that cannot be read is refused with the field that is wrong (`ValueError`), at start-up.
 """
@@ -29,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from runtime import json_input, names
+from runtime.auth import mlflow_routes
 
 MODE_ENFORCE = "enforce"
 MODE_AUDIT = "audit"
@@ -37,6 +43,8 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 ANY = "*"
 MAX_RULES = 200
 MAX_PATTERNS = 100
+ROUTE_TABLES = frozenset({mlflow_routes.READ, mlflow_routes.WRITE})
+"""The built-in route table entries a rule's `routes` may name: MLflow's read and write routes."""
 
 
 @dataclass(frozen=True)
@@ -75,10 +83,14 @@ class Rule:
     identities: frozenset[str]
     methods: frozenset[str]
     paths: tuple[PathPattern, ...]
+    routes: frozenset[str] = frozenset()
+    """Built-in route table entries (`ROUTE_TABLES`); a rule has these or methods and paths."""
 
-    def allows(self, identity: str, method: str, path_segments: Sequence[str]) -> bool:
+    def allows(self, identity: str, method: str, path_segments: Sequence[str], path: str = "") -> bool:
         if ANY not in self.identities and identity not in self.identities:
             return False
+        if self.routes:
+            return mlflow_routes.required_scope(method, path) in self.routes
         if ANY not in self.methods and method not in self.methods:
             return False
         return any(pattern.matches(path_segments) for pattern in self.paths)
@@ -101,8 +113,8 @@ class RoutePolicy:
             segments = []  # "/" itself
         method = method.upper()
         return any(
-            rule.allows(identity, method, segments)
-            or (method == "HEAD" and rule.allows(identity, "GET", segments))
+            rule.allows(identity, method, segments, path)
+            or (method == "HEAD" and rule.allows(identity, "GET", segments, path))
             for rule in self.rules
         )
 
@@ -135,9 +147,24 @@ def parse_policy(document: object, where: str = names.ENV_ROUTE_POLICY) -> Route
     rules = []
     for index, raw in enumerate(raw_rules):
         at = f"{where}.rules[{index}]"
-        if not isinstance(raw, dict) or set(raw) != {"identities", "methods", "paths"}:
-            raise ValueError(f"{at}: expected exactly identities, methods and paths")
+        if not isinstance(raw, dict) or set(raw) not in (
+            {"identities", "methods", "paths"},
+            {"identities", "routes"},
+        ):
+            raise ValueError(
+                f"{at}: expected exactly identities, methods and paths, or identities and routes"
+            )
         identities = _strings(raw["identities"], f"{at}.identities", limit=MAX_PATTERNS)
+        if "routes" in raw:
+            routes = _strings(raw["routes"], f"{at}.routes", limit=len(ROUTE_TABLES))
+            unknown_routes = sorted(set(routes) - ROUTE_TABLES)
+            if unknown_routes:
+                raise ValueError(
+                    f"{at}.routes: {unknown_routes[0]!r} is not a built-in route table entry "
+                    f"({', '.join(sorted(ROUTE_TABLES))})"
+                )
+            rules.append(Rule(frozenset(identities), frozenset(), (), frozenset(routes)))
+            continue
         methods = [m.upper() for m in _strings(raw["methods"], f"{at}.methods", limit=len(METHODS) + 1)]
         bad = [m for m in methods if m != ANY and m not in METHODS]
         if bad:
@@ -152,8 +179,13 @@ def parse_policy(document: object, where: str = names.ENV_ROUTE_POLICY) -> Route
     return RoutePolicy(mode, tuple(rules))
 
 
-def policy_from_environ(environ: Mapping[str, str] = os.environ) -> RoutePolicy | None:
-    """`HOKUSAI_MTLS_ROUTE_POLICY`, or None (unset: every accepted identity reaches every route)."""
+def policy_from_environ(
+    environ: Mapping[str, str] = os.environ, *, route_tables: bool = False
+) -> RoutePolicy | None:
+    """`HOKUSAI_MTLS_ROUTE_POLICY`, or None (unset: every accepted identity reaches every route).
+
+    `route_tables`: whether this server is MLflow's, whose route table rules' `routes` name; any other
+    server refuses such a rule rather than judge its own app's paths by MLflow's table."""
     raw = environ.get(names.ENV_ROUTE_POLICY, "").strip()
     if not raw:
         return None
@@ -161,7 +193,20 @@ def policy_from_environ(environ: Mapping[str, str] = os.environ) -> RoutePolicy 
         document = json_input.loads(raw)
     except ValueError as exc:
         raise ValueError(f"{names.ENV_ROUTE_POLICY}: not JSON ({exc})") from None
-    return parse_policy(document)
+    policy = parse_policy(document)
+    if not route_tables:
+        check_no_route_tables(policy, names.ENV_ROUTE_POLICY)
+    return policy
+
+
+def check_no_route_tables(policy: RoutePolicy, where: str) -> None:
+    """A ValueError naming the first rule with `routes`: for a server that is not MLflow's."""
+    for index, rule in enumerate(policy.rules):
+        if rule.routes:
+            raise ValueError(
+                f"{where}.rules[{index}].routes: only MLflow's server has a built-in route table; "
+                "write methods and paths"
+            )
 
 
 def policy_document(rules: Iterable[Mapping[str, Sequence[str]]], mode: str = MODE_ENFORCE) -> dict:

@@ -410,7 +410,7 @@ class ClientTLS:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str | None] = os.environ) -> ClientTLS:
         """Read HOKUSAI_MTLS_SECURITY_LEVEL and the files that level needs; raise ClientConfigError."""
-        level = _level(environ)
+        level = security_level_from_environ(environ)
         if level is SecurityLevel.INSECURE:
             return cls(level, _verifying(ssl.create_default_context()))
         ca_bundle = _required_file(environ, names.ENV_MLFLOW_SERVER_CERT, names.ENV_CA_BUNDLE_FILE, level)
@@ -451,7 +451,8 @@ class ClientTLS:
         return "plain HTTP expected; an https:// server is verified against the system trust store"
 
 
-def _level(environ: Mapping[str, str | None]) -> SecurityLevel:
+def security_level_from_environ(environ: Mapping[str, str | None]) -> SecurityLevel:
+    """The level the loader exported (HOKUSAI_MTLS_SECURITY_LEVEL); unset or unknown: ClientConfigError."""
     value = (environ.get(names.ENV_SECURITY_LEVEL) or "").strip()
     if not value:
         raise ClientConfigError(

@@ -33,3 +33,31 @@ bundle, then its new leaf, in that time); also how often the CA secrets' rotatio
 
 CA_IDENTITY = "ca"
 """The `Identity` dimension value under which the expiry check reports the trust bundle."""
+
+MAX_FUNCTION_NAME = 64
+"""Lambda's limit on a function name."""
+CA_ROTATION_PURPOSE = "ca-rotation"
+
+
+def function_name(environment: str, purpose: str) -> str:
+    """`hokusai-mtls-<env>-<purpose>` (e.g. `hokusai-mtls-staging-ca-rotation`): a lifecycle Lambda's name,
+    which the Monitoring stack alarms on without a cross-stack export. Not checked against
+    `MAX_FUNCTION_NAME` here: `check_function_name` is, by the settings for every declared name."""
+    return f"hokusai-mtls-{environment}-{purpose}"
+
+
+def rotation_purpose(identity_name: str) -> str:
+    """The purpose in the name of `identity_name`'s rotation function (`api-rotation`)."""
+    return f"{identity_name}-rotation"
+
+
+def check_function_name(environment: str, purpose: str) -> str:
+    """`function_name(...)`, or a ValueError saying how long it is: a long environment name with a long
+    identity name can pass Lambda's 64 characters."""
+    name = function_name(environment, purpose)
+    if len(name) > MAX_FUNCTION_NAME:
+        raise ValueError(
+            f"the Lambda function {name!r} would be {len(name)} characters; Lambda allows "
+            f"{MAX_FUNCTION_NAME}: shorten the environment's or the identity's name"
+        )
+    return name

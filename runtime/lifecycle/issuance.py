@@ -92,6 +92,12 @@ def physical_resource_id(environment: str) -> str:
     return f"hokusai-mtls-{environment}-certificates"
 
 
+MAX_REPORTED_IDENTITIES = 12
+"""Up to this many identities, the response's Data names each one's serial, expiry and action; beyond, it
+counts the actions (`IdentityActions`: `issued=2,kept=38`), since CloudFormation refuses a custom
+resource response over 4 KiB (about 200 bytes an identity). The log always names every one."""
+
+
 def handler(event, context, *, client=None) -> dict:
     """CDK Provider `onEvent`: returns PhysicalResourceId and Data (serials and dates, never keys)."""
     request = event.get("RequestType")
@@ -116,12 +122,26 @@ def ensure_certificates(client, settings: Settings, *, now: dt.datetime | None =
     store.fill_if_empty(store.name(names.CA_NEXT_SECRET), json.dumps(NO_NEXT_CA))
     data = {"CaSerial": f"{ca.certificate.serial_number:x}", "CaAction": ca_action}
     data["CaNotAfter"] = _iso(ca.certificate.not_valid_after_utc)
-    for identity in store.catalog.identities:
+    identities = store.catalog.identities
+    actions: dict[str, int] = {}
+    for identity in identities:
         tls, action = _ensure_identity(store, settings, ca, bundle, identity, now)
+        actions[action] = actions.get(action, 0) + 1
+        log.info(
+            "%s: %s, serial %x, valid until %s",
+            names.identity_secret_name(settings.environment, identity),
+            action,
+            tls.certificate.serial_number,
+            _iso(tls.certificate.not_valid_after_utc),
+        )
+        if len(identities) > MAX_REPORTED_IDENTITIES:
+            continue
         key = identity.name.capitalize()
         data[f"{key}Serial"] = f"{tls.certificate.serial_number:x}"
         data[f"{key}NotAfter"] = _iso(tls.certificate.not_valid_after_utc)
         data[f"{key}Action"] = action
+    if len(identities) > MAX_REPORTED_IDENTITIES:
+        data["IdentityActions"] = ",".join(f"{action}={count}" for action, count in sorted(actions.items()))
     return data
 
 

@@ -235,7 +235,7 @@ class MlflowServer:
             addresses=AddressPolicy.from_environ(environ),
             validator=self.keys.validator,
             usage=self.keys.usage,
-            route_policy=policy_from_environ(environ),
+            route_policy=policy_from_environ(environ, route_tables=True),
             limiter=limiter_from_environ(environ, self.redis),
             metrics=self.metrics,
             enable_mtls=self.tls is not None,
@@ -376,7 +376,9 @@ class MlflowServer:
 def serve_mlflow(environ: Mapping[str, str] = os.environ, *, workers: int | None = None, **overrides) -> None:
     """serve-mlflow: one process, a supervisor of `workers` (else HOKUSAI_MTLS_WORKERS, else the CPUs), or,
     started by such a supervisor, one of its workers."""
-    policy_from_environ(environ)  # a policy that cannot be read: exit 1 naming the field, before any work
+    policy_from_environ(
+        environ, route_tables=True
+    )  # a policy that cannot be read: exit 1 naming the field, before any work
     spec = WorkerSpec.from_environ(environ)
     count = 1 if spec is not None else worker_count(environ, workers)
     settings = MlflowServerSettings.from_environ(environ, **overrides)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime import lifecycle, names
+from runtime.service_catalog import DEFAULT_CATALOG
 
 pytestmark = pytest.mark.infra
 
@@ -106,6 +107,7 @@ def test_issuance_custom_resource_gets_the_settings_and_waits_for_every_secret(
         "ServerSans": list(settings.server_sans),
         "KeyType": settings.key_type,
         "CaSource": settings.ca_source,
+        "Identities": [identity.name for identity in names.IDENTITIES],
     }
     assert sorted(resource["DependsOn"]) == sorted(secret_ids(stages[env]).values())
 
@@ -171,6 +173,7 @@ def test_the_ca_secrets_rotate_every_wait_period_with_the_ca_rotation_function(
         lifecycle.ENV_CA_ROLLOVER_START_DAYS: str(stage.settings.ca_rollover_start_days),
         lifecycle.ENV_CA_ROLLOVER_WAIT_DAYS: str(stage.settings.ca_rollover_wait_days),
         lifecycle.ENV_LEAF_LIFETIME_DAYS: str(stage.settings.leaf_lifetime_days),
+        names.ENV_SERVICES: DEFAULT_CATALOG.to_json(),
     }
 
 
@@ -277,7 +280,7 @@ def test_expiry_check_runs_every_hour_for_its_environment(stages, secrets_templa
     expiry_id = logical_id(stages[env].secrets.lifecycle.expiry)
     assert rule["Properties"]["Targets"][0]["Arn"] == {"Fn::GetAtt": [expiry_id, "Arn"]}
     variables = template.to_json()["Resources"][expiry_id]["Properties"]["Environment"]["Variables"]
-    assert variables == {names.ENV_ENVIRONMENT: env}
+    assert variables == {names.ENV_ENVIRONMENT: env, names.ENV_SERVICES: DEFAULT_CATALOG.to_json()}
 
 
 def test_rotation_days_must_leave_room_before_the_expiry_alarm(cdk_json_settings):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime import names
-from stacks.settings import RETAINED_ENVIRONMENTS, load_settings
+from stacks.settings import RETAINED_ENVIRONMENTS, SERVICES_KEY, load_settings
 from tests.support.cfn import (
     as_list,
     container,
@@ -216,7 +216,7 @@ def test_backend_store_uri_is_injected_as_a_secret_never_as_a_variable(services,
 
 @ENVIRONMENTS
 @IDENTITIES
-def test_container_environment_is_the_documented_contract(services, settings, env, identity):
+def test_container_environment_is_the_documented_contract(services, settings, cdk_context, env, identity):
     _, task = tasks_by_role(services[env])[identity.role]
     expected = {
         names.ENV_ENVIRONMENT: env,
@@ -244,7 +244,10 @@ def test_container_environment_is_the_documented_contract(services, settings, en
         expected[names.ENV_PROXY_KIND] = settings[env].trusted_proxy_kind
     if identity is not names.WORKER:  # cdk.json sets no `workers`: mlflow's 1 vCPU and api's 0.5 run 1 each
         expected[names.ENV_WORKERS] = "1"
-    assert environment_of(task) == expected
+    variables = environment_of(task)
+    # Every container knows the declared services: cdk.json's `hokusai:services`, as compact JSON.
+    assert json.loads(variables.pop(names.ENV_SERVICES)) == cdk_context[SERVICES_KEY]
+    assert variables == expected
 
 
 def test_cdk_json_sets_the_auth_service_where_it_should(settings):

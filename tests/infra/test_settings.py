@@ -689,12 +689,12 @@ def test_the_services_declaration_is_checked_by_the_runtimes_parser():
     from stacks.settings import load_services
 
     default = {service.name: service.as_document() for service in DEFAULT_CATALOG.services}
-    assert load_services(default) == DEFAULT_CATALOG
-    assert load_services(None) == DEFAULT_CATALOG
+    assert load_services(default).catalog == DEFAULT_CATALOG
+    assert load_services(None).catalog == DEFAULT_CATALOG
     with pytest.raises(SettingsError, match=r"hokusai:services\.worker\.port: only a service that serves"):
         load_services({**default, "worker": {"port": 9000}})
-    with pytest.raises(SettingsError, match="hokusai:services: declares streaming; the stacks build exactly"):
-        load_services({**default, "streaming": {"serves": "mtls", "port": 8443, "callers": ["api"]}})
+    declared = load_services({**default, "streaming": {"serves": "mtls", "port": 8443, "callers": ["api"]}})
+    assert declared.extra == ("streaming",)  # the stacks build it (tests/infra/test_declared_services.py)
 
 
 def test_settings_are_keyword_only():
@@ -733,7 +733,7 @@ def test_defaults_of_the_optional_settings():
 
 
 def test_cdk_json_sets_every_setting_and_strict_mode_everywhere(cdk_json_settings):
-    from stacks.settings import _KEYS
+    from stacks.settings import _KEYS, _SERVICE_KEYS
 
     optional = {
         "account",
@@ -746,7 +746,7 @@ def test_cdk_json_sets_every_setting_and_strict_mode_everywhere(cdk_json_setting
     }
     for env, raw in cdk_json_settings.items():
         unset_here = optional | ({"authServiceUrl"} if env == "development" else set())
-        assert set(raw) == set(_KEYS) - unset_here, env
+        assert set(raw) == (set(_KEYS) | set(_SERVICE_KEYS)) - unset_here, env
     settings = load_settings(cdk_json_settings)
     assert {s.mtls_mode for s in settings.values()} == {names.MTLS_MODE_STRICT}
     assert {s.internal_cidrs for s in settings.values()} == {(s.vpc.cidr,) for s in settings.values()}
@@ -804,10 +804,13 @@ def test_artifacts_destination_splits_into_bucket_and_prefix():
     assert load_settings(raw)["staging"].mlflow.prefix == ""
 
 
-def test_every_service_needs_an_image():
-    raw = with_setting("staging", "images", {"mlflow": {"dockerfile": "docker/Dockerfile.mlflow"}})
-    with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.staging\.images\.api: missing"):
-        load_settings(raw)
+def test_a_service_left_out_of_images_builds_its_own_dockerfile():
+    raw = with_setting("staging", "images", {"mlflow": {"uri": "ghcr.io/hokusai/mlflow:1.0.0"}})
+    images = load_settings(raw)["staging"].images
+    assert images["mlflow"] == ImageSource(uri="ghcr.io/hokusai/mlflow:1.0.0")
+    assert images["api"] == ImageSource(dockerfile="docker/Dockerfile.api")
+    with pytest.raises(SettingsError, match=rf"{CONTEXT_KEY}\.staging\.images\.billing: unknown setting"):
+        load_settings(with_setting("staging", "images", {"billing": {"uri": "ghcr.io/hokusai/b:1"}}))
 
 
 # --- routePolicies --------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ command), its callers presenting their certificates over real TLS:
 - enforce: the worker may read and write runs but not delete an experiment; the api may only
   search. A refused request never reaches MLflow (the experiment is still there), and is counted;
 - audit (Istio's dry-run): the same request goes through, and is counted as would-deny;
+- MLflow's built-in route table (`routes: ["mlflow:read"]`): the api may search (a POST that reads) and
+  get, and may not create, without the policy listing MLflow's routes;
 - an identity the server does not accept at all (a certificate from the same CA for a service it
   was not configured with) is refused whatever the policy says.
 """
@@ -31,7 +33,7 @@ RULES = [
 ]
 
 
-def start(aws, root: Path, mode: str):
+def start(aws, root: Path, mode: str, rules: list[dict] = RULES):
     root.mkdir(parents=True, exist_ok=True)
     port, health = free_port(), free_port()
     env = server_environment(
@@ -40,7 +42,7 @@ def start(aws, root: Path, mode: str):
             names.ENV_CERT_DIR: str(root / "certs"),
             names.ENV_MLFLOW_BACKEND_STORE_URI: f"sqlite:///{root}/mlflow.db",
             names.ENV_MLFLOW_ARTIFACTS_DESTINATION: str(root / "artifacts"),
-            names.ENV_ROUTE_POLICY: json.dumps({"mode": mode, "rules": RULES}),
+            names.ENV_ROUTE_POLICY: json.dumps({"mode": mode, "rules": rules}),
         },
     )
     log = root / "server.log"
@@ -116,5 +118,38 @@ def test_an_identity_the_server_was_not_configured_with_is_refused_whatever_the_
             )
         assert refused.status_code == 403
     finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_mlflows_route_table_lets_a_reader_search_over_post_and_refuses_its_writes(aws, tmp_path):
+    rules = [
+        {"identities": ["worker"], "routes": ["mlflow:read", "mlflow:write"]},
+        {"identities": ["api"], "routes": ["mlflow:read"]},
+    ]
+    process, port, health, _log = start(aws, tmp_path / "table", "enforce", rules)
+    base = f"https://localhost:{port}/api/2.0/mlflow"
+    worker, api = client(aws, tmp_path, "worker"), client(aws, tmp_path, "api")
+    try:
+        made = worker.post(f"{base}/experiments/create", json={"name": "route-table"})
+        assert made.status_code == 200, made.text
+        experiment = made.json()["experiment_id"]
+        searched = api.post(f"{base}/experiments/search", json={"max_results": 5})
+        assert searched.status_code == 200
+        assert "route-table" in {e["name"] for e in searched.json()["experiments"]}
+        assert api.get(f"{base}/experiments/get", params={"experiment_id": experiment}).status_code == 200
+        refused = api.post(f"{base}/experiments/create", json={"name": "not-yours"})
+        assert refused.status_code == 403 and "route policy" in refused.text
+        assert api.post(f"{base}/experiments/delete", json={"experiment_id": experiment}).status_code == 403
+        assert metric(health, "hokusai_mtls_route_policy_denied_total") == 2
+        still = worker.get(f"{base}/experiments/get", params={"experiment_id": experiment})
+        assert still.json()["experiment"]["lifecycle_stage"] == "active"
+        listed = worker.post(f"{base}/experiments/search", json={"max_results": 100})
+        assert listed.status_code == 200, listed.text
+        listed_names = {e["name"] for e in listed.json()["experiments"]}
+        assert "route-table" in listed_names and "not-yours" not in listed_names
+    finally:
+        worker.close()
+        api.close()
         process.terminate()
         process.wait(timeout=30)

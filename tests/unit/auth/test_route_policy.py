@@ -78,6 +78,62 @@ def test_the_variable_is_json_or_refused_and_unset_means_no_policy():
     assert parse_policy({"rules": RULES}).identities() == {"worker", "api"}
 
 
+TABLE = parse_policy(
+    {
+        "rules": [
+            {"identities": ["worker"], "routes": ["mlflow:read"]},
+            {"identities": ["api"], "routes": ["mlflow:read", "mlflow:write"]},
+        ]
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("identity", "method", "path", "allowed"),
+    [
+        ("worker", "GET", "/api/2.0/mlflow/experiments/get", True),
+        ("worker", "HEAD", "/api/2.0/mlflow/experiments/get", True),
+        ("worker", "POST", "/api/2.0/mlflow/runs/search", True),  # a search over POST reads
+        ("worker", "POST", "/ajax-api/2.0/mlflow/runs/search", True),  # the UI's twin
+        ("worker", "POST", "/graphql", True),
+        ("worker", "POST", "/api/2.0/mlflow/runs/create", False),
+        ("worker", "POST", "/api/2.0/mlflow/experiments/delete", False),
+        ("worker", "POST", "/api/2.0/mlflow/runs/search/../create", False),  # never a .. path
+        ("worker", "POST", "/api/9.9/mlflow/runs/search", False),  # a route the table does not know writes
+        ("worker", "DELETE", "/api/2.0/mlflow/runs/search", False),
+        ("api", "POST", "/api/2.0/mlflow/runs/create", True),
+        ("rogue", "GET", "/api/2.0/mlflow/experiments/get", False),
+    ],
+)
+def test_mlflows_route_table_allows_reads_and_writes_as_mlflow_defines_them(identity, method, path, allowed):
+    assert TABLE.allows(identity, method, path) is allowed
+
+
+@pytest.mark.parametrize(
+    ("rule", "words"),
+    [
+        ({"identities": ["w"], "routes": ["mlflow:admin"]}, "'mlflow:admin' is not a built-in route table"),
+        ({"identities": ["w"], "routes": ["mlflow:read"], "paths": ["/"]}, ".rules[0]: expected exactly"),
+        ({"identities": ["w"], "routes": []}, ".rules[0].routes"),
+    ],
+)
+def test_a_route_table_rule_that_cannot_be_read_is_refused(rule, words):
+    with pytest.raises(ValueError, match="HOKUSAI_MTLS_ROUTE_POLICY") as refused:
+        parse_policy({"rules": [rule]})
+    assert words in str(refused.value)
+
+
+def test_only_mlflows_server_may_use_its_route_table():
+    variable = {
+        names.ENV_ROUTE_POLICY: json.dumps({"rules": [{"identities": ["w"], "routes": ["mlflow:read"]}]})
+    }
+    assert policy_from_environ(variable, route_tables=True).rules[0].routes == {"mlflow:read"}
+    with pytest.raises(
+        ValueError, match=r"HOKUSAI_MTLS_ROUTE_POLICY\.rules\[0\]\.routes: only MLflow's server"
+    ):
+        policy_from_environ(variable)
+
+
 # --- in the middleware ----------------------------------------------------------------------------
 def worker_scope(ca, method: str, path: str) -> dict:
     worker = ca.issue_client("development", "worker")
