@@ -73,6 +73,7 @@ class MtlsDashboard(Construct):
         self.dashboard.add_widgets(*self._certificate_widgets())
         self.dashboard.add_widgets(*self._auth_path_widgets())
         self.dashboard.add_widgets(*self._handshake_widgets())
+        self.dashboard.add_widgets(self._failure_reasons_widget())
         self.dashboard.add_widgets(
             self._latency_widget(), self._internal_api_key_widget(), self._plain_port_widget()
         )
@@ -229,6 +230,22 @@ class MtlsDashboard(Construct):
                 height=_HEIGHT,
             ),
         ]
+
+    def _failure_reasons_widget(self) -> cloudwatch.IWidget:
+        """Every server's refused handshakes by reason (`names.HANDSHAKE_FAILURE_REASONS`): one SEARCH, so a
+        declared server or a reason shows up without a dashboard change; the servers' logs name the peer."""
+        search = (
+            f"SEARCH('{{{names.METRIC_NAMESPACE},{names.DIM_ENVIRONMENT},{names.DIM_REASON},{names.DIM_SERVICE}}} "
+            f'MetricName="{names.METRIC_MTLS_HANDSHAKE_FAILURES}" {names.DIM_ENVIRONMENT}="{self._environment}"\', '
+            f"'Sum', {int(RATE_PERIOD.to_seconds())})"
+        )
+        return cloudwatch.GraphWidget(
+            title="refused mTLS handshakes by server and reason",
+            left=[cloudwatch.MathExpression(expression=search, period=RATE_PERIOD)],
+            left_y_axis=cloudwatch.YAxisProps(min=0, label="handshakes / 5 min", show_units=False),
+            width=_FULL,
+            height=_HEIGHT,
+        )
 
     def _latency_widget(self) -> cloudwatch.IWidget:
         return cloudwatch.GraphWidget(

@@ -250,6 +250,25 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- doctor -----------------------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Every step from this identity's secrets to one call of each server it calls (runtime.services.doctor)."""
+    from runtime.services import doctor
+
+    connect = {}
+    for item in args.connect:
+        server, _, address = item.partition("=")
+        host, _, port = address.rpartition(":")
+        if not (server and host and port.isdigit() and 0 < int(port) < 65536):
+            raise UsageError(f"--connect {item!r}: expected SERVER=HOST:PORT, e.g. mlflow=10.0.3.7:5000")
+        connect[server] = (host.strip("[]"), int(port))
+    settings = _loader_settings(args)
+    unknown = sorted(set(connect) - set(settings.catalog.calls(settings.identity.service)))
+    if unknown:
+        raise UsageError(f"--connect {unknown[0]}: role {settings.role} does not call it")
+    return doctor.report(doctor.diagnose(settings, connect=connect, timeout=args.timeout), as_json=args.json)
+
+
 # --- auth: API keys (seed 002 §5) ---------------------------------------------------------
 def cmd_auth(args: argparse.Namespace) -> int:
     """create-key, list-keys, revoke-key, rotate-key, migrate: our key store (runtime.keys.commands)."""
@@ -394,6 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--path", default="/health")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=cmd_health, parser=health)
+
+    doctor = commands.add_parser(
+        "doctor", help="check secrets, certificate, DNS, TCP, TLS and one call of each server this role calls"
+    )
+    _add_load_options(doctor)
+    doctor.add_argument(
+        "--connect",
+        action="append",
+        default=[],
+        metavar="SERVER=HOST:PORT",
+        help="dial this address instead of the server's Cloud Map name (its certificate must still name it)",
+    )
+    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per network step")
+    doctor.add_argument("--json", action="store_true", help="one JSON document instead of lines")
+    doctor.set_defaults(func=cmd_doctor, parser=doctor)
 
     _add_auth_commands(commands)
 

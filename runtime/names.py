@@ -351,6 +351,8 @@ DIM_SERVICE = "Service"
 """The service that publishes: `mlflow` (the server side of internal calls) or `api`."""
 DIM_IDENTITY = "Identity"
 DIM_AUTH_PATH = "AuthPath"
+DIM_REASON = "Reason"
+"""Why a handshake failed (`HANDSHAKE_FAILURE_REASONS`): MtlsHandshakeFailures has it as a second view."""
 AUTH_PATH_MTLS = "mtls"
 AUTH_PATH_API_KEY = "api_key"
 AUTH_PATHS: tuple[str, ...] = (AUTH_PATH_MTLS, AUTH_PATH_API_KEY)
@@ -366,6 +368,31 @@ METRIC_AUTH_REQUESTS = "AuthenticatedRequests"
 METRIC_MTLS_HANDSHAKES = "MtlsHandshakes"
 """Count, dimensions (Environment, Service): TLS handshakes that verified a client certificate."""
 METRIC_MTLS_HANDSHAKE_FAILURES = "MtlsHandshakeFailures"
+HANDSHAKE_NO_CERTIFICATE = "no_certificate"
+HANDSHAKE_UNKNOWN_CA = "unknown_ca"
+HANDSHAKE_EXPIRED = "expired"
+HANDSHAKE_NOT_YET_VALID = "not_yet_valid"
+HANDSHAKE_WRONG_USAGE = "wrong_usage"
+HANDSHAKE_REVOKED = "revoked"
+HANDSHAKE_BAD_CERTIFICATE = "bad_certificate"
+HANDSHAKE_PEER_ALERT = "peer_alert"
+HANDSHAKE_PROTOCOL = "protocol"
+HANDSHAKE_TIMEOUT = "timeout"
+HANDSHAKE_RESET = "reset"
+HANDSHAKE_FAILURE_REASONS: tuple[str, ...] = (
+    HANDSHAKE_NO_CERTIFICATE,
+    HANDSHAKE_UNKNOWN_CA,
+    HANDSHAKE_EXPIRED,
+    HANDSHAKE_NOT_YET_VALID,
+    HANDSHAKE_WRONG_USAGE,
+    HANDSHAKE_REVOKED,
+    HANDSHAKE_BAD_CERTIFICATE,
+    HANDSHAKE_PEER_ALERT,
+    HANDSHAKE_PROTOCOL,
+    HANDSHAKE_TIMEOUT,
+    HANDSHAKE_RESET,
+)
+"""The `Reason` values of MtlsHandshakeFailures (`runtime.serving.handshake_failures.classify`)."""
 """Count, dimensions (Environment, Service): handshakes refused (no, foreign or expired certificate)."""
 METRIC_INTERNAL_LATENCY = "InternalRequestLatency"
 """Milliseconds, dimensions (Environment, Service): latency of requests on the internal (mTLS) path."""

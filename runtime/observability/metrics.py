@@ -82,6 +82,12 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self._prom_failed = PromCounter(
+            "hokusai_mtls_handshake_failures",
+            "TLS handshakes refused on the mTLS port, by reason (runtime.serving.handshake_failures)",
+            (*labels, "reason"),
+            registry=self.registry,
+        )
         self._prom_completed = PromCounter(
             "hokusai_mtls_handshakes_completed",
             "TLS handshakes that verified a client certificate",
@@ -141,6 +147,7 @@ class Metrics:
         self._auth: Counter[tuple[str, str]] = Counter()
         self._started = 0
         self._completed = 0
+        self._failed: Counter[str] = Counter()
         self._internal_api_key = 0
         self._policy_denied = 0
         self._policy_would_deny = 0
@@ -163,6 +170,15 @@ class Metrics:
         self._prom_completed.labels(self.environment, self.service).inc()
         with self._lock:
             self._completed += 1
+
+    def handshake_failed(self, reason: str) -> None:
+        """A refused handshake and why (`names.HANDSHAKE_FAILURE_REASONS`); `started - completed` still
+        counts it in MtlsHandshakeFailures without a reason, which the failure-rate alarm watches."""
+        if reason not in names.HANDSHAKE_FAILURE_REASONS:
+            raise ValueError(f"{reason!r} is not a handshake failure reason")
+        self._prom_failed.labels(self.environment, self.service, reason).inc()
+        with self._lock:
+            self._failed[reason] += 1
 
     def internal_api_key_request(self) -> None:
         self._prom_internal_api_key.labels(self.environment, self.service).inc()
@@ -207,6 +223,7 @@ class Metrics:
                 "auth": [[path, outcome, count] for (path, outcome), count in self._auth.items()],
                 "started": self._started,
                 "completed": self._completed,
+                "failed": [[reason, count] for reason, count in self._failed.items()],
                 "internal_api_key": self._internal_api_key,
                 "policy_denied": self._policy_denied,
                 "policy_would_deny": self._policy_would_deny,
@@ -223,11 +240,14 @@ class Metrics:
         try:
             auth = [(str(path), str(outcome), _count(n)) for path, outcome, n in document["auth"]]
             started, completed = _count(document["started"]), _count(document["completed"])
+            failed = [(str(reason), _count(n)) for reason, n in document.get("failed", [])]
             internal_api_key, plain = _count(document["internal_api_key"]), _count(document["plain"])
             denied, would_deny = _count(document["policy_denied"]), _count(document["policy_would_deny"])
             latency = [(float(value), _count(n)) for value, n in document["latency_ms"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a metrics interval: {type(exc).__name__}: {exc}") from None
+        if any(reason not in names.HANDSHAKE_FAILURE_REASONS for reason, _ in failed):
+            raise ValueError("not a metrics interval: an unknown handshake failure reason")
         if any(not (math.isfinite(value) and value >= 0) for value, _ in latency):
             raise ValueError("not a metrics interval: a latency that is not a finite positive number")
         labels = (self.environment, self.service)
@@ -244,6 +264,9 @@ class Metrics:
         ):
             if n:
                 counter.labels(*labels).inc(n)
+        for reason, n in failed:
+            if n:
+                self._prom_failed.labels(*labels, reason).inc(n)
         for value, n in latency:
             for _ in range(n):
                 self._latency_child.observe(value / 1000)
@@ -252,6 +275,8 @@ class Metrics:
                 self._auth[(path, outcome)] += n
             self._started += started
             self._completed += completed
+            for reason, n in failed:
+                self._failed[reason] += n
             self._internal_api_key += internal_api_key
             self._policy_denied += denied
             self._policy_would_deny += would_deny
@@ -267,6 +292,7 @@ class Metrics:
                 if outcome == "success":
                     auth[auth_path] += count
             started, completed = self._started, self._completed
+            failed = dict(self._failed)
             internal_api_key, plain = self._internal_api_key, self._plain
             denied, would_deny = self._policy_denied, self._policy_would_deny
             latency, days = dict(self._latency_ms), dict(self._days)
@@ -283,6 +309,14 @@ class Metrics:
                     },
                 )
             )
+        for reason, count in sorted(failed.items()):
+            if count:
+                documents.append(
+                    self._emf(
+                        {**base, names.DIM_REASON: reason},
+                        {names.METRIC_MTLS_HANDSHAKE_FAILURES: (count, "Count")},
+                    )
+                )
         for auth_path, count in sorted(auth.items()):
             documents.append(
                 self._emf(

@@ -219,6 +219,7 @@ class AsgiService:
                 self.app,
                 self.tls,
                 self.metrics.handshake_completed,
+                on_handshake_failure=self.metrics.handshake_failed,
                 plain_too=s.mode == names.MTLS_MODE_PERMISSIVE,
                 websockets=True,
             )

@@ -290,6 +290,7 @@ class MlflowServer:
                 self.app,
                 self.tls,
                 self.metrics.handshake_completed,
+                on_handshake_failure=self.metrics.handshake_failed,
                 plain_too=s.mode == names.MTLS_MODE_PERMISSIVE,
                 sock=sock,
                 accept_batch=batch,

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 
 from runtime import names
+from runtime.serving import handshake_failures
 from runtime.serving.bounded_h11 import BoundedH11Protocol, Slot
 from runtime.serving.connection_limits import ConnectionLimits
 
@@ -64,8 +65,11 @@ class Acceptor:
         tls: ProtocolFactory | None = None,
         context: ssl.SSLContext | None = None,
         accept_batch: int = ACCEPT_BATCH,
+        on_handshake_failure: Callable[[str], None] | None = None,
     ) -> None:
-        """`plain` and/or `tls` make the protocols; both: permissive (told apart by the first byte)."""
+        """`plain` and/or `tls` make the protocols; both: permissive (told apart by the first byte).
+        `on_handshake_failure` is called with the reason of every failed TLS handshake (metrics); each is
+        also logged, at most once per peer address and reason a minute (`handshake_failures`)."""
         if tls is not None and context is None:
             raise ValueError("a TLS listener needs its SSL context")
         if tls is None and plain is None:
@@ -77,6 +81,8 @@ class Acceptor:
         self.tls = tls
         self.context = context
         self.accept_batch = accept_batch
+        self.on_handshake_failure = on_handshake_failure
+        self.failures = handshake_failures.FailureLog(name)
         self.open = 0
         """Connections held now: pending (sniff, handshake) and served."""
         self.refused = 0
@@ -184,6 +190,7 @@ class Acceptor:
             slot.release()
             raise RuntimeError(f"listener {self.name}: no protocol for this connection")
         made: list[BoundedH11Protocol] = []
+        peer = _peer_host(connection)
 
         def protocol(factory: ProtocolFactory, started: float | None) -> BoundedH11Protocol:
             made.append(instance := factory())
@@ -206,6 +213,8 @@ class Acceptor:
         except (OSError, ssl.SSLError) as exc:  # refused or timed-out handshake, reset
             log.debug("listener %s: connection failed before HTTP: %r", self.name, exc)
             slot.release()
+            if use_tls:
+                self._handshake_failed(exc, peer)
             return
         except BaseException:
             slot.release()
@@ -229,6 +238,12 @@ class Acceptor:
         finally:
             loop.remove_reader(connection.fileno())
         return connection.recv(1, socket.MSG_PEEK)
+
+    def _handshake_failed(self, exc: BaseException, peer: str) -> None:
+        reason = handshake_failures.classify(exc)
+        self.failures.failed(reason, peer, handshake_failures.describe(exc))
+        if self.on_handshake_failure is not None:
+            self.on_handshake_failure(reason)
 
     # --- refused connections -----------------------------------------------------------------------
     def _refuse(self) -> None:
@@ -256,3 +271,11 @@ class Acceptor:
             self.limits.max_connections,
             self.refused,
         )
+
+
+def _peer_host(connection: socket.socket) -> str:
+    """The peer's address, for the failure log; `unknown` once the peer has reset the connection."""
+    try:
+        return str(connection.getpeername()[0])
+    except OSError:
+        return "unknown"

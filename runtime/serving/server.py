@@ -90,6 +90,8 @@ class Listener:
     """None: plain HTTP. Otherwise TLS that requires a client certificate."""
     on_tls_connection: Callable[[], None] | None = None
     """Called for every completed TLS handshake (metrics)."""
+    on_handshake_failure: Callable[[str], None] | None = None
+    """Called with the reason of every failed TLS handshake (`handshake_failures.classify`; metrics)."""
     plain_too: bool = False
     """With `tls`: plain HTTP on the same port as well, told apart by the first byte."""
     limits: ConnectionLimits | None = None
@@ -377,6 +379,7 @@ def _acceptor(plan: _Plan, sock: socket.socket) -> Acceptor:
         tls=_protocol_factory(plan.tls_server) if plan.tls_server is not None else None,
         context=listener.tls.front if listener.tls is not None else None,
         accept_batch=listener.accept_batch,
+        on_handshake_failure=listener.on_handshake_failure,
     )
 
 

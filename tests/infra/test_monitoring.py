@@ -452,8 +452,8 @@ def test_dashboard_marks_the_expiry_threshold(templates, env):
 def test_dashboard_failure_rate_is_the_alarms_expression(templates, env):
     template = templates[env]
     alarm_expression, alarm_metrics = math_queries(failure_rate_alarm(template, env))
-    graphs = [w for w in metric_widgets(template) if dashboard_metrics(w)[1]]
-    assert len(graphs) == 1
+    graphs = [w for w in metric_widgets(template) if dashboard_metrics(w)[0] and dashboard_metrics(w)[1]]
+    assert len(graphs) == 1  # the other expression is the reasons' SEARCH, over no metric of its own
     metrics, expressions = dashboard_metrics(graphs[0])
     assert [e["expression"] for e in expressions] == [alarm_expression]
     assert {m.options["id"]: m.name for m in metrics} == {
@@ -567,3 +567,22 @@ def test_bad_settings_fail_with_a_message_naming_them(settings, message):
     arguments = {"environment": "staging", "alarm_emails": [], **settings}
     with pytest.raises(ValueError, match=message):
         MonitoringStack(cdk.App(), "Monitoring", **arguments)
+
+
+@ENVIRONMENTS
+def test_dashboard_graphs_refused_handshakes_of_every_server_by_reason(templates, env):
+    """One SEARCH over the Reason view of MtlsHandshakeFailures in this environment (the metrics publish
+    Environment, Service, Reason): every server and reason appears without a dashboard change."""
+    widgets = [
+        w
+        for w in metric_widgets(templates[env])
+        if w["properties"].get("title") == "refused mTLS handshakes by server and reason"
+    ]
+    assert len(widgets) == 1
+    metrics, expressions = dashboard_metrics(widgets[0])
+    assert metrics == []
+    (expression,) = expressions
+    assert expression["expression"] == (
+        "SEARCH('{Hokusai/mTLS,Environment,Reason,Service} "
+        f'MetricName="MtlsHandshakeFailures" Environment="{env}"\', \'Sum\', 300)'
+    )

@@ -244,13 +244,24 @@ def test_a_key_revoked_or_rotated_away_on_one_instance_is_refused_by_another_wit
         doomed_id = store.lookup(doomed).id
         assert a.call("DELETE", f"{KEYS}/{doomed_id}", admin).status_code == 200
         revoked_at = time.monotonic()
-        while b.status(doomed) != 401:
-            assert time.monotonic() - revoked_at < 1.0, "instance B still lets the revoked key in after 1 s"
+
+        def every_worker_refuses() -> bool:  # new connections, so both of B's workers answer
+            return all(
+                httpx.get(
+                    f"{b.base}/platform/x", headers={**HTTPS, "X-API-Key": doomed}, timeout=30
+                ).status_code
+                == 401
+                for _ in range(8)
+            )
+
+        # Each worker follows the change feed on its own, so one may refuse a poll before the other:
+        # the promise is that every one of them refuses within the second.
+        while not every_worker_refuses():
+            assert time.monotonic() - revoked_at < 1.0, (
+                "a worker of instance B still lets the revoked key in after 1 s"
+            )
             time.sleep(0.02)
         took = time.monotonic() - revoked_at
-        for _ in range(8):  # new connections, so both of B's workers answer: each refuses it
-            fresh = httpx.get(f"{b.base}/platform/x", headers={**HTTPS, "X-API-Key": doomed}, timeout=30)
-            assert fresh.status_code == 401
 
         rotated = a.call("POST", f"{KEYS}/{replaced.record.id}/rotate", admin, json={"grace_hours": 0})
         assert rotated.status_code == 201

@@ -108,6 +108,7 @@ EMPTY_INTERVAL = {
     "auth": [],
     "started": 0,
     "completed": 0,
+    "failed": [],
     "internal_api_key": 0,
     "policy_denied": 0,
     "policy_would_deny": 0,
