@@ -1,6 +1,6 @@
 """`hokusai-mtls doctor` against the real serve-mlflow (mTLS from moto's Secrets Manager), as an operator
 runs it inside a task: every step passes for a caller of MLflow; a stopped server, an environment
-without secrets and a server presenting another name each fail at their own step, with a fix, exit 1."""
+without secrets and a server of another environment each fail at their own step, with a fix, exit 1."""
 
 from __future__ import annotations
 
@@ -64,12 +64,13 @@ def test_a_server_that_does_not_answer_fails_at_tcp_with_the_security_group_fix(
 
 
 def test_an_environment_without_secrets_fails_at_the_first_step_naming_them(aws):
-    result = doctor(aws, "--role", "api", "--json", env="qa")
+    # moto's state is one per process: an environment no other test writes secrets for
+    result = doctor(aws, "--role", "api", "--json", env="doctor-empty")
     assert result.returncode == 1
     found = steps(result)
     assert list(found) == ["secrets"]
     assert found["secrets"]["status"] == "fail"
-    assert "hokusai/qa/mlflow/api-identity" in found["secrets"]["fix"]
+    assert "hokusai/doctor-empty/mlflow/api-identity" in found["secrets"]["fix"]
 
 
 def test_a_server_of_another_environment_fails_at_tls_naming_the_certificate_problem(

@@ -128,7 +128,13 @@ def test_serve_mlflow_writes_every_request_and_refused_handshake_at_sigterm(mlfl
     assert total(documents, names.METRIC_AUTH_REQUESTS, AuthPath=names.AUTH_PATH_MTLS) == kept + fresh
     assert total(documents, names.METRIC_INTERNAL_LATENCY) == kept + fresh
     assert total(documents, names.METRIC_MTLS_HANDSHAKES) == 1 + fresh
-    assert total(documents, names.METRIC_MTLS_HANDSHAKE_FAILURES) == refused
+    # Twice: the failure-rate view (started - completed, no reason) and the view by reason.
+    plain_view = [d for d in documents if names.DIM_REASON not in d]
+    assert total(plain_view, names.METRIC_MTLS_HANDSHAKE_FAILURES) == refused
+    assert (
+        total(documents, names.METRIC_MTLS_HANDSHAKE_FAILURES, Reason=names.HANDSHAKE_NO_CERTIFICATE)
+        == refused
+    )
     assert {d[names.DIM_SERVICE] for d in documents if names.DIM_SERVICE in d} == {names.MLFLOW_SERVICE}
 
 
