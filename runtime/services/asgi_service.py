@@ -80,6 +80,34 @@ def service_listener_name(tls: ReloadableServerContext | None, mode: str) -> str
     return "mtls" + (" + plain (permissive)" if mode == names.MTLS_MODE_PERMISSIVE else "")
 
 
+def service_listener(
+    app: Callable,
+    host: str,
+    port: int,
+    mode: str,
+    tls: ReloadableServerContext | None,
+    metrics: Metrics,
+    **options,
+) -> Listener:
+    """A server's service port, the same for every server: plain HTTP without certificates, else mTLS
+    (permissive: plain HTTP on the same port too) with the handshake metrics wired, completed and failed
+    by reason. `options`: the rest of `Listener` (a worker's socket, WebSockets)."""
+    name = service_listener_name(tls, mode)
+    if tls is None:
+        return Listener(name, host, port, app, **options)
+    return Listener(
+        name,
+        host,
+        port,
+        app,
+        tls,
+        metrics.handshake_completed,
+        on_handshake_failure=metrics.handshake_failed,
+        plain_too=mode == names.MTLS_MODE_PERMISSIVE,
+        **options,
+    )
+
+
 def health_report(level: SecurityLevel, mode: str, tls: ReloadableServerContext | None) -> dict:
     """The health answer's common part: status, security level, mode, the served certificate."""
     report: dict[str, object] = {"status": "ok", "security_level": level.value, "mode": mode}
@@ -206,23 +234,9 @@ class AsgiService:
 
     def _listeners(self) -> list[Listener]:
         s = self.settings
-        name = service_listener_name(self.tls, s.mode)
-        if self.tls is None:
-            if s.mode != names.MTLS_MODE_OFF:
-                log.warning("mTLS mode %s but no certificates (development): serving plain HTTP", s.mode)
-            service = Listener(name, s.host, s.port, self.app, websockets=True)
-        else:
-            service = Listener(
-                name,
-                s.host,
-                s.port,
-                self.app,
-                self.tls,
-                self.metrics.handshake_completed,
-                on_handshake_failure=self.metrics.handshake_failed,
-                plain_too=s.mode == names.MTLS_MODE_PERMISSIVE,
-                websockets=True,
-            )
+        if self.tls is None and s.mode != names.MTLS_MODE_OFF:
+            log.warning("mTLS mode %s but no certificates (development): serving plain HTTP", s.mode)
+        service = service_listener(self.app, s.host, s.port, s.mode, self.tls, self.metrics, websockets=True)
         return [service, Listener("health", "127.0.0.1", s.health_port, self.health_app)]
 
     def _background(self) -> list[Background]:

@@ -64,6 +64,7 @@ from runtime.services.asgi_service import (
     check_mode,
     health_report,
     proxy_trust_bundle,
+    service_listener,
     service_listener_name,
     service_mode,
 )
@@ -278,23 +279,15 @@ class MlflowServer:
         # a worker serves the socket its supervisor bound, one connection per readiness event
         sock = self.worker.socket("service") if self.worker is not None else None
         batch = 1 if self.worker is not None else ACCEPT_BATCH
-        if self.tls is None:
-            if s.mode != names.MTLS_MODE_OFF and (self.worker is None or self.worker.index == 1):
-                log.warning("mTLS mode %s but no certificates (development): serving plain HTTP", s.mode)
-            service = Listener(self._service_name(), s.host, s.port, self.app, sock=sock, accept_batch=batch)
-        else:
-            service = Listener(
-                self._service_name(),
-                s.host,
-                s.port,
-                self.app,
-                self.tls,
-                self.metrics.handshake_completed,
-                on_handshake_failure=self.metrics.handshake_failed,
-                plain_too=s.mode == names.MTLS_MODE_PERMISSIVE,
-                sock=sock,
-                accept_batch=batch,
-            )
+        if (
+            self.tls is None
+            and s.mode != names.MTLS_MODE_OFF
+            and (self.worker is None or self.worker.index == 1)
+        ):
+            log.warning("mTLS mode %s but no certificates (development): serving plain HTTP", s.mode)
+        service = service_listener(
+            self.app, s.host, s.port, s.mode, self.tls, self.metrics, sock=sock, accept_batch=batch
+        )
         if self.worker is not None:
             return [service]
         return [service, Listener("health", "127.0.0.1", s.health_port, self.health_app)]
