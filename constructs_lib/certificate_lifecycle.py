@@ -12,7 +12,11 @@ holds exactly what its handler calls (no managed policy, no wildcard beyond what
                each rotation one step of the CA rollover when it is due (begin, switch, finish);
                rotates those three and re-issues the identities at a switch.
 - expiry       (`runtime.lifecycle.expiry.handler`): on a schedule, reads ca-cert and the identities
-               and publishes CertificateDaysToExpiry and CertificateCheckFailures (Hokusai/mTLS only).
+               and publishes CertificateHoursToExpiry, CertificateDaysToExpiry and
+               CertificateCheckFailures (Hokusai/mTLS only).
+
+Identity secrets rotate on a `rate(N hours)` schedule with a 1-hour window (24-hour leaves every
+8 hours: renewed before half-life); the CA secrets every caRolloverWaitDays.
 
 So every secret has a rotation schedule (cdk-nag SMG4, no acknowledgment). Every secret call is on
 a customer-managed key: kms:Decrypt (and GenerateDataKey for a write) through Secrets Manager only
@@ -116,8 +120,8 @@ class CertificateLifecycle(Construct):
         *,
         certificates: CertificateSecrets,
         environment: str,
-        leaf_lifetime_days: int,
-        rotation_days: int,
+        leaf_lifetime_hours: int,
+        rotation_hours: int,
         key_type: str,
         server_sans: Sequence[str],
         ca_source: str,
@@ -130,10 +134,11 @@ class CertificateLifecycle(Construct):
         """`catalog`: the declared services; `certificates` has a secret for each of its identities, and
         every function gets HOKUSAI_MTLS_SERVICES, so the handlers issue, rotate and check exactly them."""
         super().__init__(scope, construct_id)
-        if not 1 <= rotation_days < leaf_lifetime_days:
+        schedule_expression = lifecycle.rotation_schedule_expression(rotation_hours)  # checks it
+        if 2 * (rotation_hours + lifecycle.ROTATION_WINDOW_HOURS) > leaf_lifetime_hours:
             raise ValueError(
-                f"rotation_days ({rotation_days}) must be at least 1 and below "
-                f"leaf_lifetime_days ({leaf_lifetime_days})"
+                f"rotation_hours ({rotation_hours}) with its {lifecycle.ROTATION_WINDOW_HOURS}-hour window "
+                f"must renew a leaf of leaf_lifetime_hours ({leaf_lifetime_hours}) before half its life"
             )
         if ca_source not in lifecycle.CA_SOURCES:
             raise ValueError(f"ca_source {ca_source!r}: expected one of {', '.join(lifecycle.CA_SOURCES)}")
@@ -190,7 +195,7 @@ class CertificateLifecycle(Construct):
             resource_type="Custom::HokusaiMtlsCertificates",
             properties={
                 "Environment": environment,
-                "LeafLifetimeDays": str(leaf_lifetime_days),
+                "LeafLifetimeHours": str(leaf_lifetime_hours),
                 "ServerSans": list(server_sans),
                 "KeyType": key_type,
                 "CaSource": ca_source,
@@ -205,7 +210,7 @@ class CertificateLifecycle(Construct):
 
         # --- rotation: one function per identity ----------------------------------------
         rotation_environment = {
-            lifecycle.ENV_LEAF_LIFETIME_DAYS: str(leaf_lifetime_days),
+            lifecycle.ENV_LEAF_LIFETIME_HOURS: str(leaf_lifetime_hours),
             lifecycle.ENV_KEY_TYPE: key_type,
         }
         if server_sans:
@@ -225,7 +230,11 @@ class CertificateLifecycle(Construct):
             )
             self._allow_secrets(function, ROTATE, [secret], write=True)
             self._allow_secrets(function, READ, [certificates.ca_key, certificates.ca_bundle])
-            schedule = self._rotate(label, secret, function, rotation_days)
+            every_hours = secretsmanager.CfnRotationSchedule.RotationRulesProperty(
+                schedule_expression=schedule_expression,
+                duration=f"{lifecycle.ROTATION_WINDOW_HOURS}h",
+            )
+            schedule = self._rotate(label, secret, function, every_hours)
             rotation[identity.name] = function
             schedules[identity.name] = schedule
         self.rotation: Mapping[str, lambda_.Function] = MappingProxyType(rotation)
@@ -243,14 +252,17 @@ class CertificateLifecycle(Construct):
                 lifecycle.ENV_CA_SOURCE: ca_source,
                 lifecycle.ENV_CA_ROLLOVER_START_DAYS: str(ca_rollover_start_days),
                 lifecycle.ENV_CA_ROLLOVER_WAIT_DAYS: str(ca_rollover_wait_days),
-                lifecycle.ENV_LEAF_LIFETIME_DAYS: str(leaf_lifetime_days),
+                lifecycle.ENV_LEAF_LIFETIME_HOURS: str(leaf_lifetime_hours),
             },
         )
         self._allow_secrets(self.ca_rotation, ROTATE, ca_secrets, write=True)
         self._allow_secrets(self.ca_rotation, ISSUE, identities, write=True)  # a switch re-issues them
+        every_wait = secretsmanager.CfnRotationSchedule.RotationRulesProperty(
+            automatically_after_days=ca_rollover_wait_days
+        )
         self.ca_rotation_schedules: Mapping[str, secretsmanager.CfnRotationSchedule] = MappingProxyType(
             {
-                suffix: self._rotate(label, secret, self.ca_rotation, ca_rollover_wait_days)
+                suffix: self._rotate(label, secret, self.ca_rotation, every_wait)
                 for suffix, label, secret in (
                     (names.CA_NEXT_SECRET, "CaKeyNext", certificates.ca_key_next),
                     (names.CA_KEY_SECRET, "CaKey", certificates.ca_key),
@@ -263,7 +275,7 @@ class CertificateLifecycle(Construct):
         self.expiry = self._function(
             "Expiry",
             EXPIRY_HANDLER,
-            "publishes days to expiry and check failures of every certificate",
+            "publishes hours and days to expiry and check failures of every certificate",
             timeout=Duration.minutes(1),
             environment={names.ENV_ENVIRONMENT: environment},
         )
@@ -290,9 +302,13 @@ class CertificateLifecycle(Construct):
         return self.log_key.log_group(self, construct_id, name=name, retention_days=self._log_retention_days)
 
     def _rotate(
-        self, label: str, secret: secretsmanager.ISecret, function: lambda_.Function, days: int
+        self,
+        label: str,
+        secret: secretsmanager.ISecret,
+        function: lambda_.Function,
+        rules: secretsmanager.CfnRotationSchedule.RotationRulesProperty,
     ) -> secretsmanager.CfnRotationSchedule:
-        """Let Secrets Manager invoke `function` for `secret` only, every `days` days."""
+        """Let Secrets Manager invoke `function` for `secret` only, on `rules`' schedule."""
         permission = lambda_.CfnPermission(
             self,
             f"{label}RotationInvoke",
@@ -307,9 +323,7 @@ class CertificateLifecycle(Construct):
             f"{label}RotationSchedule",
             secret_id=secret.secret_arn,
             rotation_lambda_arn=function.function_arn,
-            rotation_rules=secretsmanager.CfnRotationSchedule.RotationRulesProperty(
-                automatically_after_days=days
-            ),
+            rotation_rules=rules,
             # The first rotation waits for the schedule: the issuance custom resource has just
             # filled the secret.
             rotate_immediately_on_update=False,

@@ -29,9 +29,17 @@ with a route policy, RoutePolicyDenied and RoutePolicyWouldDeny)."""
 RATE_PERIOD = Duration.minutes(5)
 """Period of every count and rate alarm (and of the dashboard's count graphs)."""
 EXPIRY_PERIOD = Duration.days(1)
-"""The days-to-expiry gauge changes once a day; a daily Minimum tolerates any publisher that
-publishes at least once a day without the alarm dropping to INSUFFICIENT_DATA in between (which
+"""The days-to-expiry gauge (the CA's alarm) changes once a day; a daily Minimum tolerates any publisher
+that publishes at least once a day without the alarm dropping to INSUFFICIENT_DATA in between (which
 would send a fresh OK/ALARM notification every time data returns)."""
+LEAF_EXPIRY_PERIOD = Duration.hours(1)
+LEAF_EXPIRY_EVALUATION_PERIODS = 3
+"""The hours-to-expiry gauge of the leaves comes every hour: an hour's Minimum, any 1 of the last 3
+hours below the threshold alarms (a late run of the check leaves an hour empty, not the alarm)."""
+LEAF_EXPIRY_WARN_SHARE = 0.5
+LEAF_EXPIRY_PAGE_SHARE = 0.25
+"""Warn when a leaf has less than half its lifetime left (rotation renews it well before), page
+below a quarter (the services have a few hours before their handshakes fail)."""
 CHECK_FAILURES_PERIOD = Duration.hours(3)
 """The expiry check runs every hour (constructs_lib.certificate_lifecycle.EXPIRY_SCHEDULE) and always
 publishes CertificateCheckFailures (0 or 1) per identity and `ca`: a 3-hour window holds two or
@@ -45,7 +53,7 @@ def check_failure_identities(identities: Sequence[names.Identity] = names.IDENTI
 
 CHECK_FAILURE_IDENTITIES: tuple[str, ...] = check_failure_identities()
 ROTATION_ERRORS_PERIOD = Duration.hours(1)
-"""Rotations run days apart; an hour holds one rotation's four steps and Secrets Manager's retries."""
+"""Rotations run hours apart; an hour holds one rotation's four steps and Secrets Manager's retries."""
 FAILURE_RATE_EVALUATION_PERIODS = 3
 FAILURE_RATE_DATAPOINTS_TO_ALARM = 2
 """2 of 3 five-minute periods: a deploy's single bad window does not page, a broken certificate does."""
@@ -83,17 +91,29 @@ def mtls_metric(
     )
 
 
-def certificate_days_to_expiry(
+def certificate_hours_to_expiry(
     environment: str, identity: names.Identity, *, label: str | None = None
 ) -> cloudwatch.Metric:
-    """Daily Minimum of the identity's days-to-expiry gauge."""
+    """Hourly Minimum of the identity's hours-to-expiry gauge (its leaf in the secret)."""
+    return mtls_metric(
+        names.METRIC_CERT_HOURS_TO_EXPIRY,
+        environment=environment,
+        statistic=cloudwatch.Stats.MINIMUM,
+        period=LEAF_EXPIRY_PERIOD,
+        label=label,
+        **{names.DIM_IDENTITY: identity.name},
+    )
+
+
+def ca_days_to_expiry(environment: str, *, label: str | None = None) -> cloudwatch.Metric:
+    """Daily Minimum of the trust bundle's days-to-expiry gauge (its first CA to expire)."""
     return mtls_metric(
         names.METRIC_CERT_DAYS_TO_EXPIRY,
         environment=environment,
         statistic=cloudwatch.Stats.MINIMUM,
         period=EXPIRY_PERIOD,
         label=label,
-        **{names.DIM_IDENTITY: identity.name},
+        **{names.DIM_IDENTITY: CA_IDENTITY},
     )
 
 
@@ -144,7 +164,9 @@ class MtlsAlarms(Construct):
     when it goes into ALARM and when it returns to OK.
 
     Attributes:
-        certificate_expiry: identity name (`server`, `api`, `worker`, any declared) -> its days-to-expiry alarm.
+        certificate_expiry: identity name (`server`, `api`, `worker`, any declared) -> its page (below 25 %
+            of the leaf lifetime left); `certificate_expiry_warning`: the same -> its warning (below 50 %).
+        ca_expiry: the trust bundle's CA has fewer than `names.CA_EXPIRY_ALARM_DAYS` days left.
         mtls_failure_rate: the failure-rate alarm on the MLflow server.
         failure_rate_expression: the metric math it watches (the dashboard graphs the same object).
         internal_api_key: service name (`mlflow`, `api`) -> its internal API-key request alarm.
@@ -158,7 +180,7 @@ class MtlsAlarms(Construct):
         *,
         environment: str,
         topic: sns.ITopic,
-        certificate_expiry_alarm_days: int,
+        leaf_lifetime_hours: float,
         mtls_failure_rate_percent: float,
         mtls_failure_min_requests: int,
         identities: Sequence[names.Identity] = names.IDENTITIES,
@@ -167,17 +189,23 @@ class MtlsAlarms(Construct):
         and rotation-failure alarms."""
         super().__init__(scope, construct_id)
         self.identities = tuple(identities)
-        _check_settings(certificate_expiry_alarm_days, mtls_failure_rate_percent, mtls_failure_min_requests)
+        _check_settings(leaf_lifetime_hours, mtls_failure_rate_percent, mtls_failure_min_requests)
         self._environment = names.check_environment(environment)
         self._prefix = alarm_name_prefix(environment)
         self._action = cloudwatch_actions.SnsAction(topic)
-        self.certificate_expiry_alarm_days = certificate_expiry_alarm_days
+        self.leaf_lifetime_hours = leaf_lifetime_hours
+        self.leaf_warn_hours = leaf_lifetime_hours * LEAF_EXPIRY_WARN_SHARE
+        self.leaf_page_hours = leaf_lifetime_hours * LEAF_EXPIRY_PAGE_SHARE
         self.mtls_failure_rate_percent = mtls_failure_rate_percent
         self.mtls_failure_min_requests = mtls_failure_min_requests
 
         self.certificate_expiry: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
-            {identity.name: self._certificate_expiry(identity) for identity in self.identities}
+            {identity.name: self._certificate_expiry(identity, warning=False) for identity in self.identities}
         )
+        self.certificate_expiry_warning: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
+            {identity.name: self._certificate_expiry(identity, warning=True) for identity in self.identities}
+        )
+        self.ca_expiry = self._ca_expiry()
 
         self.certificate_check_failures: Mapping[str, cloudwatch.Alarm] = MappingProxyType(
             {
@@ -218,21 +246,26 @@ class MtlsAlarms(Construct):
     def all_alarms(self) -> tuple[cloudwatch.Alarm, ...]:
         return (
             *self.certificate_expiry.values(),
+            *self.certificate_expiry_warning.values(),
+            self.ca_expiry,
             *self.certificate_check_failures.values(),
             self.mtls_failure_rate,
             *self.internal_api_key.values(),
             *self.rotation_failures.values(),
         )
 
-    def _certificate_expiry(self, identity: names.Identity) -> cloudwatch.Alarm:
-        days = self.certificate_expiry_alarm_days
+    def _certificate_expiry(self, identity: names.Identity, *, warning: bool) -> cloudwatch.Alarm:
+        hours = self.leaf_warn_hours if warning else self.leaf_page_hours
+        share = LEAF_EXPIRY_WARN_SHARE if warning else LEAF_EXPIRY_PAGE_SHARE
+        suffix = ("Warning", "-warning") if warning else ("", "")
         return self._alarm(
-            f"{construct_label(identity.name)}CertificateExpiry",
-            f"certificate-expiry-{identity.name}",
-            metric=certificate_days_to_expiry(self._environment, identity),
-            threshold=days,
+            f"{construct_label(identity.name)}CertificateExpiry{suffix[0]}",
+            f"certificate-expiry-{identity.name}{suffix[1]}",
+            metric=certificate_hours_to_expiry(self._environment, identity),
+            threshold=hours,
             comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
-            evaluation_periods=1,
+            evaluation_periods=LEAF_EXPIRY_EVALUATION_PERIODS,
+            datapoints_to_alarm=1,
             # MISSING, deliberately, now that the expiry check publishes: the gauge is missing exactly
             # when the check could not read the certificate (it then publishes CertificateCheckFailures
             # = 1) or did not run at all (then CertificateCheckFailures is missing too). Both page
@@ -241,9 +274,28 @@ class MtlsAlarms(Construct):
             # certificate nobody could read. Without data this alarm waits in INSUFFICIENT_DATA.
             treat_missing_data=cloudwatch.TreatMissingData.MISSING,
             description=(
-                f"The {identity.name} certificate of {self._environment} expires in fewer than {days} "
-                "days: its rotation (Secrets Manager, every rotationDays) has not replaced it; check the "
-                "rotation function's logs, or rotate it now with `aws secretsmanager rotate-secret`."
+                f"{'Warning' if warning else 'Page'}: the {identity.name} certificate of {self._environment} "
+                f"has less than {share:.0%} of its {self.leaf_lifetime_hours:g}-hour life left "
+                f"({hours:g} hours): its rotation (Secrets Manager, every rotationHours) has not replaced "
+                "it; check the rotation function's logs, or rotate it now with "
+                "`aws secretsmanager rotate-secret`."
+            ),
+        )
+
+    def _ca_expiry(self) -> cloudwatch.Alarm:
+        days = names.CA_EXPIRY_ALARM_DAYS
+        return self._alarm(
+            "CaCertificateExpiry",
+            "certificate-expiry-ca",
+            metric=ca_days_to_expiry(self._environment),
+            threshold=days,
+            comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.MISSING,  # as the leaves': the check alarm pages
+            description=(
+                f"A CA in the trust bundle of {self._environment} expires in fewer than {days} days: the "
+                "automatic rollover (caRolloverStartDays) has not retired it, or the CA is imported; see "
+                "docs/MTLS_CERTIFICATE_MANAGEMENT.md (CA rollover)."
             ),
         )
 
@@ -338,10 +390,10 @@ class MtlsAlarms(Construct):
         return alarm
 
 
-def _check_settings(expiry_days: int, failure_rate_percent: float, min_requests: int) -> None:
+def _check_settings(lifetime_hours: float, failure_rate_percent: float, min_requests: int) -> None:
     problems = []
-    if not isinstance(expiry_days, int) or isinstance(expiry_days, bool) or expiry_days < 1:
-        problems.append(f"certificate_expiry_alarm_days must be a whole number >= 1, got {expiry_days!r}")
+    if not isinstance(lifetime_hours, int | float) or isinstance(lifetime_hours, bool) or lifetime_hours <= 0:
+        problems.append(f"leaf_lifetime_hours must be a number of hours > 0, got {lifetime_hours!r}")
     if (
         not isinstance(failure_rate_percent, int | float)
         or isinstance(failure_rate_percent, bool)

@@ -18,7 +18,8 @@ from constructs_lib.mtls_alarms import (
     MTLS_SERVER_SERVICE,
     RATE_PERIOD,
     MtlsAlarms,
-    certificate_days_to_expiry,
+    ca_days_to_expiry,
+    certificate_hours_to_expiry,
     mtls_metric,
     service_count,
 )
@@ -29,7 +30,8 @@ _ALARM_RED = "#d62728"
 _FULL, _HALF, _THIRD = 24, 12, 8
 _HEIGHT = 6
 DEFAULT_INTERVAL = Duration.days(3)
-"""Long enough to show a few points of the daily days-to-expiry gauge next to the 5-minute counts."""
+"""Long enough to show a few rotations of the leaves (hourly hours-to-expiry) and points of the CA's
+daily days-to-expiry next to the 5-minute counts."""
 
 
 def dashboard_name(environment: str) -> str:
@@ -91,8 +93,10 @@ class MtlsDashboard(Construct):
         return cloudwatch.TextWidget(
             markdown=(
                 f"# hokusai-mtls — {self._environment}\n"
-                f"Internal calls to `{MTLS_SERVER_SERVICE}` over mutual TLS. Alarms: a certificate with "
-                f"fewer than {alarms.certificate_expiry_alarm_days} days left; more than "
+                f"Internal calls to `{MTLS_SERVER_SERVICE}` over mutual TLS. Alarms: a leaf with less than "
+                f"{alarms.leaf_warn_hours:g} hours (warning) or {alarms.leaf_page_hours:g} hours (page) of its "
+                f"{alarms.leaf_lifetime_hours:g} left, the CA with fewer than {names.CA_EXPIRY_ALARM_DAYS} "
+                "days; more than "
                 f"{alarms.mtls_failure_rate_percent}% refused handshakes (from "
                 f"{alarms.mtls_failure_min_requests} attempts per 5 minutes); any internal API-key request."
             ),
@@ -101,28 +105,49 @@ class MtlsDashboard(Construct):
         )
 
     def _certificate_widgets(self) -> list[cloudwatch.IWidget]:
+        alarms = self._alarms
         metrics = [
-            certificate_days_to_expiry(self._environment, identity, label=identity.name)
-            for identity in self._alarms.identities
+            certificate_hours_to_expiry(self._environment, identity, label=identity.name)
+            for identity in alarms.identities
         ]
-        days = self._alarms.certificate_expiry_alarm_days
+        ca_days = names.CA_EXPIRY_ALARM_DAYS
         return [
             cloudwatch.SingleValueWidget(
-                title="Certificate days to expiry", metrics=metrics, width=_THIRD, height=_HEIGHT
+                title="Leaf hours to expiry", metrics=metrics, width=_THIRD, height=_HEIGHT
             ),
             cloudwatch.GraphWidget(
-                title="Certificate days to expiry, per identity",
+                title="Leaf hours to expiry, per identity (secret and every task, lowest)",
                 left=metrics,
                 left_annotations=[
                     cloudwatch.HorizontalAnnotation(
-                        value=days,
-                        label=f"alarm below {days} days",
+                        value=alarms.leaf_warn_hours,
+                        label=f"warning below {alarms.leaf_warn_hours:g} hours",
+                        color="#ff7f0e",
+                    ),
+                    cloudwatch.HorizontalAnnotation(
+                        value=alarms.leaf_page_hours,
+                        label=f"page below {alarms.leaf_page_hours:g} hours",
+                        color=_ALARM_RED,
+                        fill=cloudwatch.Shading.BELOW,
+                    ),
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, label="hours", show_units=False),
+                width=_THIRD,
+                height=_HEIGHT,
+            ),
+            cloudwatch.GraphWidget(
+                title="CA days to expiry (the bundle's first to expire)",
+                left=[ca_days_to_expiry(self._environment, label=CA_IDENTITY)],
+                left_annotations=[
+                    cloudwatch.HorizontalAnnotation(
+                        value=ca_days,
+                        label=f"alarm below {ca_days} days",
                         color=_ALARM_RED,
                         fill=cloudwatch.Shading.BELOW,
                     )
                 ],
                 left_y_axis=cloudwatch.YAxisProps(min=0, label="days", show_units=False),
-                width=_THIRD * 2,
+                width=_THIRD,
                 height=_HEIGHT,
             ),
             cloudwatch.GraphWidget(

@@ -29,13 +29,14 @@ from runtime import __version__, names
 from runtime.certificates import pem
 from runtime.certificates.certset import CertificateSet, load_ca_dir
 from runtime.certificates.identity import TLSIdentity
-from runtime.certificates.inspection import describe, format_text
-from runtime.certificates.issuance import DEFAULT_CA_LIFETIME_DAYS, KeyType
+from runtime.certificates.inspection import describe, format_text, time_left_text
+from runtime.certificates.issuance import DEFAULT_CA_LIFETIME_DAYS, SHORT_LEAF_LIFETIME_HOURS, KeyType
 from runtime.certificates.verification import verify_identity
 from runtime.errors import MtlsError, UnexpectedError
 from runtime.observability import log_redaction
-from runtime.secrets.loader import LoaderSettings, load_certificates
+from runtime.secrets.loader import LoaderSettings, load_certificates, refresh_delays, refresh_seconds
 from runtime.secrets.mlflow_config import apply_exports
+from runtime.secrets.refreshing_command import run_refreshing
 from runtime.service_catalog import catalog_from_environ, catalog_from_file
 
 log = logging.getLogger("hokusai_mtls")
@@ -69,13 +70,30 @@ def _read(path: str) -> bytes:
 
 
 # --- certs issue ---------------------------------------------------------------------
+def _add_leaf_lifetime(parser: argparse.ArgumentParser, step: str = "") -> None:
+    lifetime = parser.add_mutually_exclusive_group()
+    lifetime.add_argument(
+        "--leaf-hours",
+        type=float,
+        help=f"{step}leaf lifetime; default {SHORT_LEAF_LIFETIME_HOURS} hours, a year in development",
+    )
+    lifetime.add_argument("--leaf-days", type=int, help="the same in days")
+
+
+def _leaf_hours(args: argparse.Namespace) -> float | None:
+    """--leaf-hours, or --leaf-days in hours, or None for the environment's default."""
+    if args.leaf_days is not None:
+        return args.leaf_days * 24
+    return args.leaf_hours
+
+
 def cmd_issue(args: argparse.Namespace) -> int:
     ca, bundle = load_ca_dir(_directory(args.ca_dir, "--ca-dir")) if args.ca_dir else (None, None)
     identities = catalog_from_environ(os.environ).identities
     certificates = CertificateSet.issue(
         args.env,
         key_type=KeyType(args.key_type),
-        leaf_lifetime_days=args.leaf_days,
+        leaf_lifetime_hours=_leaf_hours(args),
         ca_lifetime_days=args.ca_days,
         server_sans=tuple(args.server_san),
         ca=ca,
@@ -95,7 +113,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 def _expiry(certificate) -> str:
     facts = describe(certificate)
-    return f"{facts['subject']:<52} expires {facts['not_after'][:10]} ({facts['days_left']} days)"
+    return f"{facts['subject']:<52} expires {facts['not_after'][:10]} ({time_left_text(certificate)} left)"
 
 
 # --- certs inspect -------------------------------------------------------------------
@@ -155,7 +173,7 @@ def cmd_rollover(args: argparse.Namespace) -> int:
     elif args.step == "begin":
         lines = rollover.begin(store, ca_lifetime_days=args.ca_days)
     elif args.step == "switch":
-        lines = rollover.switch(store, leaf_lifetime_days=args.leaf_days)
+        lines = rollover.switch(store, leaf_lifetime_hours=_leaf_hours(args))
     else:
         lines = rollover.finish(store)
     print("\n".join(lines))
@@ -187,17 +205,25 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 # --- run ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    """Load the certificates, export the variables, then become COMMAND (the container entrypoint).
+    """Load the certificates, export the variables, run COMMAND and keep its files fresh (the entrypoint).
 
     Safer than `eval "$(hokusai-mtls load-certs ...)"`, whose failure `set -e` cannot see:
-    here a failed load exits 1 and COMMAND never starts.
+    here a failed load exits 1 and COMMAND never starts. Leaves live a day, so the set is loaded
+    again every HOKUSAI_MTLS_REFRESH_SECONDS while COMMAND runs (`runtime.secrets.refreshing_command`).
     """
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("run needs a command after --, e.g. hokusai-mtls run --role api -- uvicorn app:app")
-    apply_exports(load_certificates(_loader_settings(args)), os.environ)
-    os.execvp(command[0], command)  # noqa: S606 - the container's own command, by design
-    return 0  # not reached
+    interval = refresh_seconds(os.environ)  # a bad value: exit 1 naming the variable, before any work
+    settings = _loader_settings(args)
+    environ = dict(os.environ)
+    apply_exports(load_certificates(settings), environ)
+    return run_refreshing(
+        command,
+        environ=environ,
+        refresh=lambda: load_certificates(settings, refresh=True),
+        next_delay=refresh_delays(interval),
+    )
 
 
 # --- serve-mlflow ----------------------------------------------------------------------
@@ -377,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(load)
     load.set_defaults(func=cmd_load, parser=load)
 
-    run = commands.add_parser("run", help="load-certs, then exec COMMAND with the variables set (entrypoint)")
+    run = commands.add_parser(
+        "run", help="load-certs, then run COMMAND with the variables set, refreshing its files (entrypoint)"
+    )
     _add_load_options(run)
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
     run.set_defaults(func=cmd_run, parser=run)
@@ -438,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--env", required=True, type=environment_name)
     issue.add_argument("--out", required=True, help="directory to write (created 0700)")
     issue.add_argument("--key-type", default=KeyType.ECDSA_P256.value, choices=[k.value for k in KeyType])
-    issue.add_argument("--leaf-days", type=int, help="default: 365 in development, 90 in staging/production")
+    _add_leaf_lifetime(issue)
     issue.add_argument("--ca-days", type=int, default=DEFAULT_CA_LIFETIME_DAYS)
     issue.add_argument(
         "--server-san",
@@ -489,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollover.add_argument(
         "--ca-days", type=int, default=DEFAULT_CA_LIFETIME_DAYS, help="begin: new CA lifetime"
     )
-    rollover.add_argument("--leaf-days", type=int, help="switch: default 365 in development, 90 otherwise")
+    _add_leaf_lifetime(rollover, "switch: ")
     rollover.set_defaults(func=cmd_rollover, parser=rollover)
     return parser
 

@@ -31,6 +31,21 @@ SPIFFE ID's last segment, part of `<identity>-identity` and of the stacks' resou
 
 CA_LIFETIME_DAYS = 5 * 365
 """Lifetime of a CA we make (first issuance, rollover); the stacks check rollover settings against it."""
+SHORT_LEAF_LIFETIME_HOURS = 24
+"""The leaf lifetime of every environment but development when none is given: Istio's, Linkerd's and
+step-ca's; rotation renews a leaf before half of it has passed."""
+DEVELOPMENT_LEAF_LIFETIME_HOURS = 365 * 24
+"""A year for development's leaves when none is given: a developer's local set (`make local`)."""
+
+
+def default_leaf_lifetime_hours(environment: str) -> int:
+    """The lifetime of a leaf issued in `environment` when none is given."""
+    return DEVELOPMENT_LEAF_LIFETIME_HOURS if environment == "development" else SHORT_LEAF_LIFETIME_HOURS
+
+
+CA_EXPIRY_ALARM_DAYS = 60
+"""The CA alarm fires when the trust bundle's first CA to expire has fewer days left; the automatic
+rollover's start is checked to finish before it."""
 
 # --- environment variables -------------------------------------------------------
 ENV_ENVIRONMENT = "ENVIRONMENT"
@@ -358,7 +373,10 @@ AUTH_PATH_API_KEY = "api_key"
 AUTH_PATHS: tuple[str, ...] = (AUTH_PATH_MTLS, AUTH_PATH_API_KEY)
 
 METRIC_CERT_DAYS_TO_EXPIRY = "CertificateDaysToExpiry"
-"""Gauge, dimensions (Environment, Identity): whole days until the identity's notAfter."""
+"""Gauge, dimensions (Environment, Identity): whole days until the identity's notAfter (the CA's alarm)."""
+METRIC_CERT_HOURS_TO_EXPIRY = "CertificateHoursToExpiry"
+"""Gauge, dimensions (Environment, Identity): hours (two decimals) until the notAfter of the identity's
+leaf in its secret; the leaf alarms compare it with the lifetime (warn below 50 %, page below 25 %)."""
 METRIC_CERT_CHECK_FAILURES = "CertificateCheckFailures"
 """Count, dimensions (Environment, Identity): 1 when the expiry check could not read, parse or verify
 the identity's secret (or `ca` for the trust bundle), 0 when it could; an alarm on > 0 makes a broken

@@ -8,6 +8,7 @@ are parsed in `settings_network` and `settings_services`; this module composes t
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from runtime.lifecycle import (
     CA_SOURCE_IMPORTED,
     CA_SOURCE_ISSUED,
     CA_SOURCES,
+    ROTATION_WINDOW_HOURS,
     check_function_name,
+    check_rotation_hours,
+    longest_rotation_hours,
     rotation_purpose,
 )
 from runtime.service_catalog import CDK_CONTEXT_KEY, Catalog
@@ -68,7 +72,11 @@ LOG_RETENTION_DAYS = (
 )  # fmt: skip
 """The values CloudWatch Logs accepts for a log group's retention."""
 
-MAX_LEAF_LIFETIME_DAYS = 397
+MAX_LEAF_LIFETIME_HOURS = 397 * 24
+"""The CA/Browser Forum's longest leaf; ours are meant to live a day."""
+MIN_LEAF_LIFETIME_HOURS = 2 * (4 + ROTATION_WINDOW_HOURS)
+"""The shortest leaf that Secrets Manager's fastest rotation (4 hours, within a 1-hour window) renews
+before half of it has passed."""
 MAX_MIN_REQUESTS = 1_000_000
 MAX_CA_ROLLOVER_WAIT_DAYS = 90
 
@@ -98,14 +106,13 @@ def _non_empty_cidrs(raw: object, where: Where, environment: str) -> tuple[str, 
 
 # cdk.json key -> (dataclass field, parser of the raw value)
 _KEYS: dict[str, tuple[str, _Parser]] = {
-    "leafLifetimeDays": ("leaf_lifetime_days", _as_is),
+    "leafLifetimeHours": ("leaf_lifetime_hours", _as_is),
     "logRetentionDays": ("log_retention_days", _as_is),
     "removalPolicy": ("removal_policy", _as_is),
     "account": ("account", _as_is),
     "region": ("region", _as_is),
     "mtlsMode": ("mtls_mode", _as_is),
     "alarmEmails": ("alarm_emails", lambda raw, where, _: where.strings(raw, _EMAIL, "an e-mail address")),
-    "certificateExpiryAlarmDays": ("certificate_expiry_alarm_days", _as_is),
     "mtlsFailureRatePercent": ("mtls_failure_rate_percent", _as_is),
     "mtlsFailureMinRequests": ("mtls_failure_min_requests", _as_is),
     "vpc": ("vpc", lambda raw, where, _: parse_vpc(raw, where)),
@@ -134,7 +141,7 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
         lambda raw, where, env: parse_api_key_store(raw, where, environment=env),
     ),
     "serviceScopes": ("service_scopes", lambda raw, where, _: parse_service_scopes(raw, where)),
-    "rotationDays": ("rotation_days", _as_is),
+    "rotationHours": ("rotation_hours", _as_is),
     "keyType": ("key_type", _as_is),
     "serverSans": ("server_sans", lambda raw, where, _: where.strings(raw, _SAN, "a DNS name or IP address")),
     "caSource": ("ca_source", _as_is),
@@ -154,7 +161,16 @@ _SERVICE_KEYS: dict[str, tuple[str, _ServiceParser]] = {
         lambda raw, where, declared: parse_route_policies(raw, where, declared.servers),
     ),
 }
-_REQUIRED = ("leafLifetimeDays", "logRetentionDays", "removalPolicy", "vpc", "mlflow")
+_REQUIRED = ("logRetentionDays", "removalPolicy", "vpc", "mlflow")
+_RETIRED: dict[str, str] = {
+    "leafLifetimeDays": "leaves are counted in hours now: use leafLifetimeHours (90 days is 2160; "
+    "leave it out for 24 hours, 1 year in development)",
+    "rotationDays": "rotation is counted in hours now: use rotationHours (30 days is 720; leave it out "
+    "to renew at half-life)",
+    "certificateExpiryAlarmDays": "the leaf alarms follow the lifetime now (a warning below 50 % left, "
+    "a page below 25 %) and the CA's fires at 60 days left: remove the setting",
+}
+"""Settings of earlier releases, refused with what replaces them (never silently ignored)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,8 +178,6 @@ class EnvironmentSettings:
     """What differs between development, staging and production (cdk.json key in brackets)."""
 
     environment: str
-    leaf_lifetime_days: int
-    """[leafLifetimeDays] How long the leaf (service) certificates issued here stay valid."""
     log_retention_days: int
     """[logRetentionDays] Retention of every log group the stacks create."""
     removal_policy: str
@@ -179,8 +193,6 @@ class EnvironmentSettings:
     """[mtlsMode] One of `runtime.names.MTLS_MODES`; `off` sets ENABLE_MTLS_AUTH=false (the rollback)."""
     alarm_emails: tuple[str, ...] = ()
     """[alarmEmails] Who the alarms e-mail; may be empty."""
-    certificate_expiry_alarm_days: int = 30
-    """[certificateExpiryAlarmDays] Alarm when a certificate has fewer days left; below leafLifetimeDays."""
     mtls_failure_rate_percent: float = 1.0
     """[mtlsFailureRatePercent] Alarm when more than this share of handshakes fail..."""
     mtls_failure_min_requests: int = 100
@@ -242,9 +254,14 @@ class EnvironmentSettings:
     the server's declared callers (api: every caller; mlflow and api: the services of serviceScopes when it is
     set) or `*`. A server left out: every accepted identity
     reaches every route, as before."""
-    rotation_days: int = 30
-    """[rotationDays] Secrets Manager rotates every identity secret this often (a fresh key and leaf);
-    below leafLifetimeDays - certificateExpiryAlarmDays, so a working rotation never trips the alarm."""
+    leaf_lifetime_hours: int | None = None
+    """[leafLifetimeHours] How long the leaf (service) certificates issued here stay valid, in hours.
+    None: `names.default_leaf_lifetime_hours` (24; a year in development). 10 .. 397 x 24."""
+    rotation_hours: int | None = None
+    """[rotationHours] Secrets Manager rotates every identity secret this often (a fresh key and leaf):
+    4, 6, 8, 12 or whole days in hours, and with its 1-hour window at most half the lifetime, so a leaf
+    is renewed before half-life and a working rotation never trips the 50 % warning. None: the longest
+    such period (`runtime.lifecycle.longest_rotation_hours`: 8 hours for 24-hour leaves)."""
     key_type: str = "ecdsa-p256"
     """[keyType] Key algorithm of issued leaves: one of `KEY_TYPES`."""
     server_sans: tuple[str, ...] = ()
@@ -258,15 +275,23 @@ class EnvironmentSettings:
     two-CA bundle, then its new leaf, meanwhile); the CA secrets' rotation schedule, too."""
     ca_rollover_start_days: int | None = None
     """[caRolloverStartDays] The automatic CA rollover begins when the CA has this many days left.
-    None: leafLifetimeDays + 90. At least leafLifetimeDays + 3 x caRolloverWaitDays + 1, so the new
-    CA issues before the old one is too short-lived to cover a leaf."""
+    None: 60 + 5 x caRolloverWaitDays + the leaf lifetime in days (rounded up): 96 for 24-hour leaves.
+    At least the leaf lifetime in days + 3 x caRolloverWaitDays + 1, so the new CA issues before the
+    old one is too short-lived to cover a leaf, and at least 60 + 4 x caRolloverWaitDays + 1, so the
+    rollover is done before the CA alarm (60 days left) fires."""
 
     def __post_init__(self) -> None:
         try:
             names.check_environment(self.environment)
         except ValueError as error:
             raise SettingsError(f"{CONTEXT_KEY}: {error}") from None
-        self._at("leafLifetimeDays").whole_number(self.leaf_lifetime_days, 1, MAX_LEAF_LIFETIME_DAYS)
+        if self.leaf_lifetime_hours is None:
+            object.__setattr__(
+                self, "leaf_lifetime_hours", names.default_leaf_lifetime_hours(self.environment)
+            )
+        lifetime = self._at("leafLifetimeHours").whole_number(
+            self.leaf_lifetime_hours, MIN_LEAF_LIFETIME_HOURS, MAX_LEAF_LIFETIME_HOURS
+        )
         self._at("logRetentionDays").whole_number(self.log_retention_days, 1, max(LOG_RETENTION_DAYS))
         if self.log_retention_days not in LOG_RETENTION_DAYS:
             self._at("logRetentionDays").fail(
@@ -281,27 +306,11 @@ class EnvironmentSettings:
         if self.region is not None and not (isinstance(self.region, str) and _REGION.match(self.region)):
             self._at("region").fail(f"{self.region!r} is not an AWS region name such as 'eu-west-1'")
         self._at("mtlsMode").choice(self.mtls_mode, names.MTLS_MODES)
-        self._at("certificateExpiryAlarmDays").whole_number(
-            self.certificate_expiry_alarm_days, 1, self.leaf_lifetime_days - 1
-        )
-        self._at("rotationDays").whole_number(
-            self.rotation_days, 1, self.leaf_lifetime_days - self.certificate_expiry_alarm_days - 1
-        )
+        self._check_rotation_hours(lifetime)
         self._at("keyType").choice(self.key_type, KEY_TYPES)
         self._at("caSource").choice(self.ca_source, CA_SOURCES)
         self._at("caRolloverWaitDays").whole_number(self.ca_rollover_wait_days, 1, MAX_CA_ROLLOVER_WAIT_DAYS)
-        if self.ca_rollover_start_days is None:
-            object.__setattr__(self, "ca_rollover_start_days", self.leaf_lifetime_days + 90)
-        lowest = self.leaf_lifetime_days + 3 * self.ca_rollover_wait_days + 1
-        start = self._at("caRolloverStartDays").whole_number(
-            self.ca_rollover_start_days, 1, names.CA_LIFETIME_DAYS - 1
-        )
-        if start < lowest:
-            self._at("caRolloverStartDays").fail(
-                f"{start} is too late: a rollover takes up to 3 x caRolloverWaitDays "
-                f"({3 * self.ca_rollover_wait_days}) before the new CA issues, and the old one must still "
-                f"outlive a leaf of leafLifetimeDays ({self.leaf_lifetime_days}); use at least {lowest}"
-            )
+        self._check_ca_rollover_start(lifetime)
         self._at("mtlsFailureRatePercent").number(self.mtls_failure_rate_percent, above=0, at_most=100)
         self._at("mtlsFailureMinRequests").whole_number(self.mtls_failure_min_requests, 1, MAX_MIN_REQUESTS)
         if self.namespace is not None and not isinstance(self.vpc, ImportVpc):
@@ -352,6 +361,47 @@ class EnvironmentSettings:
             )
         if self.internal_cidrs is None:
             object.__setattr__(self, "internal_cidrs", (self.vpc.cidr,))
+
+    @property
+    def leaf_lifetime_days(self) -> int:
+        """The leaf lifetime in whole days, rounded up: what the CA must still outlive."""
+        return math.ceil((self.leaf_lifetime_hours or 0) / 24)
+
+    def _check_rotation_hours(self, lifetime: int) -> None:
+        where = self._at("rotationHours")
+        if self.rotation_hours is None:
+            object.__setattr__(self, "rotation_hours", longest_rotation_hours(lifetime))
+            return
+        try:
+            hours = check_rotation_hours(self.rotation_hours)
+        except ValueError as error:
+            where.fail(str(error))
+        if 2 * (hours + ROTATION_WINDOW_HOURS) > lifetime:
+            where.fail(
+                f"{hours} is too slow for leafLifetimeHours {lifetime}: a rotation every {hours} hours "
+                f"(within a {ROTATION_WINDOW_HOURS}-hour window) must renew a leaf before half its life; "
+                f"use at most {longest_rotation_hours(lifetime)}, or leave it out"
+            )
+
+    def _check_ca_rollover_start(self, lifetime: int) -> None:
+        wait, days = self.ca_rollover_wait_days, self.leaf_lifetime_days
+        if self.ca_rollover_start_days is None:
+            object.__setattr__(self, "ca_rollover_start_days", names.CA_EXPIRY_ALARM_DAYS + 5 * wait + days)
+        where = self._at("caRolloverStartDays")
+        start = where.whole_number(self.ca_rollover_start_days, 1, names.CA_LIFETIME_DAYS - 1)
+        outlive, before_alarm = days + 3 * wait + 1, names.CA_EXPIRY_ALARM_DAYS + 4 * wait + 1
+        if start < outlive:
+            where.fail(
+                f"{start} is too late: a rollover takes up to 3 x caRolloverWaitDays ({3 * wait}) before "
+                f"the new CA issues, and the old one must still outlive a leaf of leafLifetimeHours "
+                f"({lifetime}, {days} days); use at least {max(outlive, before_alarm)}"
+            )
+        if start < before_alarm:
+            where.fail(
+                f"{start} is too late: a rollover takes up to 4 x caRolloverWaitDays ({4 * wait}) to "
+                f"retire the old CA, which pages once it has fewer than {names.CA_EXPIRY_ALARM_DAYS} days "
+                f"left; use at least {max(outlive, before_alarm)}"
+            )
 
     def _complete_service_settings(self) -> None:
         """Every declared service gets an image, a count and a size (the environment's, else the declared
@@ -444,6 +494,10 @@ class EnvironmentSettings:
     ) -> EnvironmentSettings:
         """Build from one entry of cdk.json's `hokusai:environments` (camelCase keys), for `services`."""
         where = Where(f"{CONTEXT_KEY}.{environment}")
+        if isinstance(raw, Mapping):
+            for key in raw:
+                if key in _RETIRED:
+                    (where / key).fail(_RETIRED[key])
         raw = where.mapping(raw, allowed=(*_KEYS, *_SERVICE_KEYS), required=_REQUIRED)
         values: dict[str, Any] = {}
         for key, value in raw.items():

@@ -43,7 +43,7 @@ class HokusaiStage(Stage):
             "Monitoring",
             environment=settings.environment,
             alarm_emails=list(settings.alarm_emails),
-            certificate_expiry_alarm_days=settings.certificate_expiry_alarm_days,
+            leaf_lifetime_hours=settings.leaf_lifetime_hours,
             mtls_failure_rate_percent=settings.mtls_failure_rate_percent,
             mtls_failure_min_requests=settings.mtls_failure_min_requests,
             removal_policy=RemovalPolicy.RETAIN if settings.retain else RemovalPolicy.DESTROY,

@@ -83,7 +83,7 @@ class CertificateSet:
         environment: str,
         *,
         key_type: KeyType = KeyType.ECDSA_P256,
-        leaf_lifetime_days: int | None = None,
+        leaf_lifetime_hours: float | None = None,
         ca_lifetime_days: int = DEFAULT_CA_LIFETIME_DAYS,
         server_sans: tuple[str, ...] = (),
         ca: CertificateAuthority | None = None,
@@ -107,7 +107,7 @@ class CertificateSet:
                 environment,
                 identity,
                 key_type=key_type,
-                lifetime_days=leaf_lifetime_days,
+                lifetime_hours=leaf_lifetime_hours,
                 now=now,
                 **({"extra_sans": server_sans} if identity.serves else {}),
             )

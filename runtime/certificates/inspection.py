@@ -73,6 +73,18 @@ def days_left(certificate: x509.Certificate, now: dt.datetime | None = None) -> 
     return math.floor(remaining.total_seconds() / 86400)
 
 
+def hours_left(certificate: x509.Certificate, now: dt.datetime | None = None) -> float:
+    """Hours until notAfter, rounded down to a hundredth; negative once expired (leaves live a day)."""
+    remaining = certificate.not_valid_after_utc - (now or dt.datetime.now(dt.UTC))
+    return math.floor(remaining.total_seconds() / 36) / 100
+
+
+def time_left_text(certificate: x509.Certificate, now: dt.datetime | None = None) -> str:
+    """`23.98 hours` below two days (leaves live a day: `0 days` would say nothing), else `89 days`."""
+    hours = hours_left(certificate, now)
+    return f"{hours:.2f} hours" if hours < 48 else f"{days_left(certificate, now)} days"
+
+
 def describe(certificate: x509.Certificate, now: dt.datetime | None = None) -> dict[str, Any]:
     """Everything an operator asks about a certificate, JSON-ready."""
     return {
@@ -82,6 +94,7 @@ def describe(certificate: x509.Certificate, now: dt.datetime | None = None) -> d
         "not_before": certificate.not_valid_before_utc.isoformat(),
         "not_after": certificate.not_valid_after_utc.isoformat(),
         "days_left": days_left(certificate, now),
+        "hours_left": hours_left(certificate, now),
         "key_type": key_type(certificate),
         "is_ca": is_ca(certificate),
         "extended_key_usage": extended_key_usages(certificate),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import ipaddress
+import math
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -25,12 +26,12 @@ from runtime.errors import LifetimeError, NotACertificateAuthorityError
 
 DEFAULT_CA_LIFETIME_DAYS = names.CA_LIFETIME_DAYS
 """Long enough for many leaf rotations; CA rollover (docs) replaces it well before the end."""
-DEFAULT_LEAF_LIFETIME_DAYS: dict[str, int] = {"development": 365, "staging": 90, "production": 90}
+SHORT_LEAF_LIFETIME_HOURS = names.SHORT_LEAF_LIFETIME_HOURS
+MIN_LEAF_LIFETIME_HOURS = 1 / 60
+"""One minute: the runtime issues leaves that short (compressed-time tests); the stacks ask for
+hours (Secrets Manager rotates at most every 4 hours)."""
 ISSUER_ORGANIZATION = "Hokusai"
 """The O of every certificate we issue; with the OU (the environment) it marks our CAs' environment."""
-FALLBACK_LEAF_LIFETIME_DAYS = 90
-"""The leaf lifetime of any other declared environment (`qa`, ...) when none is given."""
-"""The PRD: one year in development, 90 days in production; staging rehearses production."""
 CLOCK_SKEW_ALLOWANCE = dt.timedelta(minutes=5)
 """notBefore is back-dated so a peer whose clock runs a little behind accepts a fresh leaf."""
 
@@ -90,7 +91,7 @@ class CertificateAuthority:
     ) -> CertificateAuthority:
         """A new self-signed root for one environment (pathlen 0: it signs leaves only)."""
         names.check_environment(environment)
-        _check_lifetime(lifetime_days, "CA lifetime")
+        _check_ca_lifetime(lifetime_days)
         key = key_type.generate()
         subject = x509.Name(
             [
@@ -144,7 +145,7 @@ class CertificateAuthority:
         client_auth: bool = False,
         extra_sans: tuple[str, ...] = (),
         key_type: KeyType = KeyType.ECDSA_P256,
-        lifetime_days: int | None = None,
+        lifetime_hours: float | None = None,
         now: dt.datetime | None = None,
     ) -> TLSIdentity:
         """A server's certificate: DNS SAN `<service>.hokusai-<env>.local` (MLflow's by default; + extra DNS
@@ -157,7 +158,7 @@ class CertificateAuthority:
             ExtendedKeyUsageOID.SERVER_AUTH,
             *([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else []),
         ]
-        return self._issue_leaf(environment, hostname, sans, usages, key_type, lifetime_days, now)
+        return self._issue_leaf(environment, hostname, sans, usages, key_type, lifetime_hours, now)
 
     def issue_client(
         self,
@@ -165,13 +166,13 @@ class CertificateAuthority:
         service: str,
         *,
         key_type: KeyType = KeyType.ECDSA_P256,
-        lifetime_days: int | None = None,
+        lifetime_hours: float | None = None,
         now: dt.datetime | None = None,
     ) -> TLSIdentity:
         """A calling service's certificate: one URI SAN `spiffe://hokusai/<env>/<service>`, CN `service`."""
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(names.spiffe_id(environment, service))]
         return self._issue_leaf(
-            environment, service, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], key_type, lifetime_days, now
+            environment, service, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], key_type, lifetime_hours, now
         )
 
     def _issue_leaf(
@@ -181,18 +182,17 @@ class CertificateAuthority:
         sans: list[x509.GeneralName],
         usages: list[x509.ObjectIdentifier],
         key_type: KeyType,
-        lifetime_days: int | None,
+        lifetime_hours: float | None,
         now: dt.datetime | None,
     ) -> TLSIdentity:
         names.check_environment(environment)
-        default = DEFAULT_LEAF_LIFETIME_DAYS.get(environment, FALLBACK_LEAF_LIFETIME_DAYS)
-        days = default if lifetime_days is None else lifetime_days
-        _check_lifetime(days, "leaf lifetime")
+        hours = names.default_leaf_lifetime_hours(environment) if lifetime_hours is None else lifetime_hours
+        check_leaf_lifetime(hours)
         now = now or _utcnow()
-        end = now + dt.timedelta(days=days)
+        end = now + dt.timedelta(hours=hours)
         if end > self.certificate.not_valid_after_utc:
             raise LifetimeError(
-                f"a {days}-day leaf would outlive its CA {self.certificate.subject.rfc4514_string()}, "
+                f"a {hours:g}-hour leaf would outlive its CA {self.certificate.subject.rfc4514_string()}, "
                 f"which expires {self.certificate.not_valid_after_utc:%Y-%m-%d}; roll the CA over first"
             )
         key = key_type.generate()
@@ -234,9 +234,19 @@ class CertificateAuthority:
         return TLSIdentity(certificate, key, f"{common_name} ({environment})")
 
 
-def _check_lifetime(days: int, what: str) -> None:
-    if not isinstance(days, int) or days < 1:
-        raise LifetimeError(f"{what} must be a positive number of days, got {days!r}")
+def _check_ca_lifetime(days: int) -> None:
+    if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+        raise LifetimeError(f"CA lifetime must be a positive number of days, got {days!r}")
+
+
+def check_leaf_lifetime(hours: float) -> float:
+    """`hours` if it is a leaf lifetime we issue (finite, at least a minute), else LifetimeError."""
+    valid = isinstance(hours, int | float) and not isinstance(hours, bool) and math.isfinite(hours)
+    if not valid or hours < MIN_LEAF_LIFETIME_HOURS:
+        raise LifetimeError(
+            f"leaf lifetime must be a number of hours, at least one minute (1/60), got {hours!r}"
+        )
+    return hours
 
 
 def _key_usage(

@@ -4,7 +4,7 @@
 - `runtime.lifecycle.rotation.handler`  Secrets Manager rotation Lambda for `<identity>-identity`
 - `runtime.lifecycle.ca_rotation.handler`  Secrets Manager rotation Lambda for `ca-key-next`,
                                          `ca-key` and `ca-cert`: the CA rollover, step by step
-- `runtime.lifecycle.expiry.handler`    scheduled: days to expiry and check failures to CloudWatch
+- `runtime.lifecycle.expiry.handler`    scheduled: hours and days to expiry, check failures to CloudWatch
 
 This module holds only the settings the CDK half sets on those Lambdas, and imports nothing
 outside the standard library, so the stacks can import it like `runtime.names`.
@@ -12,8 +12,49 @@ outside the standard library, so the stacks can import it like `runtime.names`.
 
 from __future__ import annotations
 
-ENV_LEAF_LIFETIME_DAYS = "HOKUSAI_MTLS_LEAF_LIFETIME_DAYS"
-"""Rotation: lifetime of a rotated leaf in days; unset: `runtime.certificates.issuance.DEFAULT_LEAF_LIFETIME_DAYS`."""
+ENV_LEAF_LIFETIME_HOURS = "HOKUSAI_MTLS_LEAF_LIFETIME_HOURS"
+"""Rotation: lifetime of a rotated leaf in hours (a fraction for compressed-time tests); unset:
+`runtime.names.default_leaf_lifetime_hours`."""
+ROTATION_WINDOW_HOURS = 1
+"""Secrets Manager rotates at any time inside a window that opens on the schedule; the stacks
+set it to this (`Duration`) for every identity's schedule, so a leaf is replaced at most `hours + 1` after
+the one before it."""
+SUB_DAY_ROTATION_HOURS = (4, 6, 8, 12)
+"""Rotation periods below a day that Secrets Manager can keep: rate() windows start at midnight UTC and
+must not reach into the next UTC day or window, so the period divides a day; 4 hours is its minimum."""
+
+
+def check_rotation_hours(hours: int) -> int:
+    """`hours`, or a ValueError naming the periods Secrets Manager can rotate at."""
+    if isinstance(hours, bool) or not isinstance(hours, int):
+        raise ValueError(f"expected a whole number of hours, got {hours!r}")
+    if hours not in SUB_DAY_ROTATION_HOURS and not (hours >= 24 and hours % 24 == 0):
+        allowed = ", ".join(map(str, SUB_DAY_ROTATION_HOURS))
+        raise ValueError(
+            f"{hours} hours: Secrets Manager rotates every {allowed} hours or whole days (24, 48, ...)"
+        )
+    return hours
+
+
+def longest_rotation_hours(leaf_lifetime_hours: float) -> int | None:
+    """The longest period that still replaces a leaf before half its life (period + window <= half),
+    renewal at half-life as Istio and Linkerd do it; None when even 4 hours is too slow."""
+    fitting = [h for h in SUB_DAY_ROTATION_HOURS if 2 * (h + ROTATION_WINDOW_HOURS) <= leaf_lifetime_hours]
+    days = int((leaf_lifetime_hours / 2 - ROTATION_WINDOW_HOURS) // 24)
+    if days >= 1:
+        return days * 24
+    return fitting[-1] if fitting else None
+
+
+def rotation_schedule_expression(hours: int) -> str:
+    """Secrets Manager's `ScheduleExpression` for a rotation every `hours` (`check_rotation_hours`)."""
+    check_rotation_hours(hours)
+    if hours < 24:
+        return f"rate({hours} hours)"
+    days = hours // 24
+    return f"rate({days} day{'s' if days > 1 else ''})"
+
+
 ENV_KEY_TYPE = "HOKUSAI_MTLS_KEY_TYPE"
 """Rotation: key algorithm of a rotated leaf (`runtime.certificates.issuance.KeyType` value); unset: ecdsa-p256."""
 ENV_SERVER_SANS = "HOKUSAI_MTLS_SERVER_SANS"

@@ -27,7 +27,7 @@ The schedule runs every WAIT days on each of the three secrets, so a rollover ta
 outlives every leaf issued meanwhile (START > leaf lifetime + 3 x WAIT).
 
 Environment: `runtime.lifecycle.ENV_CA_ROLLOVER_START_DAYS`, `ENV_CA_ROLLOVER_WAIT_DAYS`,
-`ENV_CA_SOURCE`, `ENV_LEAF_LIFETIME_DAYS` (the re-issued leaves' lifetime).
+`ENV_CA_SOURCE`, `ENV_LEAF_LIFETIME_HOURS` (the re-issued leaves' lifetime).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from runtime.lifecycle import (
     ENV_CA_SOURCE,
 )
 from runtime.lifecycle.clients import secrets_client
-from runtime.lifecycle.rotation import handshake, leaf_lifetime_days
+from runtime.lifecycle.rotation import handshake, leaf_lifetime_hours
 from runtime.lifecycle.rotation_steps import RotationError, current_value, run_step
 from runtime.secrets import rollover
 
@@ -142,7 +142,7 @@ class CaRotation:
             ):
                 done = rollover.begin(self._store, now=self._now)
             elif self.suffix == names.CA_KEY_SECRET and _switch_unfinished(state):
-                done = rollover.switch(self._store, leaf_lifetime_days=leaf_lifetime_days(), now=self._now)
+                done = rollover.switch(self._store, leaf_lifetime_hours=leaf_lifetime_hours(), now=self._now)
             else:
                 return
         except MtlsError as exc:
@@ -224,7 +224,7 @@ class CaRotation:
             )
         if ca.certificate not in bundle:
             bundle.append(ca.certificate)  # a next CA: trusted once begin completes
-        leaf = ca.issue_server(self._store.environment, lifetime_days=1)
+        leaf = ca.issue_server(self._store.environment, lifetime_hours=1)
         handshake(names.SERVER, leaf, ca, bundle, self._store.environment)
 
     def _test_bundle(self, state: rollover.State, bundle: list[x509.Certificate]) -> None:

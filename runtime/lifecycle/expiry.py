@@ -1,7 +1,9 @@
-"""Scheduled check: days to expiry of every certificate, and a failure count for unreadable ones.
+"""Scheduled check: time to expiry of every certificate, and a failure count for unreadable ones.
 
 For the trust bundle (`Identity=ca`, the CA that expires first) and each identity in
-declared identity (HOKUSAI_MTLS_SERVICES, `runtime.service_catalog`) it publishes `CertificateDaysToExpiry` (whole days, negative once expired) and
+declared identity (HOKUSAI_MTLS_SERVICES, `runtime.service_catalog`) it publishes `CertificateDaysToExpiry`
+(whole days, negative once expired), `CertificateHoursToExpiry` (hours, two decimals: the leaves live a
+day, and their alarms are a share of that) and
 `CertificateCheckFailures` (1 if the secret could not be read, parsed or verified against the
 bundle, else 0) under `names.METRIC_NAMESPACE` with dimensions Environment and Identity.
 A bad secret is an alarm, never a silent gap, and never stops the check of the others.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -23,19 +24,20 @@ from cryptography import x509
 
 from runtime import names
 from runtime.certificates.certset import verify_for
+from runtime.certificates.inspection import days_left, hours_left
 from runtime.errors import MtlsError
 from runtime.lifecycle import CA_IDENTITY
 from runtime.lifecycle.clients import cloudwatch_client, secrets_client
 from runtime.secrets.secret_store import SecretStore
 
 log = logging.getLogger("hokusai_mtls")
-_DAY_SECONDS = 86400
 
 
 @dataclass
 class Report:
     environment: str
     days_to_expiry: dict[str, int] = field(default_factory=dict)
+    hours_to_expiry: dict[str, float] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     """One entry per secret that failed: identity, secret, error code and message (never a value)."""
 
@@ -43,6 +45,7 @@ class Report:
         return {
             "environment": self.environment,
             "days_to_expiry": self.days_to_expiry,
+            "hours_to_expiry": self.hours_to_expiry,
             "failures": self.failures,
         }
 
@@ -58,11 +61,6 @@ def handler(event, context, *, secrets=None, cloudwatch=None, now: dt.datetime |
     return report.as_dict()
 
 
-def days_until(certificate: x509.Certificate, now: dt.datetime) -> int:
-    """Whole days left (rounded down): 0 on the last day, negative once expired."""
-    return math.floor((certificate.not_valid_after_utc - now).total_seconds() / _DAY_SECONDS)
-
-
 def check(environment: str, *, secrets, cloudwatch, now: dt.datetime | None = None) -> Report:
     now = now or dt.datetime.now(dt.UTC)
     store = SecretStore(environment, client=secrets)
@@ -71,10 +69,11 @@ def check(environment: str, *, secrets, cloudwatch, now: dt.datetime | None = No
 
     def record(identity: str, secret_id: str, certificate, error: MtlsError | None) -> None:
         if certificate is not None:
-            report.days_to_expiry[identity] = days_until(certificate, now)
-            data.append(
-                _datum(names.METRIC_CERT_DAYS_TO_EXPIRY, environment, identity, days_until(certificate, now))
-            )
+            days, hours = days_left(certificate, now), hours_left(certificate, now)
+            report.days_to_expiry[identity] = days
+            report.hours_to_expiry[identity] = hours
+            data.append(_datum(names.METRIC_CERT_DAYS_TO_EXPIRY, environment, identity, days))
+            data.append(_datum(names.METRIC_CERT_HOURS_TO_EXPIRY, environment, identity, hours))
         if error is not None:
             report.failures.append(
                 {"identity": identity, "secret": secret_id, "code": error.code, "error": str(error)}
@@ -108,7 +107,7 @@ def _not_after(certificate: x509.Certificate) -> dt.datetime:
     return certificate.not_valid_after_utc
 
 
-def _datum(metric: str, environment: str, identity: str, value: int) -> dict:
+def _datum(metric: str, environment: str, identity: str, value: float) -> dict:
     """No Timestamp: CloudWatch stamps the time it receives the value (`now` may be a test's clock)."""
     return {
         "MetricName": metric,

@@ -20,7 +20,7 @@ mistyped import deserves an operator's eyes. Leaves are cheap and re-issued when
 Event (ResourceProperties arrive as strings, as CloudFormation sends them)::
 
     {"RequestType": "Create" | "Update" | "Delete",
-     "ResourceProperties": {"Environment": "staging", "LeafLifetimeDays": "90",
+     "ResourceProperties": {"Environment": "staging", "LeafLifetimeHours": "24",
                             "ServerSans": ["localhost"], "KeyType": "ecdsa-p256",
                             "CaSource": "issued"}}
 """
@@ -40,9 +40,15 @@ from runtime import names
 from runtime.certificates import pem
 from runtime.certificates.certset import check_ca_environment, verify_for
 from runtime.certificates.identity import TLSIdentity
-from runtime.certificates.issuance import CertificateAuthority, KeyType
+from runtime.certificates.issuance import CertificateAuthority, KeyType, check_leaf_lifetime
 from runtime.certificates.verification import check_validity
-from runtime.errors import CertificateError, CertificateSetError, SecretContentError, SecretNotFoundError
+from runtime.errors import (
+    CertificateError,
+    CertificateSetError,
+    LifetimeError,
+    SecretContentError,
+    SecretNotFoundError,
+)
 from runtime.lifecycle import CA_SOURCE_IMPORTED, CA_SOURCE_ISSUED, CA_SOURCES
 from runtime.lifecycle.clients import secrets_client
 from runtime.secrets.rollover import NO_NEXT_CA
@@ -56,7 +62,7 @@ class Settings:
     """What the custom resource's properties ask for."""
 
     environment: str
-    leaf_lifetime_days: int | None = None
+    leaf_lifetime_hours: float | None = None
     server_sans: tuple[str, ...] = ()
     key_type: KeyType = KeyType.ECDSA_P256
     ca_source: str = CA_SOURCE_ISSUED
@@ -67,7 +73,7 @@ class Settings:
             environment = names.check_environment(str(properties["Environment"]))
         except KeyError:
             raise ValueError("ResourceProperties.Environment is required") from None
-        lifetime = properties.get("LeafLifetimeDays")
+        lifetime = properties.get("LeafLifetimeHours")
         sans = properties.get("ServerSans") or ()
         ca_source = properties.get("CaSource") or CA_SOURCE_ISSUED
         if ca_source not in CA_SOURCES:
@@ -79,12 +85,12 @@ class Settings:
         try:
             return cls(
                 environment,
-                int(lifetime) if lifetime is not None and lifetime != "" else None,
+                check_leaf_lifetime(float(lifetime)) if lifetime is not None and lifetime != "" else None,
                 tuple(str(s) for s in sans),
                 KeyType(properties.get("KeyType") or KeyType.ECDSA_P256.value),
                 ca_source,
             )
-        except ValueError as exc:
+        except (ValueError, LifetimeError) as exc:
             raise ValueError(f"invalid ResourceProperties: {exc}") from exc
 
 
@@ -207,7 +213,7 @@ def _ensure_identity(
         settings.environment,
         identity,
         key_type=settings.key_type,
-        lifetime_days=settings.leaf_lifetime_days,
+        lifetime_hours=settings.leaf_lifetime_hours,
         now=now,
         **({"extra_sans": settings.server_sans} if identity.serves else {}),
     )

@@ -7,7 +7,7 @@ The four steps (`runtime.lifecycle.rotation_steps`), for a leaf:
                 complete a real mutual TLS handshake with a throwaway peer from the same CA
 - finishSecret  AWSCURRENT moves to it; services load it within their refresh interval
 
-Environment: `runtime.lifecycle.ENV_LEAF_LIFETIME_DAYS`, `ENV_KEY_TYPE`, `ENV_SERVER_SANS`.
+Environment: `runtime.lifecycle.ENV_LEAF_LIFETIME_HOURS`, `ENV_KEY_TYPE`, `ENV_SERVER_SANS`.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from runtime.certificates import pem
 from runtime.certificates.certset import verify_for
 from runtime.certificates.files import PRIVATE_FILE_MODE, write_file_atomic
 from runtime.certificates.identity import TLSIdentity
-from runtime.certificates.issuance import CertificateAuthority, KeyType
-from runtime.errors import CertificateError, SecretStoreError
-from runtime.lifecycle import ENV_KEY_TYPE, ENV_LEAF_LIFETIME_DAYS, ENV_SERVER_SANS
+from runtime.certificates.issuance import CertificateAuthority, KeyType, check_leaf_lifetime
+from runtime.errors import CertificateError, LifetimeError, SecretStoreError
+from runtime.lifecycle import ENV_KEY_TYPE, ENV_LEAF_LIFETIME_HOURS, ENV_SERVER_SANS
 from runtime.lifecycle.clients import secrets_client
 from runtime.lifecycle.rotation_steps import STEPS, RotationError, run_step
 from runtime.secrets.secret_store import SecretStore
 from runtime.service_catalog import catalog_from_environ
 
-__all__ = ["STEPS", "RotationError", "handler", "handshake", "leaf_lifetime_days"]
+__all__ = ["STEPS", "RotationError", "handler", "handshake", "leaf_lifetime_hours"]
 
 log = logging.getLogger("hokusai_mtls")
 
@@ -87,9 +87,9 @@ class IdentityRotation:
     def create(self) -> str:
         ca = self._store.fetch_ca()
         environment, identity = self.target.environment, self.target.identity
-        key_type, lifetime_days = _key_type(), leaf_lifetime_days()
+        key_type, lifetime_hours = _key_type(), leaf_lifetime_hours()
         extra = {"extra_sans": _server_sans()} if identity.serves else {}
-        tls = ca.issue(environment, identity, key_type=key_type, lifetime_days=lifetime_days, **extra)
+        tls = ca.issue(environment, identity, key_type=key_type, lifetime_hours=lifetime_hours, **extra)
         log.info(
             "createSecret %s: issued serial %x, valid until %s",
             self.secret_id,
@@ -126,12 +126,12 @@ def handshake(
     but with no port to bind and no thread in the Lambda. Keys touch disk only because
     `load_cert_chain` reads files: a private temporary directory, removed at once.
     """
-    throwaway_days = 1
+    throwaway_hours = 1
     if identity.serves:  # a server (or both: verify_for checked its client usage) serves the handshake
-        server, client = tls, ca.issue_client(environment, "rotation-test", lifetime_days=throwaway_days)
+        server, client = tls, ca.issue_client(environment, "rotation-test", lifetime_hours=throwaway_hours)
         hostname = identity.hostname(environment)
     else:
-        server, client = ca.issue_server(environment, lifetime_days=throwaway_days), tls
+        server, client = ca.issue_server(environment, lifetime_hours=throwaway_hours), tls
         hostname = names.mlflow_hostname(environment)
     cadata = pem.bundle_pem(list(bundle)).decode()
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -183,15 +183,17 @@ def _pump(client: _End, server: _End) -> None:
 
 
 # --- settings from the environment -----------------------------------------------------
-def leaf_lifetime_days() -> int | None:
-    """ENV_LEAF_LIFETIME_DAYS, or None for the runtime's per-environment default."""
-    value = os.environ.get(ENV_LEAF_LIFETIME_DAYS, "").strip()
+def leaf_lifetime_hours() -> float | None:
+    """ENV_LEAF_LIFETIME_HOURS, or None for the runtime's per-environment default."""
+    value = os.environ.get(ENV_LEAF_LIFETIME_HOURS, "").strip()
     if not value:
         return None  # the runtime's per-environment default
     try:
-        return int(value)
-    except ValueError:
-        raise RotationError(f"{ENV_LEAF_LIFETIME_DAYS}={value!r} is not a whole number of days") from None
+        return check_leaf_lifetime(float(value))
+    except (ValueError, LifetimeError):
+        raise RotationError(
+            f"{ENV_LEAF_LIFETIME_HOURS}={value!r} is not a leaf lifetime in hours (at least 1/60)"
+        ) from None
 
 
 def _key_type() -> KeyType:

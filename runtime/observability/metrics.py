@@ -127,7 +127,13 @@ class Metrics:
         )
         self._prom_days = Gauge(
             "hokusai_mtls_certificate_days_to_expiry",
-            "Days until the served certificate expires",
+            "Whole days until the served certificate expires",
+            ("environment", "identity"),
+            registry=self.registry,
+        )
+        self._prom_hours = Gauge(
+            "hokusai_mtls_certificate_hours_to_expiry",
+            "Hours until the served certificate expires (leaves live a day)",
             ("environment", "identity"),
             registry=self.registry,
         )
@@ -153,7 +159,7 @@ class Metrics:
         self._policy_would_deny = 0
         self._plain = 0
         self._latency_ms: defaultdict[float, int] = defaultdict(int)
-        self._days: dict[str, int] = {}
+        self._left: dict[str, tuple[int, float]] = {}
 
     # --- recording (cheap, in memory) ------------------------------------------------------
     def auth(self, auth_path: str, outcome: str) -> None:
@@ -205,10 +211,13 @@ class Metrics:
         with self._lock:
             self._latency_ms[round(seconds * 1000, 1)] += 1
 
-    def certificate_days_left(self, identity: str, days: int) -> None:
+    def certificate_time_left(self, identity: str, days: int, hours: float) -> None:
+        """The served certificate's time left (`inspection.days_left`, `hours_left`): the leaf alarms
+        watch the hours of every task as well as the secret's, so a task stuck on an old leaf pages."""
         self._prom_days.labels(self.environment, identity).set(days)
+        self._prom_hours.labels(self.environment, identity).set(hours)
         with self._lock:
-            self._days[identity] = days
+            self._left[identity] = (days, hours)
 
     # --- publishing ------------------------------------------------------------------------
     def prometheus(self) -> bytes:
@@ -295,7 +304,7 @@ class Metrics:
             failed = dict(self._failed)
             internal_api_key, plain = self._internal_api_key, self._plain
             denied, would_deny = self._policy_denied, self._policy_would_deny
-            latency, days = dict(self._latency_ms), dict(self._days)
+            latency, left = dict(self._latency_ms), dict(self._left)
             self._reset_interval()
         base = {names.DIM_ENVIRONMENT: self.environment, names.DIM_SERVICE: self.service}
         documents = []
@@ -344,11 +353,14 @@ class Metrics:
             chunk = values[start : start + _EMF_MAX_VALUES]
             distribution = {"Values": [v for v, _ in chunk], "Counts": [c for _, c in chunk]}
             documents.append(self._emf(base, {names.METRIC_INTERNAL_LATENCY: (distribution, "Milliseconds")}))
-        for identity, left in sorted(days.items()):
+        for identity, (days, hours) in sorted(left.items()):
             documents.append(
                 self._emf(
                     {names.DIM_ENVIRONMENT: self.environment, names.DIM_IDENTITY: identity},
-                    {names.METRIC_CERT_DAYS_TO_EXPIRY: (left, "None")},
+                    {
+                        names.METRIC_CERT_DAYS_TO_EXPIRY: (days, "None"),
+                        names.METRIC_CERT_HOURS_TO_EXPIRY: (hours, "None"),
+                    },
                 )
             )
         text = "".join(json.dumps(document, separators=(",", ":")) + "\n" for document in documents)

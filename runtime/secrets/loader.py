@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import shlex
 import time
 from collections.abc import Callable, Mapping
@@ -42,7 +43,7 @@ from runtime.certificates.certset import verify_for
 from runtime.certificates.dev_ca import default_dev_ca_dir, load_or_create_dev_ca
 from runtime.certificates.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, publish_files
 from runtime.certificates.identity import TLSIdentity
-from runtime.certificates.inspection import days_left
+from runtime.certificates.inspection import time_left_text
 from runtime.certificates.tls_context import check_openssl_accepts
 from runtime.errors import LoadError, MtlsError, RefreshError, UnexpectedError
 from runtime.security_level import SecurityLevel, parse_flag
@@ -136,6 +137,19 @@ class LoaderSettings:
 
 DEFAULT_REFRESH_SECONDS = 300.0
 MAX_REFRESH_SECONDS = 24 * 3600.0
+REFRESH_JITTER = 0.2
+"""Each wait between refreshes is drawn from [80 %, 100 %] of the interval: tasks started by one deploy
+spread their Secrets Manager calls apart, and none waits longer than the interval."""
+
+
+def refresh_delay(seconds: float, draw: Callable[[], float] = random.random) -> float:
+    """The next wait before a refresh: `seconds` less up to `REFRESH_JITTER` of it."""
+    return seconds * (1 - REFRESH_JITTER * draw())
+
+
+def refresh_delays(seconds: float) -> Callable[[], float]:
+    """Each call: the next jittered wait of a refresh every `seconds` (`periodic(..., delay=)`)."""
+    return functools.partial(refresh_delay, seconds)
 
 
 def refresh_seconds(environ: Mapping[str, str]) -> float:
@@ -208,7 +222,7 @@ class LoadResult:
             certificate = self.identity.certificate
             text += (
                 f"; identity {certificate.subject.rfc4514_string()} serial {certificate.serial_number:x}, "
-                f"expires {certificate.not_valid_after_utc:%Y-%m-%d} ({days_left(certificate)} days)"
+                f"expires {certificate.not_valid_after_utc:%Y-%m-%d} ({time_left_text(certificate)} left)"
             )
         if self.files:
             text += f"; files in {s.directory}"

@@ -259,7 +259,7 @@ def begin(
 def switch(
     store: RolloverStore,
     *,
-    leaf_lifetime_days: int | None = None,
+    leaf_lifetime_hours: float | None = None,
     now: dt.datetime | None = None,
 ) -> list[str]:
     """Make the new CA the issuer, then re-issue every identity from it."""
@@ -290,7 +290,7 @@ def switch(
         if entry.problem is None and entry.issuer == issuer.certificate:
             done.append(f"unchanged {entry.secret_id}: already issued by the new CA")
             continue
-        options: dict = {"lifetime_days": leaf_lifetime_days, "now": now}
+        options: dict = {"lifetime_hours": leaf_lifetime_hours, "now": now}
         if entry.certificate is not None:
             options["key_type"] = _key_type(entry.certificate)
             if identity.serves:

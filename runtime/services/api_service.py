@@ -42,11 +42,11 @@ from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
 from runtime.auth.route_policy import policy_from_environ
 from runtime.certificates import pem
-from runtime.certificates.inspection import days_left
+from runtime.certificates.inspection import days_left, hours_left
 from runtime.clients.adaptive_client import ClientTLS, create_adaptive_client
 from runtime.errors import WorkerError
 from runtime.observability.metrics import Metrics, interval_from_environ
-from runtime.secrets.loader import LoaderSettings, LoadResult, read_published, refresh_seconds
+from runtime.secrets.loader import LoaderSettings, LoadResult, read_published, refresh_delays, refresh_seconds
 from runtime.secrets.mlflow_config import configure_internal_mtls
 from runtime.security_level import SecurityLevel
 from runtime.services.mlflow_proxy import mlflow_proxy_app
@@ -206,6 +206,7 @@ class ApiService:
             report["certificate"] = {
                 "serial": f"{certificate.serial_number:x}",
                 "days_left": days_left(certificate),
+                "hours_left": hours_left(certificate),
             }
         if (keys := self.keys.describe()) is not None:
             report["api_keys"] = keys
@@ -229,7 +230,12 @@ class ApiService:
             limits=limits,
             background=[
                 periodic("metrics", self.metrics_seconds, self.metrics.flush, at_exit=True),
-                periodic("certificate refresh", refresh_seconds(self.environ), self.refresh),
+                periodic(
+                    "certificate refresh",
+                    refresh_seconds(self.environ),
+                    self.refresh,
+                    delay=refresh_delays(refresh_seconds(self.environ)),
+                ),
                 *self._clients_to_close(),
             ],
         )
@@ -263,7 +269,12 @@ class ApiSupervisor:
             [],
             background=[
                 periodic("metrics", interval_from_environ(environ), self.metrics.flush, at_exit=True),
-                periodic("certificate refresh", refresh_seconds(environ), self.refresh),
+                periodic(
+                    "certificate refresh",
+                    refresh_seconds(environ),
+                    self.refresh,
+                    delay=refresh_delays(refresh_seconds(environ)),
+                ),
                 self.supervisor.background(),
             ],
         )

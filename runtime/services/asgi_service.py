@@ -34,10 +34,16 @@ from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
 from runtime.auth.route_policy import policy_from_environ
 from runtime.certificates import pem
-from runtime.certificates.inspection import days_left
+from runtime.certificates.inspection import days_left, hours_left
 from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
 from runtime.observability.metrics import DEFAULT_INTERVAL_SECONDS, Metrics, interval_from_environ
-from runtime.secrets.loader import LoaderSettings, LoadResult, load_certificates, refresh_seconds
+from runtime.secrets.loader import (
+    LoaderSettings,
+    LoadResult,
+    load_certificates,
+    refresh_delays,
+    refresh_seconds,
+)
 from runtime.security_level import SecurityLevel
 from runtime.serving.connection_limits import mlflow_limits
 from runtime.serving.server import Background, Listener, Serving, periodic
@@ -118,6 +124,7 @@ def health_report(level: SecurityLevel, mode: str, tls: ReloadableServerContext 
             "serial": f"{certificate.serial_number:x}",
             "not_after": certificate.not_valid_after_utc.isoformat(),
             "days_left": left,
+            "hours_left": hours_left(certificate),
             "reloads": tls.reloads,
         }
         if left < 0:
@@ -242,7 +249,12 @@ class AsgiService:
     def _background(self) -> list[Background]:
         s = self.settings
         jobs = [
-            periodic("certificate refresh", s.refresh_seconds, self.refresh),
+            periodic(
+                "certificate refresh",
+                s.refresh_seconds,
+                self.refresh,
+                delay=refresh_delays(s.refresh_seconds),
+            ),
             periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
             *self.keys.background(),
         ]
@@ -259,8 +271,9 @@ class AsgiService:
 
     def _record_expiry(self) -> None:
         if self.tls is not None:
-            self.metrics.certificate_days_left(
-                self.settings.loader.identity.name, days_left(self.tls.certificate)
+            certificate = self.tls.certificate
+            self.metrics.certificate_time_left(
+                self.settings.loader.identity.name, days_left(certificate), hours_left(certificate)
             )
 
     async def health_app(self, scope, receive, send) -> None:

@@ -30,6 +30,7 @@ from runtime import names
 from runtime.certificates import pem
 from runtime.certificates.certset import verify_for
 from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.inspection import time_left_text
 from runtime.errors import MtlsError
 from runtime.secrets.loader import LoaderSettings
 from runtime.service_catalog import RUNTIME_MLFLOW, ServiceDeclaration
@@ -91,12 +92,11 @@ def diagnose(
             )
         )
         return steps
-    days = (tls.certificate.not_valid_after_utc - _now()).total_seconds() / 86400
     steps.append(
         Step(
             "certificate",
             OK,
-            f"{identity.name}: serial {tls.certificate.serial_number:x}, {days:.1f} days left, chain of "
+            f"{identity.name}: serial {tls.certificate.serial_number:x}, {time_left_text(tls.certificate, _now())} left, chain of "
             f"{environment}'s CA",
         )
     )

@@ -47,7 +47,7 @@ from runtime.auth.mlflow_routes import mlflow_scope
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
 from runtime.auth.route_policy import policy_from_environ
-from runtime.certificates.inspection import days_left, dns_names, ip_addresses
+from runtime.certificates.inspection import days_left, dns_names, hours_left, ip_addresses
 from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
 from runtime.errors import WorkerError
 from runtime.observability.metrics import DEFAULT_INTERVAL_SECONDS, Metrics, interval_from_environ
@@ -56,6 +56,7 @@ from runtime.secrets.loader import (
     LoadResult,
     load_certificates,
     read_published,
+    refresh_delays,
     refresh_seconds,
 )
 from runtime.security_level import SecurityLevel
@@ -252,7 +253,12 @@ class MlflowServer:
         jobs = []
         if self.worker is None:  # a worker's supervisor refreshes, and writes the task's metrics
             jobs = [
-                periodic("certificate refresh", s.refresh_seconds, self.refresh),
+                periodic(
+                    "certificate refresh",
+                    s.refresh_seconds,
+                    self.refresh,
+                    delay=refresh_delays(s.refresh_seconds),
+                ),
                 periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
             ]
         jobs.extend(self.keys.background())
@@ -322,7 +328,10 @@ class MlflowServer:
 
     def _record_expiry(self) -> None:
         if self.tls is not None:
-            self.metrics.certificate_days_left(names.SERVER.name, days_left(self.tls.certificate))
+            certificate = self.tls.certificate
+            self.metrics.certificate_time_left(
+                names.SERVER.name, days_left(certificate), hours_left(certificate)
+            )
 
     # --- health ------------------------------------------------------------------------------------
     def health(self) -> dict:

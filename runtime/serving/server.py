@@ -127,11 +127,19 @@ class Background:
     supervisor tells its workers to stop then, not after its own shutdown)."""
 
 
-def periodic(name: str, seconds: float, action: Callable[[], object], *, at_exit: bool = False) -> Background:
+def periodic(
+    name: str,
+    seconds: float,
+    action: Callable[[], object],
+    *,
+    at_exit: bool = False,
+    delay: Callable[[], float] | None = None,
+) -> Background:
     """Run the blocking `action` in a thread every `seconds` (a failure is logged, the next run
     comes as planned); with `at_exit`, once more at shutdown, after a run still going has ended:
-    for actions that hold state to write out, such as `Metrics.flush`."""
-    job = _Periodic(name, seconds, action)
+    for actions that hold state to write out, such as `Metrics.flush`. `delay`: each wait instead
+    (a certificate refresh's jitter, `loader.refresh_delay`)."""
+    job = _Periodic(name, seconds, action, delay)
     return Background(name, job.run, job.last_run if at_exit else None)
 
 
@@ -479,15 +487,22 @@ def _retrieved(future: asyncio.Future) -> None:
 class _Periodic:
     """The loop behind `periodic` and `every`: one run at a time, the last one awaited at exit."""
 
-    def __init__(self, name: str, seconds: float, action: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        name: str,
+        seconds: float,
+        action: Callable[[], object],
+        delay: Callable[[], float] | None = None,
+    ) -> None:
         self.name = name
         self.seconds = seconds
         self.action = action
+        self._delay = delay or (lambda: seconds)
         self._current: asyncio.Future | None = None
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.seconds)
+            await asyncio.sleep(self._delay())
             self._current = _in_daemon_thread(self.action, self.name)
             self._current.add_done_callback(_retrieved)  # cancelled below, a late failure is not "lost"
             try:

@@ -103,7 +103,7 @@ def test_issuance_custom_resource_gets_the_settings_and_waits_for_every_secret(
     properties.pop("ServiceToken")
     assert properties == {
         "Environment": env,
-        "LeafLifetimeDays": str(settings.leaf_lifetime_days),
+        "LeafLifetimeHours": str(settings.leaf_lifetime_hours),
         "ServerSans": list(settings.server_sans),
         "KeyType": settings.key_type,
         "CaSource": settings.ca_source,
@@ -126,8 +126,14 @@ def test_every_identity_secret_has_a_rotation_schedule_with_its_own_function(sta
         schedule = by_secret[ids[identity.name]]
         function_id = logical_id(lifecycle_construct.rotation[identity.name])
         assert schedule["Properties"]["RotationLambdaARN"] == {"Fn::GetAtt": [function_id, "Arn"]}
+        expected_rate = {
+            "development": "rate(3 days)",
+            "staging": "rate(8 hours)",
+            "production": "rate(8 hours)",
+        }
         assert schedule["Properties"]["RotationRules"] == {
-            "AutomaticallyAfterDays": stage.settings.rotation_days
+            "ScheduleExpression": expected_rate[env],
+            "Duration": "1h",  # the window: a leaf is renewed within rotationHours + 1 of the last
         }
         assert schedule["Properties"]["RotateImmediatelyOnUpdate"] is False
         assert custom_id in schedule["DependsOn"]
@@ -139,7 +145,7 @@ def test_every_identity_secret_has_a_rotation_schedule_with_its_own_function(sta
         assert invoke["Principal"] == "secretsmanager.amazonaws.com"
         assert invoke["SourceArn"] == {"Ref": ids[identity.name]}
         variables = template.to_json()["Resources"][function_id]["Properties"]["Environment"]["Variables"]
-        assert variables[lifecycle.ENV_LEAF_LIFETIME_DAYS] == str(stage.settings.leaf_lifetime_days)
+        assert variables[lifecycle.ENV_LEAF_LIFETIME_HOURS] == str(stage.settings.leaf_lifetime_hours)
         assert variables[lifecycle.ENV_KEY_TYPE] == stage.settings.key_type
 
 
@@ -172,7 +178,7 @@ def test_the_ca_secrets_rotate_every_wait_period_with_the_ca_rotation_function(
         lifecycle.ENV_CA_SOURCE: stage.settings.ca_source,
         lifecycle.ENV_CA_ROLLOVER_START_DAYS: str(stage.settings.ca_rollover_start_days),
         lifecycle.ENV_CA_ROLLOVER_WAIT_DAYS: str(stage.settings.ca_rollover_wait_days),
-        lifecycle.ENV_LEAF_LIFETIME_DAYS: str(stage.settings.leaf_lifetime_days),
+        lifecycle.ENV_LEAF_LIFETIME_HOURS: str(stage.settings.leaf_lifetime_hours),
         names.ENV_SERVICES: DEFAULT_CATALOG.to_json(),
     }
 
@@ -283,13 +289,15 @@ def test_expiry_check_runs_every_hour_for_its_environment(stages, secrets_templa
     assert variables == {names.ENV_ENVIRONMENT: env, names.ENV_SERVICES: DEFAULT_CATALOG.to_json()}
 
 
-def test_rotation_days_must_leave_room_before_the_expiry_alarm(cdk_json_settings):
+def test_rotation_must_renew_a_leaf_before_half_its_life(cdk_json_settings):
     from stacks.settings import SettingsError, load_settings
 
     raw = json.loads(json.dumps(cdk_json_settings))
-    raw["staging"]["rotationDays"] = 60  # 90-day leaves, alarm at 30 days left
-    with pytest.raises(SettingsError, match=r"staging\.rotationDays: 60 is outside 1\.\.59"):
+    raw["staging"]["rotationHours"] = 12  # 24-hour leaves: 12 + the 1-hour window is past half-life
+    with pytest.raises(SettingsError, match=r"staging\.rotationHours: 12 is too slow.*use at most 8"):
         load_settings(raw)
+    raw["staging"].update(leafLifetimeHours=48, rotationHours=12)
+    assert load_settings(raw)["staging"].rotation_hours == 12
 
 
 @pytest.mark.parametrize(
@@ -297,7 +305,14 @@ def test_rotation_days_must_leave_room_before_the_expiry_alarm(cdk_json_settings
     [
         ({"caSource": "borrowed"}, r"staging\.caSource: .*borrowed"),
         ({"caRolloverWaitDays": 0}, r"staging\.caRolloverWaitDays: 0 is outside 1\.\.90"),
-        ({"caRolloverStartDays": 100}, r"staging\.caRolloverStartDays: 100 is too late.*at least 112"),
+        (
+            {"caRolloverStartDays": 88},
+            r"staging\.caRolloverStartDays: 88 is too late.*retire the old CA.*at least 89",
+        ),
+        (
+            {"leafLifetimeHours": 90 * 24, "caRolloverStartDays": 100},
+            r"staging\.caRolloverStartDays: 100 is too late.*outlive a leaf.*at least 112",
+        ),
         ({"caRolloverStartDays": 1825}, r"staging\.caRolloverStartDays: 1825 is outside 1\.\.1824"),
     ],
 )
@@ -305,17 +320,19 @@ def test_ca_rollover_settings_are_checked(cdk_json_settings, changes, message):
     from stacks.settings import SettingsError, load_settings
 
     raw = json.loads(json.dumps(cdk_json_settings))
-    raw["staging"].update(changes)  # 90-day leaves, 7-day wait: a rollover must begin >= 112 days out
+    # 7-day wait: begin >= 60 + 4 x 7 + 1 days out (done before the CA alarm), with 90-day leaves >= 112
+    raw["staging"].update(changes)
     with pytest.raises(SettingsError, match=message):
         load_settings(raw)
 
 
-def test_ca_rollover_starts_a_quarter_before_a_leaf_lifetime_by_default(cdk_json_settings):
+def test_ca_rollover_is_done_before_the_ca_alarm_by_default(cdk_json_settings):
     from stacks.settings import load_settings
 
     settings = load_settings(cdk_json_settings)
+    # 60 days (the CA alarm) + 5 waits of 7 days + the leaf lifetime in days (1; a week in development)
+    assert [settings[env].ca_rollover_start_days for env in names.ENVIRONMENTS] == [102, 96, 96]
     for env in names.ENVIRONMENTS:
-        assert settings[env].ca_rollover_start_days == settings[env].leaf_lifetime_days + 90
         assert settings[env].ca_source == lifecycle.CA_SOURCE_ISSUED
 
 

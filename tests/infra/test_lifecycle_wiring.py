@@ -9,6 +9,7 @@ setting the template forgets, misspells or renders wrongly fails here, not in a 
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import os
 
@@ -16,7 +17,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from runtime import names
+from runtime import lifecycle, names
 from runtime.lifecycle import CA_IDENTITY, clients
 from runtime.secrets import rollover
 from tests.conftest import REGION
@@ -107,12 +108,11 @@ def test_every_handler_runs_with_what_the_template_gives_it(secrets_templates, l
         if secret_id.endswith(names.IDENTITY_SECRET_SUFFIX):
             assert after_value != before_value, f"{secret_id}: rotation issued nothing new"
             rotated_identities.add(secret_id)
-            lifetime = int(
-                function["Properties"]["Environment"]["Variables"]["HOKUSAI_MTLS_LEAF_LIFETIME_DAYS"]
-            )
+            variables = function["Properties"]["Environment"]["Variables"]
+            lifetime = dt.timedelta(hours=float(variables[lifecycle.ENV_LEAF_LIFETIME_HOURS]))
             identity = next(i for i in names.IDENTITIES if secret_id.endswith(i.secret_suffix))
             leaf = rollover.RolloverStore(ENV, client=secretsmanager).fetch_identity(identity).certificate
-            assert lifetime <= (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days <= lifetime + 1
+            assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == lifetime + dt.timedelta(minutes=5)
         else:  # a CA secret on a new CA: no rollover step is due, the value stays
             assert after_value == before_value, secret_id
     assert rotated_identities == {names.identity_secret_name(ENV, i) for i in names.IDENTITIES}
@@ -130,5 +130,6 @@ def test_every_handler_runs_with_what_the_template_gives_it(secrets_templates, l
     }
     expected_identities = {CA_IDENTITY, *(i.name for i in names.IDENTITIES)}
     assert published >= {(names.METRIC_CERT_DAYS_TO_EXPIRY, i) for i in expected_identities}
+    assert published >= {(names.METRIC_CERT_HOURS_TO_EXPIRY, i) for i in expected_identities}
     assert report["failures"] == [], report
     assert set(report["days_to_expiry"]) == expected_identities

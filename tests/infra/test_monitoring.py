@@ -20,16 +20,16 @@ pytestmark = pytest.mark.infra
 @dataclass(frozen=True)
 class Config:
     emails: tuple[str, ...]
-    expiry_days: int
+    lifetime_hours: int
     failure_percent: float
     min_requests: int
     retain: bool
 
 
 CONFIGS = {
-    # Thresholds left to the constructor's defaults: 30 days, 1 %, 100 attempts.
-    "production": Config(("oncall@example.com", "platform@example.com"), 30, 1, 100, retain=True),
-    "development": Config((), 14, 5, 20, retain=False),
+    # Settings left to the constructor's defaults: 24-hour leaves, 1 %, 100 attempts.
+    "production": Config(("oncall@example.com", "platform@example.com"), 24, 1, 100, retain=True),
+    "development": Config((), 168, 5, 20, retain=False),
 }
 ENVIRONMENTS = pytest.mark.parametrize("env", sorted(CONFIGS))
 
@@ -52,7 +52,7 @@ def stacks(tmp_path_factory) -> dict:
         settings = {}
         if env != "production":
             settings = {
-                "certificate_expiry_alarm_days": config.expiry_days,
+                "leaf_lifetime_hours": config.lifetime_hours,
                 "mtls_failure_rate_percent": config.failure_percent,
                 "mtls_failure_min_requests": config.min_requests,
             }
@@ -212,22 +212,41 @@ def evaluate_metric_math(expression: str, **series: float | None) -> float:
 
 
 @ENVIRONMENTS
-def test_expiry_alarms_cover_every_identity_with_the_configured_days(stacks, templates, env):
-    config = CONFIGS[env]
-    alarms = alarms_on(templates[env], names.METRIC_CERT_DAYS_TO_EXPIRY)
-    identities = sorted(dimensions(metric)[names.DIM_IDENTITY] for _, metric in alarms)
-    assert identities == sorted(i.name for i in names.IDENTITIES)
-    for alarm, metric in alarms:
-        identity = dimensions(metric)[names.DIM_IDENTITY]
-        assert dimensions(metric) == {names.DIM_ENVIRONMENT: env, names.DIM_IDENTITY: identity}
-        assert metric["Namespace"] == names.METRIC_NAMESPACE
-        assert metric["Statistic"] == "Minimum"
-        assert alarm["Threshold"] == config.expiry_days
-        assert alarm["ComparisonOperator"] == "LessThanThreshold"
-        # Nothing publishes the gauge yet: no data must not page (see mtls_alarms.py).
-        assert alarm["TreatMissingData"] == "missing"
-    exposed = stacks[env].alarms.certificate_expiry
-    assert set(exposed) == {identity.name for identity in names.IDENTITIES}
+def test_every_identity_warns_at_half_its_lifetime_left_and_pages_at_a_quarter(stacks, templates, env):
+    lifetime = CONFIGS[env].lifetime_hours
+    by_name = alarms_by_name(templates[env])
+    alarms = alarms_on(templates[env], names.METRIC_CERT_HOURS_TO_EXPIRY)
+    assert len(alarms) == 2 * len(names.IDENTITIES)
+    for identity in names.IDENTITIES:
+        for suffix, threshold in (("-warning", lifetime / 2), ("", lifetime / 4)):
+            alarm = by_name[f"hokusai-mtls-{env}-certificate-expiry-{identity.name}{suffix}"]
+            metric = single_metric(alarm)
+            assert metric["MetricName"] == names.METRIC_CERT_HOURS_TO_EXPIRY
+            assert dimensions(metric) == {names.DIM_ENVIRONMENT: env, names.DIM_IDENTITY: identity.name}
+            assert (metric["Namespace"], metric["Statistic"], metric["Period"]) == (
+                names.METRIC_NAMESPACE,
+                "Minimum",
+                3600,
+            )
+            assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (threshold, "LessThanThreshold")
+            assert (alarm["EvaluationPeriods"], alarm["DatapointsToAlarm"]) == (3, 1)  # any hour of 3
+            # No gauge means an unreadable secret or a check that did not run: the check alarm pages.
+            assert alarm["TreatMissingData"] == "missing"
+    exposed = stacks[env].alarms
+    assert (
+        set(exposed.certificate_expiry)
+        == set(exposed.certificate_expiry_warning)
+        == {identity.name for identity in names.IDENTITIES}
+    )
+
+
+@ENVIRONMENTS
+def test_the_ca_pages_at_sixty_days_left(templates, env):
+    ((alarm, metric),) = alarms_on(templates[env], names.METRIC_CERT_DAYS_TO_EXPIRY)
+    assert alarm["AlarmName"] == f"hokusai-mtls-{env}-certificate-expiry-ca"
+    assert dimensions(metric) == {names.DIM_ENVIRONMENT: env, names.DIM_IDENTITY: lifecycle.CA_IDENTITY}
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (60, "LessThanThreshold")
+    assert (metric["Statistic"], metric["Period"]) == ("Minimum", 86400)
 
 
 @ENVIRONMENTS
@@ -291,9 +310,9 @@ def test_every_alarm_notifies_the_topic_on_alarm_and_on_ok(stacks, templates, en
     template = templates[env]
     topic_id, _ = only(template, "AWS::SNS::Topic")
     alarms = resources(template, "AWS::CloudWatch::Alarm")
-    # expiry and check failures per identity, check failures of `ca`, failure rate, internal API key,
-    # a failed rotation per rotation function (one per identity, one for the CA)
-    expected = 2 * len(names.IDENTITIES) + 1 + 1 + len(AUTH_SERVICES) + len(names.IDENTITIES) + 1
+    # expiry warning, expiry page and check failures per identity, the CA's expiry and check failures,
+    # failure rate, internal API key, a failed rotation per rotation function (one per identity, one for the CA)
+    expected = 3 * len(names.IDENTITIES) + 2 + 1 + len(AUTH_SERVICES) + len(names.IDENTITIES) + 1
     assert len(alarms) == expected == len(stacks[env].alarms.all_alarms)
     for logical_id, alarm in alarms.items():
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}], logical_id
@@ -308,12 +327,20 @@ def test_alarm_attributes_name_the_right_alarms(stacks, templates, env):
     def properties(alarm) -> dict:
         return alarms[stack.get_logical_id(alarm.node.default_child)]["Properties"]
 
+    lifetime = CONFIGS[env].lifetime_hours
     for identity in names.IDENTITIES:
-        metric = single_metric(properties(stack.alarms.certificate_expiry[identity.name]))
-        assert (metric["MetricName"], dimensions(metric)[names.DIM_IDENTITY]) == (
-            names.METRIC_CERT_DAYS_TO_EXPIRY,
-            identity.name,
-        )
+        for exposed, threshold in (
+            (stack.alarms.certificate_expiry, lifetime / 4),
+            (stack.alarms.certificate_expiry_warning, lifetime / 2),
+        ):
+            alarm = properties(exposed[identity.name])
+            metric = single_metric(alarm)
+            assert (metric["MetricName"], dimensions(metric)[names.DIM_IDENTITY], alarm["Threshold"]) == (
+                names.METRIC_CERT_HOURS_TO_EXPIRY,
+                identity.name,
+                threshold,
+            )
+    assert properties(stack.alarms.ca_expiry)["AlarmName"] == f"hokusai-mtls-{env}-certificate-expiry-ca"
     for service in AUTH_SERVICES:
         metric = single_metric(properties(stack.alarms.internal_api_key[service]))
         assert (metric["MetricName"], dimensions(metric)[names.DIM_SERVICE]) == (
@@ -387,7 +414,8 @@ def test_dashboard_metrics_follow_the_runtime_names_contract(stacks, templates, 
     def values(metric_name: str, dimension: str) -> set[str]:
         return {m.dimensions[dimension] for m in metrics if m.name == metric_name}
 
-    assert values(names.METRIC_CERT_DAYS_TO_EXPIRY, names.DIM_IDENTITY) == {i.name for i in names.IDENTITIES}
+    assert values(names.METRIC_CERT_HOURS_TO_EXPIRY, names.DIM_IDENTITY) == {i.name for i in names.IDENTITIES}
+    assert values(names.METRIC_CERT_DAYS_TO_EXPIRY, names.DIM_IDENTITY) == {lifecycle.CA_IDENTITY}
     assert values(names.METRIC_AUTH_REQUESTS, names.DIM_SERVICE) == AUTH_SERVICES
     assert values(names.METRIC_INTERNAL_API_KEY_REQUESTS, names.DIM_SERVICE) == AUTH_SERVICES
     assert values(names.METRIC_ROUTE_POLICY_DENIED, names.DIM_SERVICE) == AUTH_SERVICES
@@ -440,12 +468,15 @@ def test_dashboard_graphs_route_policy_refusals_of_both_servers(templates, env):
 
 
 @ENVIRONMENTS
-def test_dashboard_marks_the_expiry_threshold(templates, env):
-    days = CONFIGS[env].expiry_days
-    widgets = widgets_showing(templates[env], names.METRIC_CERT_DAYS_TO_EXPIRY)
+def test_dashboard_shows_leaves_in_hours_and_the_ca_in_days_with_the_alarm_lines(templates, env):
+    lifetime = CONFIGS[env].lifetime_hours
+    widgets = widgets_showing(templates[env], names.METRIC_CERT_HOURS_TO_EXPIRY)
     assert {w["properties"]["view"] for w in widgets} == {"singleValue", "timeSeries"}
     (graph,) = (w for w in widgets if w["properties"]["view"] == "timeSeries")
-    assert [a["value"] for a in graph["properties"]["annotations"]["horizontal"]] == [days]
+    lines = [a["value"] for a in graph["properties"]["annotations"]["horizontal"]]
+    assert lines == [lifetime / 2, lifetime / 4]
+    (ca_graph,) = widgets_showing(templates[env], names.METRIC_CERT_DAYS_TO_EXPIRY)
+    assert [a["value"] for a in ca_graph["properties"]["annotations"]["horizontal"]] == [60]
 
 
 @ENVIRONMENTS
@@ -553,7 +584,7 @@ def test_cdk_nag_reports_no_unacknowledged_violations(stacks, env):
         ({"alarm_emails": "oncall@example.com"}, "not one string"),
         ({"alarm_emails": ["oncall.example.com"]}, "not an e-mail address"),
         ({"alarm_emails": ["a@example.com", "a@example.com"]}, "listed twice"),
-        ({"certificate_expiry_alarm_days": 0}, "certificate_expiry_alarm_days"),
+        ({"leaf_lifetime_hours": 0}, "leaf_lifetime_hours"),
         ({"mtls_failure_rate_percent": 0}, "mtls_failure_rate_percent"),
         ({"mtls_failure_rate_percent": 100}, "mtls_failure_rate_percent"),
         ({"mtls_failure_min_requests": 0}, "mtls_failure_min_requests"),

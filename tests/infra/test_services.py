@@ -512,7 +512,7 @@ def test_the_environments_differ_where_the_settings_say(services, settings):
         for env in names.ENVIRONMENTS
     }
     assert removal == {"development": {"Delete"}, "staging": {"Delete"}, "production": {"Retain"}}
-    assert [settings[env].leaf_lifetime_days for env in names.ENVIRONMENTS] == [365, 90, 90]
+    assert [settings[env].leaf_lifetime_hours for env in names.ENVIRONMENTS] == [168, 24, 24]
 
 
 # --- images ------------------------------------------------------------------------------------

@@ -26,19 +26,18 @@ def _required(env: str, second_octet: int) -> dict:
 
 VALID = {
     "development": {
-        "leafLifetimeDays": 365,
+        "leafLifetimeHours": 168,
         "logRetentionDays": 14,
         "removalPolicy": "destroy",
         **_required("development", 10),
     },
     "staging": {
-        "leafLifetimeDays": 90,
         "logRetentionDays": 90,
         "removalPolicy": "destroy",
         **_required("staging", 20),
     },
     "production": {
-        "leafLifetimeDays": 90,
+        "leafLifetimeHours": 24,
         "logRetentionDays": 365,
         "removalPolicy": "retain",
         **_required("production", 30),
@@ -75,7 +74,8 @@ def test_cdk_json_settings_load(cdk_json_settings):
     assert tuple(settings) == names.ENVIRONMENTS
     assert settings["production"].retain
     assert not settings["development"].retain
-    assert [settings[env].leaf_lifetime_days for env in names.ENVIRONMENTS] == [365, 90, 90]
+    assert [settings[env].leaf_lifetime_hours for env in names.ENVIRONMENTS] == [168, 24, 24]
+    assert [settings[env].rotation_hours for env in names.ENVIRONMENTS] == [72, 8, 8]
     assert all(s.account is None and s.region is None for s in settings.values())
 
 
@@ -89,9 +89,19 @@ def test_account_and_region_are_optional_and_checked():
 @pytest.mark.parametrize(
     ("env", "key", "value", "problem"),
     [
-        ("staging", "leafLifetimeDays", 0, "outside"),
-        ("staging", "leafLifetimeDays", "90", "whole number"),
-        ("development", "leafLifetimeDays", True, "whole number"),
+        ("staging", "leafLifetimeHours", 9, "outside 10..9528"),
+        ("staging", "leafLifetimeHours", 9529, "outside 10..9528"),
+        ("staging", "leafLifetimeHours", "24", "whole number"),
+        ("staging", "leafLifetimeHours", 24.5, "whole number"),
+        ("development", "leafLifetimeHours", True, "whole number"),
+        ("staging", "leafLifetimeDays", 90, "use leafLifetimeHours (90 days is 2160"),
+        ("staging", "rotationDays", 30, "use rotationHours (30 days is 720"),
+        ("staging", "certificateExpiryAlarmDays", 30, "the leaf alarms follow the lifetime now"),
+        ("staging", "rotationHours", 5, "Secrets Manager rotates every 4, 6, 8, 12 hours or whole days"),
+        ("staging", "rotationHours", 36, "whole days"),
+        ("staging", "rotationHours", "8", "whole number of hours"),
+        ("staging", "rotationHours", 12, "12 is too slow for leafLifetimeHours 24"),
+        ("production", "rotationHours", 24, "24 is too slow"),
         ("production", "logRetentionDays", 42, "CloudWatch Logs retention"),
         ("staging", "removalPolicy", "snapshot", "not one of"),
         ("production", "removalPolicy", "destroy", "must be 'retain'"),
@@ -102,8 +112,6 @@ def test_account_and_region_are_optional_and_checked():
         ("staging", "alarmEmails", "ops@example.com", "expected a list"),
         ("staging", "alarmEmails[1]", ["ops@example.com", "ops"], "not an e-mail address"),
         ("staging", "alarmEmails", ["ops@example.com", "ops@example.com"], "twice"),
-        ("staging", "certificateExpiryAlarmDays", 0, "outside 1..89"),
-        ("staging", "certificateExpiryAlarmDays", 90, "outside 1..89"),
         ("staging", "mtlsFailureRatePercent", 0, "more than 0"),
         ("staging", "mtlsFailureRatePercent", 101, "at most 100"),
         ("staging", "mtlsFailureRatePercent", "1%", "not a number"),
@@ -706,7 +714,9 @@ def test_defaults_of_the_optional_settings():
     staging = load_settings(VALID)["staging"]
     assert staging.mtls_mode == names.MTLS_MODE_STRICT and staging.mtls_enabled
     assert staging.alarm_emails == ()
-    assert (staging.certificate_expiry_alarm_days, staging.mtls_failure_rate_percent) == (30, 1.0)
+    assert (staging.leaf_lifetime_hours, staging.rotation_hours) == (24, 8)  # renewed before half-life
+    assert staging.ca_rollover_start_days == 60 + 5 * 7 + 1
+    assert staging.mtls_failure_rate_percent == 1.0
     assert staging.mtls_failure_min_requests == 100
     assert staging.images == {
         s: ImageSource(dockerfile=f"docker/Dockerfile.{s}") for s in ("mlflow", "api", "worker")
@@ -741,6 +751,7 @@ def test_cdk_json_sets_every_setting_and_strict_mode_everywhere(cdk_json_setting
         "redisUrlSecretName",
         "serviceScopes",
         "caRolloverStartDays",
+        "rotationHours",
         "apiKeyStore",
         "routePolicies",
     }

@@ -59,7 +59,8 @@ SEARCH = "/mlflow/api/2.0/mlflow/experiments/search?max_results=5"
 def test_health_needs_no_key_and_reports_the_level(api):
     assert api["report"]["status"] == "ok"
     assert api["report"]["security_level"] == "MTLS"
-    assert 88 <= api["report"]["certificate"]["days_left"] <= 90
+    assert api["report"]["certificate"]["days_left"] == 0  # a 24-hour leaf
+    assert 20 < api["report"]["certificate"]["hours_left"] <= 24
 
 
 def test_the_container_health_check_command_passes(api):

@@ -93,13 +93,13 @@ def test_each_refused_client_is_counted_under_its_reason(
         names.HANDSHAKE_EXPIRED: client_with(
             tmp_path,
             bundle,
-            ca.issue_client("development", "api", lifetime_days=1, now=now - dt.timedelta(days=3)),
+            ca.issue_client("development", "api", lifetime_hours=24, now=now - dt.timedelta(days=3)),
             "old",
         ),
         names.HANDSHAKE_NOT_YET_VALID: client_with(
             tmp_path,
             bundle,
-            ca.issue_client("development", "api", lifetime_days=1, now=now + dt.timedelta(days=3)),
+            ca.issue_client("development", "api", lifetime_hours=24, now=now + dt.timedelta(days=3)),
             "new",
         ),
         names.HANDSHAKE_WRONG_USAGE: client_with(

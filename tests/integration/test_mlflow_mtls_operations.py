@@ -58,7 +58,8 @@ def test_health_reports_level_and_expiry_on_the_loopback_port(mlflow_server, aws
     assert report["status"] == "ok" and report["security_level"] == "MTLS" and report["mode"] == "strict"
     served = aws["set"].identities["server"].certificate
     assert report["certificate"]["serial"] == f"{served.serial_number:x}"
-    assert 88 <= report["certificate"]["days_left"] <= 90
+    assert report["certificate"]["days_left"] == 0  # a 24-hour leaf: the hours say how much is left
+    assert 20 < report["certificate"]["hours_left"] <= 24
 
 
 def test_the_whole_mlflow_workflow_over_mtls(mlflow_client, tmp_path):
@@ -139,7 +140,9 @@ def test_the_api_certificate_is_accepted(mlflow_server, aws, tmp_path, ca_file):
     [
         pytest.param(lambda s: None, id="no-certificate"),
         pytest.param(lambda s: CertificateSet.issue(ENV).identities["api"], id="foreign-ca"),
-        pytest.param(lambda s: s.ca.issue_client(ENV, "api", lifetime_days=1, now=days_ago(2)), id="expired"),
+        pytest.param(
+            lambda s: s.ca.issue_client(ENV, "api", lifetime_hours=24, now=days_ago(2)), id="expired"
+        ),
         pytest.param(lambda s: s.identities["server"], id="server-certificate-as-client"),
     ],
 )

@@ -71,11 +71,14 @@ def test_serials_are_random_and_distinct():
     assert all(s.bit_length() > 100 for s in serials)
 
 
-@pytest.mark.parametrize(("environment", "days"), [("development", 365), ("staging", 90), ("production", 90)])
-def test_leaf_lifetime_defaults_follow_the_prd(environment, days):
+@pytest.mark.parametrize(
+    ("environment", "hours"), [("development", 365 * 24), ("staging", 24), ("production", 24), ("qa", 24)]
+)
+def test_leaves_live_a_day_by_default_and_a_year_in_development(environment, hours):
     ca = new_ca(environment)
     leaf = ca.issue_client(environment, "api")
-    assert lifetime_days(leaf.certificate) == pytest.approx(days, abs=0.01)  # + 5 min back-dating
+    life = leaf.certificate.not_valid_after_utc - leaf.certificate.not_valid_before_utc
+    assert life == dt.timedelta(hours=hours, minutes=5)  # + the 5 minutes of back-dating
 
 
 def test_leaf_not_before_is_back_dated_for_clock_skew():
@@ -87,11 +90,20 @@ def test_leaf_not_before_is_back_dated_for_clock_skew():
 
 def test_lifetimes_are_configurable_and_the_ca_outlives_its_leaves():
     ca = new_ca("production", lifetime_days=400)
-    leaf = ca.issue_server("production", lifetime_days=30)
+    leaf = ca.issue_server("production", lifetime_hours=30 * 24)
     assert lifetime_days(leaf.certificate) == pytest.approx(30, abs=0.01)
     assert ca.certificate.not_valid_after_utc > leaf.certificate.not_valid_after_utc
+    minutes = ca.issue_client("production", "api", lifetime_hours=0.05)  # compressed-time tests: 3 minutes
+    life = minutes.certificate.not_valid_after_utc - minutes.certificate.not_valid_before_utc
+    assert life == dt.timedelta(minutes=3 + 5)
     with pytest.raises(LifetimeError, match="outlive its CA"):
-        ca.issue_server("production", lifetime_days=401)
+        ca.issue_server("production", lifetime_hours=401 * 24)
+
+
+@pytest.mark.parametrize("hours", [0, -1, 0.01, float("nan"), float("inf"), True, "24"])
+def test_a_leaf_lifetime_below_a_minute_or_not_a_number_is_refused(hours):
+    with pytest.raises(LifetimeError, match="at least one minute"):
+        new_ca().issue_client("development", "api", lifetime_hours=hours)
 
 
 @pytest.mark.parametrize("days", [0, -1])
@@ -109,7 +121,8 @@ def test_a_declared_environment_of_any_valid_name_gets_its_own_ca_and_leaves():
     ca = new_ca("sandbox-alice")
     leaf = ca.issue("sandbox-alice", names.WORKER)
     assert uris(leaf.certificate) == ["spiffe://hokusai/sandbox-alice/worker"]
-    assert (leaf.certificate.not_valid_after_utc - leaf.certificate.not_valid_before_utc).days >= 90
+    life = leaf.certificate.not_valid_after_utc - leaf.certificate.not_valid_before_utc
+    assert life == dt.timedelta(hours=24, minutes=5)  # not development: a day
 
 
 def test_issue_dispatches_by_identity_kind():

@@ -48,7 +48,7 @@ def test_fresh_identities_verify_for_their_role(key_type):
 
 
 def test_expired(ca):
-    old = client(ca, lifetime_days=10, now=days_ago(11))
+    old = client(ca, lifetime_hours=10 * 24, now=days_ago(11))
     with pytest.raises(CertificateExpiredError, match=r"CN=api.*expired on"):
         verify_identity(old, [ca.certificate], kind=CLIENT)
 
@@ -61,7 +61,7 @@ def test_not_yet_valid(ca):
 
 def test_expired_issuing_ca_is_named_as_the_ca():
     ca = new_ca(lifetime_days=20, now=days_ago(30))
-    leaf = client(ca, lifetime_days=10, now=days_ago(25))
+    leaf = client(ca, lifetime_hours=10 * 24, now=days_ago(25))
     with pytest.raises(CertificateExpiredError, match="issuing CA"):
         verify_identity(leaf, [ca.certificate], kind=CLIENT)
 

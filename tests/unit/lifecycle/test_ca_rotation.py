@@ -22,7 +22,7 @@ from runtime.lifecycle import (
     ENV_CA_ROLLOVER_START_DAYS,
     ENV_CA_ROLLOVER_WAIT_DAYS,
     ENV_CA_SOURCE,
-    ENV_LEAF_LIFETIME_DAYS,
+    ENV_LEAF_LIFETIME_HOURS,
     ca_rotation,
     issuance,
 )
@@ -56,7 +56,7 @@ def aged(secretsmanager, monkeypatch):
     monkeypatch.setenv(ENV_CA_ROLLOVER_START_DAYS, str(START_DAYS))
     monkeypatch.setenv(ENV_CA_ROLLOVER_WAIT_DAYS, str(WAIT_DAYS))
     monkeypatch.setenv(ENV_CA_SOURCE, CA_SOURCE_ISSUED)
-    monkeypatch.setenv(ENV_LEAF_LIFETIME_DAYS, "90")
+    monkeypatch.setenv(ENV_LEAF_LIFETIME_HOURS, str(90 * 24))  # days apart, as the rollover steps are
     create_shells(secretsmanager)
     ca = CertificateAuthority.create(
         ENVIRONMENT, common_name="Hokusai MLflow CA old", now=days_ago(CA_AGE_DAYS)
@@ -64,7 +64,7 @@ def aged(secretsmanager, monkeypatch):
     secretsmanager.put_secret_value(SecretId=CA_KEY, SecretString=ca.identity.to_secret_string())
     secretsmanager.put_secret_value(SecretId=CA_CERT, SecretString=pem.bundle_pem([ca.certificate]).decode())
     issuance.ensure_certificates(
-        secretsmanager, issuance.Settings(ENVIRONMENT, leaf_lifetime_days=300), now=days_ago(60)
+        secretsmanager, issuance.Settings(ENVIRONMENT, leaf_lifetime_hours=300 * 24), now=days_ago(60)
     )
     return secretsmanager, rotation_function(REGION), ca
 

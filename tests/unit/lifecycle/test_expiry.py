@@ -10,6 +10,7 @@ import pytest
 
 from runtime import names
 from runtime.certificates.certset import CertificateSet
+from runtime.certificates.inspection import days_left
 from runtime.certificates.issuance import CertificateAuthority
 from runtime.lifecycle import CA_IDENTITY, expiry
 from tests.conftest import REGION
@@ -34,7 +35,7 @@ def known_set(secretsmanager) -> CertificateSet:
     certificates = CertificateSet(ENVIRONMENT, [ca.certificate], {}, ca)
     for identity in names.IDENTITIES:
         certificates.identities[identity.name] = ca.issue(
-            ENVIRONMENT, identity, lifetime_days=LEAF_DAYS[identity.name], now=NOW
+            ENVIRONMENT, identity, lifetime_hours=LEAF_DAYS[identity.name] * 24, now=NOW
         )
     store(secretsmanager).upload(certificates)
     return certificates
@@ -66,16 +67,34 @@ def test_days_to_expiry_are_published_for_every_identity_and_the_ca(secretsmanag
 
     # 3 days and an hour into a lifetime of N days: N - 4 whole days and 23 hours are left
     expected = {"server": 86, "api": 41, "worker": 6, CA_IDENTITY: CA_DAYS - 4}
-    assert report == {"environment": ENVIRONMENT, "days_to_expiry": expected, "failures": []}
+    hours = {identity: days * 24 - 73 for identity, days in {**LEAF_DAYS, CA_IDENTITY: CA_DAYS}.items()}
+    assert report == {
+        "environment": ENVIRONMENT,
+        "days_to_expiry": expected,
+        "hours_to_expiry": hours,
+        "failures": [],
+    }
     for identity, days in expected.items():
         assert published(cloudwatch, names.METRIC_CERT_DAYS_TO_EXPIRY, identity) == [days]
+        assert published(cloudwatch, names.METRIC_CERT_HOURS_TO_EXPIRY, identity) == [hours[identity]]
         assert published(cloudwatch, names.METRIC_CERT_CHECK_FAILURES, identity) == [0]
+
+
+def test_a_day_leaf_reports_its_hours_to_a_hundredth(secretsmanager, cloudwatch, known_set):
+    """24-hour leaves: the alarms compare hours left with shares of the lifetime, so days (0) say nothing."""
+    ca = known_set.ca
+    known_set.identities["api"] = ca.issue(ENVIRONMENT, names.API, lifetime_hours=24, now=NOW)
+    store(secretsmanager).upload(known_set)
+    later = NOW + dt.timedelta(hours=17, minutes=30, seconds=36)  # 6 h 29 min 24 s left: 6.49 hours
+    report = expiry.check(ENVIRONMENT, secrets=secretsmanager, cloudwatch=cloudwatch, now=later)
+    assert (report.days_to_expiry["api"], report.hours_to_expiry["api"]) == (0, 6.49)
+    assert published(cloudwatch, names.METRIC_CERT_HOURS_TO_EXPIRY, "api") == [6.49]
 
 
 def test_days_round_down_and_go_negative_after_expiry(known_set):
     worker = known_set.identities["worker"].certificate
-    assert expiry.days_until(worker, worker.not_valid_after_utc - dt.timedelta(seconds=1)) == 0
-    assert expiry.days_until(worker, worker.not_valid_after_utc + dt.timedelta(hours=1)) == -1
+    assert days_left(worker, worker.not_valid_after_utc - dt.timedelta(seconds=1)) == 0
+    assert days_left(worker, worker.not_valid_after_utc + dt.timedelta(hours=1)) == -1
 
 
 def test_an_expired_certificate_reports_its_days_and_a_failure(secretsmanager, cloudwatch, known_set):

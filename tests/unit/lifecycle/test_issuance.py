@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
@@ -22,7 +23,7 @@ def event(request_type: str = "Create", **properties) -> dict:
         "ResourceProperties": {
             "ServiceToken": "arn:aws:lambda:us-east-1:123456789012:function:provider",
             "Environment": ENVIRONMENT,
-            "LeafLifetimeDays": "30",
+            "LeafLifetimeHours": "24",
             "ServerSans": ["localhost", "127.0.0.1"],
             "KeyType": "ecdsa-p256",
             **properties,
@@ -49,7 +50,7 @@ def test_first_deploy_issues_a_ca_and_every_identity_into_the_shells(secretsmana
         verify_for(identity, tls, bundle, ENVIRONMENT)
         assert data[f"{identity.name.capitalize()}Serial"] == f"{tls.certificate.serial_number:x}"
         lifetime = tls.certificate.not_valid_after_utc - tls.certificate.not_valid_before_utc
-        assert 30 <= lifetime.days <= 31  # LeafLifetimeDays, plus the back-dated clock-skew allowance
+        assert lifetime == dt.timedelta(hours=24, minutes=5)  # LeafLifetimeHours + the back-dated allowance
     server = secrets.fetch_identity(names.SERVER).certificate
     assert server.subject.rfc4514_string().startswith("CN=mlflow.hokusai-staging.local")
     assert "localhost" in str(server.extensions)
@@ -185,7 +186,9 @@ def test_an_imported_ca_that_was_not_uploaded_fails_the_deployment(secretsmanage
     ("properties", "message"),
     [
         ({"Environment": "Staging"}, "is not a valid name"),
-        ({"LeafLifetimeDays": "ninety"}, "invalid ResourceProperties"),
+        ({"LeafLifetimeHours": "ninety"}, "invalid ResourceProperties"),
+        ({"LeafLifetimeHours": "0"}, "invalid ResourceProperties: leaf lifetime"),
+        ({"LeafLifetimeHours": "nan"}, "invalid ResourceProperties: leaf lifetime"),
         ({"KeyType": "dsa-1024"}, "invalid ResourceProperties"),
         ({"ServerSans": "localhost"}, "must be a list"),
         ({"CaSource": "borrowed"}, "CaSource 'borrowed'"),

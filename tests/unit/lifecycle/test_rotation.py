@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import ssl
 
@@ -12,7 +13,7 @@ from runtime import names
 from runtime.certificates import pem
 from runtime.certificates.certset import verify_for
 from runtime.certificates.issuance import CertificateAuthority
-from runtime.lifecycle import ENV_LEAF_LIFETIME_DAYS, rotation
+from runtime.lifecycle import ENV_LEAF_LIFETIME_HOURS, rotation
 from runtime.lifecycle.rotation import RotationError
 from tests.support.lifecycle import ENVIRONMENT, current_version, rotate, stages, store
 
@@ -23,7 +24,7 @@ SERVER_SECRET = names.identity_secret_name(ENVIRONMENT, names.SERVER)
 @pytest.mark.parametrize("identity", [names.API, names.WORKER, names.SERVER], ids=lambda i: i.name)
 def test_the_four_steps_in_order_make_a_new_current_that_verifies(deployed, identity, monkeypatch):
     client, function = deployed
-    monkeypatch.setenv(ENV_LEAF_LIFETIME_DAYS, "7")
+    monkeypatch.setenv(ENV_LEAF_LIFETIME_HOURS, "24")
     secret_id = names.identity_secret_name(ENVIRONMENT, identity)
     secrets = store(client)
     old = secrets.fetch_identity(identity)
@@ -42,7 +43,8 @@ def test_the_four_steps_in_order_make_a_new_current_that_verifies(deployed, iden
     verify_for(identity, new, secrets.fetch_trust_bundle(), ENVIRONMENT)
     assert new.certificate.serial_number != old.certificate.serial_number
     assert new.private_key_pem() != old.private_key_pem()
-    assert 7 <= (new.certificate.not_valid_after_utc - new.certificate.not_valid_before_utc).days <= 8
+    life = new.certificate.not_valid_after_utc - new.certificate.not_valid_before_utc
+    assert life == dt.timedelta(hours=24, minutes=5)  # HOKUSAI_MTLS_LEAF_LIFETIME_HOURS + the back-dating
     versions = stages(client, secret_id)
     assert not any("AWSPENDING" in s for s in versions.values())
     assert "AWSPREVIOUS" in versions[old_version]

@@ -47,7 +47,7 @@ def test_emf_uses_the_contracts_namespace_and_dimensions():
     m.handshake_started()
     m.handshake_started()
     m.handshake_completed()
-    m.certificate_days_left("server", 42)
+    m.certificate_time_left("server", 42, 1010.5)
     found = by_metric(m.flush())
     handshakes = found[names.METRIC_MTLS_HANDSHAKES]
     directive = handshakes["_aws"]["CloudWatchMetrics"][0]
@@ -63,6 +63,7 @@ def test_emf_uses_the_contracts_namespace_and_dimensions():
         [names.DIM_ENVIRONMENT, names.DIM_IDENTITY]
     ]
     assert (expiry[names.DIM_IDENTITY], expiry[names.METRIC_CERT_DAYS_TO_EXPIRY]) == ("server", 42)
+    assert expiry[names.METRIC_CERT_HOURS_TO_EXPIRY] == 1010.5
 
 
 def test_flush_starts_a_new_interval_and_an_idle_one_writes_nothing():
