@@ -24,6 +24,7 @@ from runtime.lifecycle import (
     ROTATION_WINDOW_HOURS,
     check_function_name,
     check_rotation_hours,
+    default_rotation_hours,
     longest_rotation_hours,
     rotation_purpose,
 )
@@ -261,7 +262,8 @@ class EnvironmentSettings:
     """[rotationHours] Secrets Manager rotates every identity secret this often (a fresh key and leaf):
     4, 6, 8, 12 or whole days in hours, and with its 1-hour window at most half the lifetime, so a leaf
     is renewed before half-life and a working rotation never trips the 50 % warning. None: the longest
-    such period (`runtime.lifecycle.longest_rotation_hours`: 8 hours for 24-hour leaves)."""
+    such period after which one missed rotation warns but does not page
+    (`runtime.lifecycle.default_rotation_hours`: 8 hours for 24-hour leaves, 48 for a week)."""
     key_type: str = "ecdsa-p256"
     """[keyType] Key algorithm of issued leaves: one of `KEY_TYPES`."""
     server_sans: tuple[str, ...] = ()
@@ -370,7 +372,7 @@ class EnvironmentSettings:
     def _check_rotation_hours(self, lifetime: int) -> None:
         where = self._at("rotationHours")
         if self.rotation_hours is None:
-            object.__setattr__(self, "rotation_hours", longest_rotation_hours(lifetime))
+            object.__setattr__(self, "rotation_hours", default_rotation_hours(lifetime))
             return
         try:
             hours = check_rotation_hours(self.rotation_hours)

@@ -46,6 +46,26 @@ def longest_rotation_hours(leaf_lifetime_hours: float) -> int | None:
     return fitting[-1] if fitting else None
 
 
+MISSED_ROTATION_PAGE_SHARE = 0.75
+"""A default period leaves room for one missed rotation: the leaf is then at most 2 periods + the window
+old, and should still be above the page alarm (25 % of its life left)."""
+
+
+def default_rotation_hours(leaf_lifetime_hours: float) -> int | None:
+    """The longest allowed period (`longest_rotation_hours`) after which one missed rotation only
+    warns, not pages (8 hours for 24-hour leaves, 48 for a week); where none does, the longest."""
+    longest = longest_rotation_hours(leaf_lifetime_hours)
+    if longest is None:
+        return None
+    candidates = [*SUB_DAY_ROTATION_HOURS, *range(24, longest + 1, 24)]
+    calm = [
+        h
+        for h in candidates
+        if h <= longest and 2 * h + ROTATION_WINDOW_HOURS <= MISSED_ROTATION_PAGE_SHARE * leaf_lifetime_hours
+    ]
+    return max(calm) if calm else longest
+
+
 def rotation_schedule_expression(hours: int) -> str:
     """Secrets Manager's `ScheduleExpression` for a rotation every `hours` (`check_rotation_hours`)."""
     check_rotation_hours(hours)

@@ -127,7 +127,7 @@ def test_every_identity_secret_has_a_rotation_schedule_with_its_own_function(sta
         function_id = logical_id(lifecycle_construct.rotation[identity.name])
         assert schedule["Properties"]["RotationLambdaARN"] == {"Fn::GetAtt": [function_id, "Arn"]}
         expected_rate = {
-            "development": "rate(3 days)",
+            "development": "rate(2 days)",
             "staging": "rate(8 hours)",
             "production": "rate(8 hours)",
         }

@@ -75,7 +75,7 @@ def test_cdk_json_settings_load(cdk_json_settings):
     assert settings["production"].retain
     assert not settings["development"].retain
     assert [settings[env].leaf_lifetime_hours for env in names.ENVIRONMENTS] == [168, 24, 24]
-    assert [settings[env].rotation_hours for env in names.ENVIRONMENTS] == [72, 8, 8]
+    assert [settings[env].rotation_hours for env in names.ENVIRONMENTS] == [48, 8, 8]  # one miss: a warning
     assert all(s.account is None and s.region is None for s in settings.values())
 
 
