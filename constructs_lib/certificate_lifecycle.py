@@ -135,7 +135,7 @@ class CertificateLifecycle(Construct):
         every function gets HOKUSAI_MTLS_SERVICES, so the handlers issue, rotate and check exactly them."""
         super().__init__(scope, construct_id)
         schedule_expression = lifecycle.rotation_schedule_expression(rotation_hours)  # checks it
-        if 2 * (rotation_hours + lifecycle.ROTATION_WINDOW_HOURS) > leaf_lifetime_hours:
+        if not lifecycle.renews_before_half_life(rotation_hours, leaf_lifetime_hours):
             raise ValueError(
                 f"rotation_hours ({rotation_hours}) with its {lifecycle.ROTATION_WINDOW_HOURS}-hour window "
                 f"must renew a leaf of leaf_lifetime_hours ({leaf_lifetime_hours}) before half its life"

@@ -22,10 +22,12 @@ from runtime.lifecycle import (
     CA_SOURCE_ISSUED,
     CA_SOURCES,
     ROTATION_WINDOW_HOURS,
+    SUB_DAY_ROTATION_HOURS,
     check_function_name,
     check_rotation_hours,
     default_rotation_hours,
     longest_rotation_hours,
+    renews_before_half_life,
     rotation_purpose,
 )
 from runtime.service_catalog import CDK_CONTEXT_KEY, Catalog
@@ -75,7 +77,7 @@ LOG_RETENTION_DAYS = (
 
 MAX_LEAF_LIFETIME_HOURS = 397 * 24
 """The CA/Browser Forum's longest leaf; ours are meant to live a day."""
-MIN_LEAF_LIFETIME_HOURS = 2 * (4 + ROTATION_WINDOW_HOURS)
+MIN_LEAF_LIFETIME_HOURS = 2 * (SUB_DAY_ROTATION_HOURS[0] + ROTATION_WINDOW_HOURS)
 """The shortest leaf that Secrets Manager's fastest rotation (4 hours, within a 1-hour window) renews
 before half of it has passed."""
 MAX_MIN_REQUESTS = 1_000_000
@@ -378,7 +380,7 @@ class EnvironmentSettings:
             hours = check_rotation_hours(self.rotation_hours)
         except ValueError as error:
             where.fail(str(error))
-        if 2 * (hours + ROTATION_WINDOW_HOURS) > lifetime:
+        if not renews_before_half_life(hours, lifetime):
             where.fail(
                 f"{hours} is too slow for leafLifetimeHours {lifetime}: a rotation every {hours} hours "
                 f"(within a {ROTATION_WINDOW_HOURS}-hour window) must renew a leaf before half its life; "

@@ -234,17 +234,25 @@ class CertificateAuthority:
         return TLSIdentity(certificate, key, f"{common_name} ({environment})")
 
 
+MAX_LIFETIME_DAYS = 100 * 365
+"""No certificate of ours lives longer (a leaf never outlives its CA anyway): the bound keeps a typo
+such as `--leaf-hours 1e12` a named LifetimeError instead of the date arithmetic's OverflowError."""
+
+
 def _check_ca_lifetime(days: int) -> None:
-    if not isinstance(days, int) or isinstance(days, bool) or days < 1:
-        raise LifetimeError(f"CA lifetime must be a positive number of days, got {days!r}")
+    if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= MAX_LIFETIME_DAYS:
+        raise LifetimeError(
+            f"CA lifetime must be a positive whole number of days, at most {MAX_LIFETIME_DAYS}, got {days!r}"
+        )
 
 
 def check_leaf_lifetime(hours: float) -> float:
-    """`hours` if it is a leaf lifetime we issue (finite, at least a minute), else LifetimeError."""
+    """`hours` if it is a leaf lifetime we issue (finite, a minute to 100 years), else LifetimeError."""
     valid = isinstance(hours, int | float) and not isinstance(hours, bool) and math.isfinite(hours)
-    if not valid or hours < MIN_LEAF_LIFETIME_HOURS:
+    if not valid or not MIN_LEAF_LIFETIME_HOURS <= hours <= MAX_LIFETIME_DAYS * 24:
         raise LifetimeError(
-            f"leaf lifetime must be a number of hours, at least one minute (1/60), got {hours!r}"
+            f"leaf lifetime must be a number of hours, at least one minute (1/60) and at most "
+            f"{MAX_LIFETIME_DAYS * 24} (100 years), got {hours!r}"
         )
     return hours
 

@@ -36,10 +36,15 @@ def check_rotation_hours(hours: int) -> int:
     return hours
 
 
+def renews_before_half_life(rotation_hours: int, leaf_lifetime_hours: float) -> bool:
+    """Whether a rotation every `rotation_hours` (within its window) replaces a leaf before half its life."""
+    return 2 * (rotation_hours + ROTATION_WINDOW_HOURS) <= leaf_lifetime_hours
+
+
 def longest_rotation_hours(leaf_lifetime_hours: float) -> int | None:
     """The longest period that still replaces a leaf before half its life (period + window <= half),
     renewal at half-life as Istio and Linkerd do it; None when even 4 hours is too slow."""
-    fitting = [h for h in SUB_DAY_ROTATION_HOURS if 2 * (h + ROTATION_WINDOW_HOURS) <= leaf_lifetime_hours]
+    fitting = [h for h in SUB_DAY_ROTATION_HOURS if renews_before_half_life(h, leaf_lifetime_hours)]
     days = int((leaf_lifetime_hours / 2 - ROTATION_WINDOW_HOURS) // 24)
     if days >= 1:
         return days * 24

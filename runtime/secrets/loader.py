@@ -147,6 +147,22 @@ def refresh_delay(seconds: float, draw: Callable[[], float] = random.random) -> 
     return seconds * (1 - REFRESH_JITTER * draw())
 
 
+def refresh_or_keep(refresh: Callable[[], object]) -> None:
+    """Run one refresh of a running process; a failure is logged (its code, never a traceback) and the
+    set it has stays: the next interval tries again, and the expiry alarms page long before it runs out."""
+    try:
+        refresh()
+    except MtlsError as exc:
+        log.warning("certificate refresh failed [%s]: %s; keeping the set in use", exc.code, exc)
+    except Exception as exc:  # never end the refreshing: a later one may succeed
+        log.error(
+            "certificate refresh failed [%s]: %s: %s; keeping the set in use",
+            UnexpectedError.code,
+            type(exc).__name__,
+            exc,
+        )
+
+
 def refresh_delays(seconds: float) -> Callable[[], float]:
     """Each call: the next jittered wait of a refresh every `seconds` (`periodic(..., delay=)`)."""
     return functools.partial(refresh_delay, seconds)

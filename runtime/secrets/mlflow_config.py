@@ -17,8 +17,13 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
 from runtime import names
-from runtime.errors import MtlsError, UnexpectedError
-from runtime.secrets.loader import LoaderSettings, LoadResult, load_certificates
+from runtime.secrets.loader import (
+    LoaderSettings,
+    LoadResult,
+    load_certificates,
+    refresh_delay,
+    refresh_or_keep,
+)
 
 if TYPE_CHECKING:
     from runtime.secrets.secret_store import SecretStore
@@ -84,15 +89,8 @@ def start_certificate_refresh(
 
     def refresh_forever() -> None:
         while True:
-            time.sleep(interval_seconds)
-            try:
-                configure_internal_mtls(role=role, environ=environ, refresh=True)
-            except MtlsError as exc:  # the files and variables stay; try again next time
-                log.warning("certificate refresh failed [%s]: %s", exc.code, exc)
-            except Exception as exc:  # never end the thread: a later refresh may succeed
-                log.error(
-                    "certificate refresh failed [%s]: %s: %s", UnexpectedError.code, type(exc).__name__, exc
-                )
+            time.sleep(refresh_delay(interval_seconds))  # jittered, as the servers' refresh
+            refresh_or_keep(lambda: configure_internal_mtls(role=role, environ=environ, refresh=True))
 
     thread = threading.Thread(target=refresh_forever, name="hokusai-mtls-refresh", daemon=True)
     thread.start()

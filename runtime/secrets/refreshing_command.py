@@ -14,14 +14,12 @@ with its code (128 + N when signal N ended it, as a shell does), so the task's e
 
 from __future__ import annotations
 
-import logging
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
 from runtime.errors import MtlsError
-
-log = logging.getLogger("hokusai_mtls")
+from runtime.secrets.loader import refresh_or_keep
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
@@ -47,7 +45,7 @@ def run_refreshing(
             try:
                 code = child.wait(timeout=next_delay())
             except subprocess.TimeoutExpired:
-                _refresh_once(refresh)
+                refresh_or_keep(refresh)
                 continue
             return 128 - code if code < 0 else code
     finally:
@@ -61,15 +59,6 @@ def run_refreshing(
 def _forward(child: subprocess.Popen, number: int) -> None:
     if child.poll() is None:
         child.send_signal(number)
-
-
-def _refresh_once(refresh: Callable[[], object]) -> None:
-    try:
-        refresh()
-    except MtlsError as exc:
-        log.warning("certificate refresh failed [%s]: %s; the command keeps the set it has", exc.code, exc)
-    except Exception:  # a refresh must never take the command down
-        log.exception("certificate refresh failed; the command keeps the set it has")
 
 
 __all__ = ["FORWARDED_SIGNALS", "run_refreshing"]

@@ -46,9 +46,10 @@ from runtime.certificates.inspection import days_left, hours_left
 from runtime.clients.adaptive_client import ClientTLS, create_adaptive_client
 from runtime.errors import WorkerError
 from runtime.observability.metrics import Metrics, interval_from_environ
-from runtime.secrets.loader import LoaderSettings, LoadResult, read_published, refresh_delays, refresh_seconds
+from runtime.secrets.loader import LoaderSettings, LoadResult, read_published, refresh_seconds
 from runtime.secrets.mlflow_config import configure_internal_mtls
 from runtime.security_level import SecurityLevel
+from runtime.services.certificate_refresh import certificate_refresh
 from runtime.services.mlflow_proxy import mlflow_proxy_app
 from runtime.serving.connection_limits import api_limits
 from runtime.serving.server import Background, Listener, Serving, listen_socket, periodic
@@ -230,12 +231,7 @@ class ApiService:
             limits=limits,
             background=[
                 periodic("metrics", self.metrics_seconds, self.metrics.flush, at_exit=True),
-                periodic(
-                    "certificate refresh",
-                    refresh_seconds(self.environ),
-                    self.refresh,
-                    delay=refresh_delays(refresh_seconds(self.environ)),
-                ),
+                certificate_refresh(refresh_seconds(self.environ), self.refresh),
                 *self._clients_to_close(),
             ],
         )
@@ -269,12 +265,7 @@ class ApiSupervisor:
             [],
             background=[
                 periodic("metrics", interval_from_environ(environ), self.metrics.flush, at_exit=True),
-                periodic(
-                    "certificate refresh",
-                    refresh_seconds(environ),
-                    self.refresh,
-                    delay=refresh_delays(refresh_seconds(environ)),
-                ),
+                certificate_refresh(refresh_seconds(environ), self.refresh),
                 self.supervisor.background(),
             ],
         )

@@ -41,10 +41,10 @@ from runtime.secrets.loader import (
     LoaderSettings,
     LoadResult,
     load_certificates,
-    refresh_delays,
     refresh_seconds,
 )
 from runtime.security_level import SecurityLevel
+from runtime.services.certificate_refresh import certificate_refresh
 from runtime.serving.connection_limits import mlflow_limits
 from runtime.serving.server import Background, Listener, Serving, periodic
 
@@ -249,12 +249,7 @@ class AsgiService:
     def _background(self) -> list[Background]:
         s = self.settings
         jobs = [
-            periodic(
-                "certificate refresh",
-                s.refresh_seconds,
-                self.refresh,
-                delay=refresh_delays(s.refresh_seconds),
-            ),
+            certificate_refresh(s.refresh_seconds, self.refresh),
             periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
             *self.keys.background(),
         ]

@@ -56,7 +56,6 @@ from runtime.secrets.loader import (
     LoadResult,
     load_certificates,
     read_published,
-    refresh_delays,
     refresh_seconds,
 )
 from runtime.security_level import SecurityLevel
@@ -69,6 +68,7 @@ from runtime.services.asgi_service import (
     service_listener_name,
     service_mode,
 )
+from runtime.services.certificate_refresh import certificate_refresh
 from runtime.serving.acceptor import ACCEPT_BATCH
 from runtime.serving.connection_limits import mlflow_limits
 from runtime.serving.server import Background, Listener, Serving, listen_socket, periodic
@@ -253,12 +253,7 @@ class MlflowServer:
         jobs = []
         if self.worker is None:  # a worker's supervisor refreshes, and writes the task's metrics
             jobs = [
-                periodic(
-                    "certificate refresh",
-                    s.refresh_seconds,
-                    self.refresh,
-                    delay=refresh_delays(s.refresh_seconds),
-                ),
+                certificate_refresh(s.refresh_seconds, self.refresh),
                 periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
             ]
         jobs.extend(self.keys.background())

@@ -100,7 +100,7 @@ def test_lifetimes_are_configurable_and_the_ca_outlives_its_leaves():
         ca.issue_server("production", lifetime_hours=401 * 24)
 
 
-@pytest.mark.parametrize("hours", [0, -1, 0.01, float("nan"), float("inf"), True, "24"])
+@pytest.mark.parametrize("hours", [0, -1, 0.01, float("nan"), float("inf"), True, "24", 1e12, 876_001])
 def test_a_leaf_lifetime_below_a_minute_or_not_a_number_is_refused(hours):
     with pytest.raises(LifetimeError, match="at least one minute"):
         new_ca().issue_client("development", "api", lifetime_hours=hours)
@@ -109,6 +109,12 @@ def test_a_leaf_lifetime_below_a_minute_or_not_a_number_is_refused(hours):
 @pytest.mark.parametrize("days", [0, -1])
 def test_non_positive_lifetimes_are_refused(days):
     with pytest.raises(LifetimeError, match="positive"):
+        new_ca(lifetime_days=days)
+
+
+@pytest.mark.parametrize("days", [36_501, 10**9])
+def test_a_ca_lifetime_past_the_date_arithmetic_is_a_named_error_not_an_overflow(days):
+    with pytest.raises(LifetimeError, match="at most 36500"):
         new_ca(lifetime_days=days)
 
 
