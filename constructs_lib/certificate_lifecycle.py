@@ -18,7 +18,10 @@ holds exactly what its handler calls (no managed policy, no wildcard beyond what
 Identity secrets rotate on a `rate(N hours)` schedule with a 1-hour window (24-hour leaves every
 8 hours: renewed before half-life); the CA secrets every caRolloverWaitDays.
 
-So every secret has a rotation schedule (cdk-nag SMG4, no acknowledgment). Every secret call is on
+So every secret the lifecycle manages has a rotation schedule (cdk-nag SMG4, no acknowledgment). The
+revocation lists (`ca-crl`) are not one of them: no function here reads or writes them (only an
+operator's `certs revoke` does) and nothing rotates them; `CertificateSecrets` acknowledges SMG4 on that
+secret alone. Every secret call is on
 a customer-managed key: kms:Decrypt (and GenerateDataKey for a write) through Secrets Manager only
 (`kms:ViaService`). Every log group is encrypted with a key of its own (`LogEncryptionKey`, usable
 for `/hokusai/<env>/lifecycle/*` only): a failed rotation's log names secrets and serials.
@@ -103,7 +106,8 @@ PUT_METRIC_REASON = (
 
 class CertificateLifecycle(Construct):
     """Issuance custom resource, per-identity rotation with a schedule on every identity secret,
-    and the scheduled expiry check, all for `certificates` (same stack: cdk-nag SMG4).
+    and the scheduled expiry check, all for `certificates` (same stack: cdk-nag SMG4), except its
+    revocation lists (`ca_revocations`), which no function here touches.
 
     Attributes:
         issuance: the issuance function; `certificates_resource`: the custom resource (the

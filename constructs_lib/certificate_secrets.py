@@ -5,6 +5,11 @@ Manager generates none. The issuance custom resource (`CertificateLifecycle`) fi
 in AWS on the first deploy (or `hokusai-mtls certs upload` imports a CA before it). An
 empty secret fails GetSecretValue with ResourceNotFoundException, a clearer signal than a
 random placeholder password that does not parse as PEM.
+
+The revocation lists (`ca-crl`) are the exception to the lifecycle: no issuance, no rotation, no
+expiry check. Only an operator's `hokusai-mtls certs revoke` (operator credentials, not a stack
+role) writes them, so the secret stays empty until the first revocation, and cdk-nag's SMG4 is
+acknowledged on it alone (`CA_REVOCATIONS_SMG4_REASON`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
-from aws_cdk import RemovalPolicy, Stack
+from aws_cdk import Acknowledgment, RemovalPolicy, Stack, Validations
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_secretsmanager as secretsmanager
@@ -22,6 +27,15 @@ from constructs_lib.naming import construct_label
 from runtime import names
 
 SECRET_READ_ACTIONS = ("secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret")
+
+CA_REVOCATIONS_SMG4_REASON = (
+    "ca-crl holds no key or credential: only public revocation lists (PEM X509 CRL blocks), each signed by "
+    "the CA it speaks for, that serving tasks check client certificates against. It changes only when an "
+    "operator runs `hokusai-mtls certs revoke`; a list does not go stale on a clock (its nextUpdate is its "
+    "CA's own expiry). The key material behind it is the CA, and the CA secrets (ca-key, ca-cert, "
+    "ca-key-next) have their rotation schedule in this stack. A scheduled rotation of ca-crl would have "
+    "nothing to renew, only revocations an operator made to lose."
+)
 
 
 def grant_decrypt_via_secrets_manager(key: kms.IKey, grantee: iam.IGrantable) -> iam.Grant:
@@ -48,6 +62,10 @@ class CertificateSecrets(Construct):
         ca_key: `hokusai/<env>/mlflow/ca-key`, the issuing CA; only the issuer may read it.
         ca_key_next: `hokusai/<env>/mlflow/ca-key-next`, the next CA while a rollover runs (the
             CA rotation or the operator's `certs rollover` writes it; no task role reads it).
+        ca_revocations: `hokusai/<env>/mlflow/ca-crl`, the CA-signed revocation lists (PEM `X509 CRL`
+            blocks); written only by the operator's `certs revoke`, read by every task that accepts
+            client certificates (`Identity.reads_revocations`), empty until the first revocation. No rotation schedule (SMG4 acknowledged), and
+            no lifecycle function touches it.
         identities: identity name (`server`, `api`, `worker`, any declared one) -> its `<name>-identity`
             secret.
     """
@@ -89,6 +107,15 @@ class CertificateSecrets(Construct):
             names.secret_name(environment, names.CA_NEXT_SECRET),
             "The next CA during a rollover (its `begin`); a no-rollover marker otherwise",
         )
+        self.ca_revocations = self._secret(
+            "CaRevocations",
+            names.secret_name(environment, names.CA_REVOCATIONS_SECRET),
+            "Revocation lists (PEM X509 CRL blocks signed by the CA) that serving identities check; "
+            "written only by an operator's `hokusai-mtls certs revoke`, empty until the first revocation",
+        )
+        Validations.of(self.ca_revocations).acknowledge(
+            Acknowledgment(id="AwsSolutions-SMG4", reason=CA_REVOCATIONS_SMG4_REASON)
+        )
         self.declared_identities = tuple(identities)
         self.identities: Mapping[str, secretsmanager.Secret] = MappingProxyType(
             {
@@ -104,30 +131,48 @@ class CertificateSecrets(Construct):
     def identity(self, identity: names.Identity) -> secretsmanager.Secret:
         return self.identities[identity.name]
 
-    def grant_identity(self, identity: names.Identity, grantee: iam.IGrantable) -> iam.Grant:
-        """Let `grantee` load `identity`: read its `<name>-identity` secret and the CA bundle.
+    def grant_identity(
+        self, identity: names.Identity, grantee: iam.IGrantable, *, proxy_kind: str = names.PROXY_KIND_NONE
+    ) -> iam.Grant:
+        """Let `grantee` load `identity`: read its `<name>-identity` secret and the CA bundle, and,
+        if its tasks accept client certificates (`Identity.reads_revocations`: it serves, or a proxy
+        of `proxy_kind` forwards them), the revocation lists (`ca-crl`) too.
 
         Exactly what `Secret.grant_read` gives a principal for a secret with a customer-managed
-        key: `secretsmanager:GetSecretValue` and `DescribeSecret` on those two secrets, and
-        `kms:Decrypt` on the key only through Secrets Manager (`kms:ViaService`). Unlike
+        key: `secretsmanager:GetSecretValue` and `DescribeSecret` on those secrets (one statement),
+        and `kms:Decrypt` on the key only through Secrets Manager (`kms:ViaService`). Unlike
         `grant_read`, nothing goes into the key policy: the grantee lives in another stack
         (its ARN there would make the stacks depend on each other), and the key policy
-        already lets IAM policies of this account use the key. The CA key secret is never
-        part of a grant.
+        already lets IAM policies of this account use the key. A client-only identity that accepts
+        no forwarded certificate checks no revocation, so it gets no read on `ca-crl` (least
+        privilege). The CA key secrets are never part of a grant, and no grant writes anything.
         """
+        secrets = [self.identity(identity), self.ca_bundle]
+        if identity.reads_revocations(proxy_kind):
+            secrets.append(self.ca_revocations)
         read = iam.Grant.add_to_principal(
             grantee=grantee,
             actions=list(SECRET_READ_ACTIONS),
-            resource_arns=[self.identity(identity).secret_arn, self.ca_bundle.secret_arn],
+            resource_arns=[secret.secret_arn for secret in secrets],
         )
         return read.combine(grant_decrypt_via_secrets_manager(self.key, grantee))
 
     @property
     def all_secrets(self) -> tuple[secretsmanager.Secret, ...]:
-        return (self.ca_bundle, self.ca_key, self.ca_key_next, *self.identities.values())
+        """Every secret of this construct, `ca-crl` included. Not the lifecycle's set: issuance,
+        rotation and the expiry check name the secrets they use one by one, and `ca-crl` is none
+        of them."""
+        return (
+            self.ca_bundle,
+            self.ca_key,
+            self.ca_key_next,
+            self.ca_revocations,
+            *self.identities.values(),
+        )
 
     def _secret(self, construct_id: str, secret_name: str, description: str) -> secretsmanager.Secret:
-        """An empty secret; `CertificateLifecycle`, in the same stack, gives it a rotation schedule."""
+        """An empty secret, encrypted with `key`. `CertificateLifecycle`, in the same stack, gives
+        every one a rotation schedule except `ca-crl`, whose SMG4 is acknowledged instead."""
         secret = secretsmanager.Secret(
             self,
             construct_id,

@@ -70,13 +70,13 @@ def _read(path: str) -> bytes:
 
 
 # --- certs issue ---------------------------------------------------------------------
-def _add_leaf_lifetime(parser: argparse.ArgumentParser, step: str = "") -> None:
+def _add_leaf_lifetime(
+    parser: argparse.ArgumentParser,
+    step: str = "",
+    default: str = f"{SHORT_LEAF_LIFETIME_HOURS} hours, a year in development",
+) -> None:
     lifetime = parser.add_mutually_exclusive_group()
-    lifetime.add_argument(
-        "--leaf-hours",
-        type=float,
-        help=f"{step}leaf lifetime; default {SHORT_LEAF_LIFETIME_HOURS} hours, a year in development",
-    )
+    lifetime.add_argument("--leaf-hours", type=float, help=f"{step}leaf lifetime; default {default}")
     lifetime.add_argument("--leaf-days", type=int, help="the same in days")
 
 
@@ -179,6 +179,19 @@ def cmd_rollover(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     if args.step != "status":
         print(f"phase now: {rollover.PHASES[rollover.status(store).phase]}")
+    return 0
+
+
+# --- certs revoke --------------------------------------------------------------------
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from runtime.secrets import revoke  # boto3 only for the commands that talk to AWS
+
+    catalog = catalog_from_environ(os.environ)
+    identity = catalog.identity_by_name(args.identity) if args.identity else None
+    serials = [revoke.parse_serial(text) for text in args.serial or ()]
+    store = revoke.RevocationStore(args.env, region=args.region, catalog=catalog)
+    result = revoke.revoke(store, identity=identity, serials=serials, leaf_lifetime_hours=_leaf_hours(args))
+    print("\n".join(result.lines))
     return 0
 
 
@@ -519,6 +532,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_leaf_lifetime(rollover, "switch: ")
     rollover.set_defaults(func=cmd_rollover, parser=rollover)
+
+    revoke = sub.add_parser(
+        "revoke",
+        help="refuse an identity's certificates (it gets a fresh leaf first) or given serials on every server",
+        description="--identity: a fresh leaf for it, then every certificate of its secret still in date goes "
+        "on the issuing CA's revocation list (ca-crl); --serial: those serials only. Every server refuses "
+        "them from its next refresh, without a restart.",
+    )
+    revoke.add_argument("--env", required=True, type=environment_name)
+    what = revoke.add_mutually_exclusive_group(required=True)
+    what.add_argument("--identity", help="an identity's name (server, api, worker, or a declared one)")
+    what.add_argument("--serial", action="append", help="a certificate's serial in hex (repeatable)")
+    revoke.add_argument("--region", help="default: $AWS_REGION")
+    _add_leaf_lifetime(revoke, "--identity: the fresh ", default="the lifetime of the leaf it replaces")
+    revoke.set_defaults(func=cmd_revoke, parser=revoke)
     return parser
 
 

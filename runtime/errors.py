@@ -89,6 +89,12 @@ class LifetimeError(CertificateError):
     code = "invalid-lifetime"
 
 
+class RevocationListError(CertificateError):
+    """A revocation list (`ca-crl`) is unreadable or not signed by the CA it speaks for."""
+
+    code = "revocation-list-invalid"
+
+
 class CertificateSetError(CertificateError):
     """A certificate set (directory or upload) is incomplete."""
 

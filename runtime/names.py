@@ -200,6 +200,11 @@ CA_NEXT_SECRET = "ca-key-next"
 """The successor CA during a rollover (`hokusai-mtls certs rollover`): `begin` stores the new CA's
 certificate and key here while the bundle in `ca-cert` trusts old and new; `switch` moves it into
 `ca-key` and leaves a marker value (no CA) here. Readable only by the issuer, like `ca-key`."""
+CA_REVOCATIONS_SECRET = "ca-crl"
+"""The revocation lists (PEM `X509 CRL` blocks, one per CA that revoked something), signed by the CA
+they speak for: written only by `hokusai-mtls certs revoke`, read by every identity that serves
+(servers refuse a revoked client certificate); empty (no value yet) until the first revocation. Its
+own secret, not part of `ca-cert`: a runtime that predates revocation reads the bundle unchanged."""
 IDENTITY_SECRET_SUFFIX = "-identity"
 """Each identity's certificate and key live together in `<identity>-identity`."""
 
@@ -212,6 +217,8 @@ CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 COMBINED_PEM_FILE = "tls.pem"
 """Certificate followed by key, for MLflow's single `MLFLOW_TRACKING_CLIENT_CERT_PATH`."""
+REVOCATIONS_FILE = "crl.pem"
+"""A serving identity's verified revocation lists (`ca-crl`), possibly empty; part of its set."""
 
 SERVER_CERT_DIR = "/etc/mlflow/certs"
 CLIENT_CERT_DIR = "/tmp/mlflow-certs"  # noqa: S108 - the seed's path; the loader makes it 0700
@@ -283,6 +290,12 @@ class Identity:
     def hostname(self, environment: str) -> str:
         """The Cloud Map name its callers dial (and its server certificate names)."""
         return f"{self.service}.{cloud_map_namespace(environment)}"
+
+    def reads_revocations(self, proxy_kind: str = PROXY_KIND_NONE) -> bool:
+        """Whether its tasks read `ca-crl`: they accept client certificates, on their own mTLS port
+        (`serves`) or forwarded by a proxy (`proxy_kind`, HOKUSAI_MTLS_PROXY_KIND). The loader and the
+        stacks' grants both ask this, so a task reads the lists exactly when it may."""
+        return self.serves or proxy_kind != PROXY_KIND_NONE
 
 
 SERVER = Identity("server", Kind.SERVER, "mlflow-server", SERVER_CERT_DIR, service="mlflow")

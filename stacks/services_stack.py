@@ -190,7 +190,10 @@ class ServicesStack(Stack):
                     },
                 },
             )
-            certificates.grant_identity(identity, task.task_role)
+            proxy_kind = (
+                settings.trusted_proxy_kind if service == names.API_SERVICE else names.PROXY_KIND_NONE
+            )
+            certificates.grant_identity(identity, task.task_role, proxy_kind=proxy_kind)
             self._acknowledge_image_pull(task, settings.images[service])
             task_definitions[service] = task
             declaration = catalog.service(service)

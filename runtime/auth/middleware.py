@@ -32,7 +32,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from cryptography import x509
 from starlette.middleware.cors import CORSMiddleware
 
 from runtime import names
@@ -51,6 +50,8 @@ from runtime.auth.peer_identity import IdentityPolicy, ServiceIdentity, peer_cer
 from runtime.auth.proxy_certificate import check_proxy_kind, forwarded_certificate, is_forwarding_header
 from runtime.auth.rate_limit import RateDecision
 from runtime.auth.route_policy import RoutePolicy
+from runtime.certificates.published_trust import PublishedTrust, StaticTrust
+from runtime.certificates.revocation import NOTHING_REVOKED
 from runtime.keys import key_format
 from runtime.observability import audit
 from runtime.observability.metrics import Metrics
@@ -117,7 +118,7 @@ class APIKeyAuthMiddleware:
         excluded_paths: Iterable[str] = ("/health",),
         required_scope: Callable[[dict], str | None] | None = None,
         proxy_kind: str = names.PROXY_KIND_NONE,
-        proxy_trust_bundle: Sequence[x509.Certificate] = (),
+        proxy_trust: PublishedTrust | StaticTrust | None = None,
         cors_allowed_origins: Sequence[str] = (),
         mlflow_errors: Callable[[dict], bool] = _never,
     ) -> None:
@@ -125,9 +126,10 @@ class APIKeyAuthMiddleware:
         `count_plain`: count requests that arrive without TLS (the permissive mode's old clients).
         `required_scope(scope)`: the scope an mTLS caller needs for this request (e.g. `mlflow_scope`);
         None: routes decide. The API-key path is left as it was: a valid key is what it checks.
-        `proxy_kind` + `proxy_trust_bundle`: accept the client certificate that this kind of proxy
+        `proxy_kind` + `proxy_trust`: accept the client certificate that this kind of proxy
         (`names.PROXY_KINDS`) forwards from a trusted proxy address, when it verifies against the
-        bundle; `none`: never. `cors_allowed_origins`: origins whose preflights are answered.
+        trust's current bundle and is not revoked (`PublishedTrust`: the loader's latest files);
+        `none`: never. `cors_allowed_origins`: origins whose preflights are answered.
         `mlflow_errors(scope)`: answer this request's refusals in MLflow's error shape.
         `usage`: told of every request made with a key the backend knows (allowed, or refused for its
         address or rate limit): endpoint, status, time to the end of the response.
@@ -148,8 +150,8 @@ class APIKeyAuthMiddleware:
         self.excluded_paths = frozenset(excluded_paths)
         self.required_scope = required_scope
         self.proxy_kind = check_proxy_kind(proxy_kind, addresses.trusted_proxies)
-        self.proxy_trust_bundle = tuple(proxy_trust_bundle)
-        if self.proxy_kind != names.PROXY_KIND_NONE and not self.proxy_trust_bundle:
+        self.proxy_trust = proxy_trust
+        if self.proxy_kind != names.PROXY_KIND_NONE and (proxy_trust is None or not proxy_trust.current()[0]):
             raise ValueError(
                 f"{names.ENV_PROXY_KIND}={self.proxy_kind} needs a trust bundle to verify forwarded certificates"
                 " against (the loader's ca.crt; none at security level INSECURE)"
@@ -215,7 +217,10 @@ class APIKeyAuthMiddleware:
         if self.proxy_kind != names.PROXY_KIND_NONE:
             peer = (scope.get("client") or (None, None))[0]
             if self.addresses.peer_is_trusted_proxy(peer):
-                certificate = forwarded_certificate(forwarding, self.proxy_kind, self.proxy_trust_bundle)
+                bundle, revocations = (
+                    self.proxy_trust.current() if self.proxy_trust else ((), NOTHING_REVOKED)
+                )
+                certificate = forwarded_certificate(forwarding, self.proxy_kind, bundle, revocations)
         if certificate is None:
             return False, None
         return True, self.identities.identify(certificate)

@@ -25,7 +25,9 @@ application sees the request.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 from collections.abc import Sequence
 from urllib.parse import unquote
 
@@ -34,8 +36,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from runtime import names
 from runtime.certificates import pem
+from runtime.certificates.revocation import NOTHING_REVOKED, Revocations, describe_certificate
 from runtime.certificates.verification import verify_certificate
 from runtime.names import Kind
+
+log = logging.getLogger("hokusai_mtls")
 
 ALB_LEAF_HEADER = b"x-amzn-mtls-clientcert-leaf"
 ALB_HEADER_PREFIX = b"x-amzn-mtls-"
@@ -152,10 +157,13 @@ def _forwarded_pem(headers: Headers, kind: str) -> tuple[str, str | None] | None
 
 
 def forwarded_certificate(
-    headers: Headers, kind: str, trust_bundle: Sequence[x509.Certificate]
+    headers: Headers,
+    kind: str,
+    trust_bundle: Sequence[x509.Certificate],
+    revocations: Revocations = NOTHING_REVOKED,
 ) -> x509.Certificate | None:
     """The certificate the `kind` proxy forwarded in `headers`, when it verifies as a client of
-    `trust_bundle`.
+    `trust_bundle` and is not revoked (`revocations`: the proxy's own checks are not ours to assume).
 
     Call it only after checking that the socket peer is a trusted proxy. Any malformed,
     repeated, foreign or unreadable value gives None: the request then has no certificate.
@@ -177,7 +185,16 @@ def forwarded_certificate(
         verify_certificate(certificate, trust_bundle, kind=Kind.CLIENT, source="forwarded client certificate")
     except Exception:  # hostile input: any parse or verify failure means "no certificate"
         return None
+    if revocations.refuses(certificate):
+        _log_revoked(describe_certificate(certificate))
+        return None
     return certificate
+
+
+@functools.lru_cache(maxsize=256)
+def _log_revoked(description: str) -> None:
+    """Once per revoked certificate (while it is among the last 256 seen): a proxy may forward it often."""
+    log.warning("a forwarded client certificate is revoked (%s): the request has no certificate", description)
 
 
 def is_forwarding_header(name: bytes) -> bool:

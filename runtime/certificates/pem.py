@@ -33,6 +33,7 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 _MARKER = re.compile(rb"-----(BEGIN|END) ([A-Z0-9 ]{1,64})-----")
 _CERTIFICATE = b"CERTIFICATE"
+_CRL = b"X509 CRL"
 
 _FIELDS = (
     ("version", lambda c: c.version),
@@ -120,6 +121,42 @@ def load_certificates(data: bytes | str, source: str) -> list[x509.Certificate]:
             raise PemError(f"{source}: certificate #{index} is corrupt: {_reason(exc)}") from exc
         certificates.append(parsed(certificate, f"{source}: certificate #{index}"))
     return certificates
+
+
+def load_crls(data: bytes | str, source: str) -> list[x509.CertificateRevocationList]:
+    """All revocation lists (`X509 CRL` blocks) of a PEM text, parsed eagerly like certificates;
+    empty text is no list at all (the `ca-crl` secret before the first revocation)."""
+    raw = _as_bytes(data)
+    if not raw.strip():
+        return []
+    blocks = _blocks(raw, source, _CRL.decode())
+    others = sorted({label.decode() for label, _ in blocks if label != _CRL})
+    if others:
+        raise WrongPemTypeError(
+            f"{source}: expected revocation lists (X509 CRL) only, found {' and '.join(others)}"
+        )
+    crls = []
+    for index, (_, block) in enumerate(blocks, start=1):
+        where = f"{source}: revocation list #{index}"
+        try:
+            crl = x509.load_pem_x509_crl(block)
+            # Every field the check reads, now: cryptography decodes them lazily (see the module's rules).
+            (
+                crl.issuer.rfc4514_string(),
+                crl.last_update_utc,
+                crl.next_update_utc,
+                crl.signature_hash_algorithm,
+            )
+            _ = [(entry.serial_number, entry.revocation_date_utc) for entry in crl]
+            _ = [extension.value for extension in crl.extensions]
+        except Exception as exc:  # hostile PEM: ValueError mostly, but not only
+            raise PemError(f"{where} is corrupt: {_reason(exc)}") from exc
+        crls.append(crl)
+    return crls
+
+
+def crls_pem(crls: list[x509.CertificateRevocationList]) -> bytes:
+    return b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls)
 
 
 def load_certificate(data: bytes | str, source: str) -> x509.Certificate:

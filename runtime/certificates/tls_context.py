@@ -40,6 +40,7 @@ from cryptography import x509
 from runtime import names
 from runtime.certificates import pem
 from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.revocation import NOTHING_REVOKED, Revocations
 from runtime.certificates.verification import find_issuer, verify_identity
 from runtime.errors import CertificateError, MtlsError
 
@@ -81,15 +82,27 @@ class ResumedSessions:
         self._windows: dict[bytes, tuple[float, float]] = {}
 
     def admits(self, certificate_der: bytes | None) -> bool:
+        return self.refusal(certificate_der) is None
+
+    def refusal(self, certificate_der: bytes | None) -> str | None:
+        """None if the resumed certificate is admitted, else why not (`names.HANDSHAKE_FAILURE_REASONS`):
+        no certificate, no CA of the bundle signed it (or it cannot be read), or outside its dates."""
         if not certificate_der:
-            return False
+            return names.HANDSHAKE_NO_CERTIFICATE
         window = self._windows.get(certificate_der)
         if window is None:
             window = self._window(certificate_der)
             if len(self._windows) >= RESUMED_CERTIFICATES_KEPT:
                 self._windows.clear()
             self._windows[certificate_der] = window
-        return window[0] <= _now() <= window[1]
+        if window == _NEVER:
+            return names.HANDSHAKE_UNKNOWN_CA
+        now = _now()
+        if now < window[0]:
+            return names.HANDSHAKE_NOT_YET_VALID
+        if now > window[1]:
+            return names.HANDSHAKE_EXPIRED
+        return None
 
     def _window(self, certificate_der: bytes) -> tuple[float, float]:
         try:
@@ -105,12 +118,17 @@ class ResumedSessions:
 
 
 class ServerContext(ssl.SSLContext):
-    """A server `SSLContext` that also knows how to re-check its resumed sessions.
+    """A server `SSLContext` that also knows how to re-check its resumed sessions and which client
+    certificates are revoked (`runtime.certificates.revocation`: both are checked once a connection is up).
 
     `ssl_object.context` is the very object: after the SNI callback, the current context.
     """
 
     resumed_sessions: ResumedSessions | None = None
+    revocations: Revocations = NOTHING_REVOKED
+    latest: Callable[[], ServerContext] | None = None
+    """The context new handshakes use now (`ReloadableServerContext` sets it): a connection made before a
+    reload checks each request against the revocations of the latest one."""
 
 
 @dataclass(frozen=True)
@@ -118,11 +136,28 @@ class ServerFiles:
     certificate: Path
     private_key: Path
     ca_bundle: Path
+    revocations: Path | None = None
+    """The loader's `crl.pem`; None, or no such file: nothing is revoked."""
 
     @classmethod
     def from_directory(cls, directory: Path) -> ServerFiles:
         directory = Path(directory)
-        return cls(directory / names.CERT_FILE, directory / names.KEY_FILE, directory / names.CA_BUNDLE_FILE)
+        return cls(
+            directory / names.CERT_FILE,
+            directory / names.KEY_FILE,
+            directory / names.CA_BUNDLE_FILE,
+            directory / names.REVOCATIONS_FILE,
+        )
+
+    def read_revocations(self, bundle: Sequence[x509.Certificate]) -> Revocations:
+        """The verified revocations of `self.revocations` (`RevocationListError` if a list is not the CA's)."""
+        if self.revocations is None:
+            return NOTHING_REVOKED
+        try:
+            data = self.revocations.read_bytes()
+        except FileNotFoundError:
+            return NOTHING_REVOKED
+        return Revocations.from_pem(data, bundle, str(self.revocations))
 
 
 def _context(
@@ -134,6 +169,7 @@ def _context(
             files.certificate.read_bytes(), files.private_key.read_bytes(), str(files.certificate)
         )
         bundle = pem.load_certificates(files.ca_bundle.read_bytes(), str(files.ca_bundle))
+        revocations = files.read_revocations(bundle)
     except OSError as exc:
         raise MtlsError(f"cannot read the server certificates: {exc}") from exc
     verify_identity(identity, bundle, kind=names.Kind.SERVER)
@@ -147,6 +183,7 @@ def _context(
     context.load_cert_chain(files.certificate, files.private_key)
     context.load_verify_locations(cafile=str(files.ca_bundle))
     context.resumed_sessions = ResumedSessions(bundle)
+    context.revocations = revocations
     return context, identity.certificate
 
 
@@ -191,11 +228,17 @@ class ReloadableServerContext:
         self._current, self.certificate = _context(files, session_tickets)
         self.front: ServerContext = self._current
         self.front.sni_callback = self._select
+        self.front.latest = self._latest
         self.reloads = 0
+        if revoked := len(self._current.revocations):
+            log.info("refusing %d revoked client certificate(s)", revoked)
 
     @property
     def current(self) -> ServerContext:
         """The context new handshakes use (the front one until the first reload)."""
+        return self._current
+
+    def _latest(self) -> ServerContext:
         return self._current
 
     def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
@@ -217,10 +260,19 @@ class ReloadableServerContext:
                 "certificate reload refused, still serving serial %x: %s", self.certificate.serial_number, exc
             )
             return False
+        context.latest = self._latest
         with self._lock:
             renewed = certificate != self.certificate
+            newly_revoked = context.revocations.entries - self._current.revocations.entries
             self._current, self.certificate = context, certificate
             self.reloads += 1
+        if newly_revoked:
+            log.warning(
+                "refusing %d more revoked client certificate(s) from now on (serials %s); %d revoked in all",
+                len(newly_revoked),
+                ", ".join(sorted(f"{serial:x}" for _, serial in newly_revoked)),
+                len(context.revocations),
+            )
         if renewed:
             log.info(
                 "serving certificate serial %x (expires %s) from now on",

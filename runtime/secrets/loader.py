@@ -82,6 +82,13 @@ class LoaderSettings:
     """Whether a start-up may degrade (HOKUSAI_MTLS_MAY_DEGRADE); None: `names.may_degrade`'s default."""
     catalog: Catalog = DEFAULT_CATALOG
     """The declared services (HOKUSAI_MTLS_SERVICES): which roles exist and what each identity is."""
+    proxy_kind: str = names.PROXY_KIND_NONE
+    """HOKUSAI_MTLS_PROXY_KIND: a proxy forwards client certificates to this task, so it reads the
+    revocation lists even if it does not serve mTLS (`Identity.reads_revocations`)."""
+
+    @property
+    def reads_revocations(self) -> bool:
+        return self.identity.reads_revocations(self.proxy_kind)
 
     def __post_init__(self) -> None:
         names.check_environment(self.environment)
@@ -132,6 +139,7 @@ class LoaderSettings:
             secrets_budget_seconds=DEFAULT_SECRETS_BUDGET_SECONDS if budget is None else budget,
             may_degrade=may_degrade,
             catalog=catalog,
+            proxy_kind=given.get("proxy_kind", environ.get(names.ENV_PROXY_KIND) or names.PROXY_KIND_NONE),
         )
 
 
@@ -263,13 +271,19 @@ def _attempt(action: Callable[[], T], problems: list[str]) -> T | None:
     return None
 
 
-def _files_for(identity: names.Identity, bundle, tls: TLSIdentity | None) -> dict[str, tuple[bytes, int]]:
+def _files_for(
+    identity: names.Identity, bundle, tls: TLSIdentity | None, crls=None
+) -> dict[str, tuple[bytes, int]]:
+    """The set to publish; with `crls` (a task that reads them) its revocation lists too (`crl.pem`,
+    empty if nothing is revoked)."""
     files = {names.CA_BUNDLE_FILE: (pem.bundle_pem(bundle), PUBLIC_FILE_MODE)}
     if tls is not None:
         files[names.CERT_FILE] = (tls.certificate_pem(), PUBLIC_FILE_MODE)
         files[names.KEY_FILE] = (tls.private_key_pem(), PRIVATE_FILE_MODE)
         if identity.calls:
             files[names.COMBINED_PEM_FILE] = (tls.combined_pem(), PRIVATE_FILE_MODE)
+        if crls is not None:
+            files[names.REVOCATIONS_FILE] = (pem.crls_pem(list(crls)), PUBLIC_FILE_MODE)
     return files
 
 
@@ -359,13 +373,21 @@ def _load(settings: LoaderSettings, store: SecretStore | None, refresh: bool) ->
         tls = _attempt(
             lambda: store.fetch_identity(identity, settings.identity_secret, deadline=deadline), problems
         )
+    # A task that accepts client certificates refuses revoked ones: its set is incomplete without the
+    # lists (a refresh that cannot read or verify them keeps the previous set, lists included).
+    crls = (
+        _attempt(lambda: store.fetch_revocations(bundle, deadline=deadline), problems)
+        if store is not None and bundle and settings.reads_revocations
+        else []
+    )
     # partial, not a lambda: the arguments are bound (and type-checked) here, where `tls` is not None
     if (
         bundle
         and tls
+        and crls is not None
         and _attempt(functools.partial(verify_for, identity, tls, bundle, environment), problems)
     ):
-        files = _files_for(identity, bundle, tls)
+        files = _files_for(identity, bundle, tls, crls if settings.reads_revocations else None)
         result = _attempt(
             lambda: _publish(settings, SecurityLevel.MTLS, SOURCE_SECRETS, files, tls), problems
         )

@@ -292,9 +292,7 @@ def switch(
             continue
         options: dict = {"lifetime_hours": leaf_lifetime_hours, "now": now}
         if entry.certificate is not None:
-            options["key_type"] = _key_type(entry.certificate)
-            if identity.serves:
-                options["extra_sans"] = _extra_sans(entry.certificate, store.environment)
+            options.update(reissue_options(identity, entry.certificate, store.environment))
         tls = issuer.issue(store.environment, identity, **options)
         verify_for(identity, tls, state.bundle, store.environment, now)
         store.put_identity(identity, tls)
@@ -339,6 +337,15 @@ def finish(store: RolloverStore, *, now: dt.datetime | None = None) -> list[str]
     store.write(names.CA_BUNDLE_SECRET, pem.bundle_pem(bundle).decode(), "trust-bundle", None)
     removed = ", ".join(label(c) for c in state.old)
     return [f"published {store.name(names.CA_BUNDLE_SECRET)} with the new CA only; removed {removed}"]
+
+
+def reissue_options(identity: names.Identity, certificate: x509.Certificate, environment: str) -> dict:
+    """`CertificateAuthority.issue` options that keep what `certificate` has: its key type, and a
+    server's names beyond its Cloud Map name."""
+    options: dict = {"key_type": _key_type(certificate)}
+    if identity.serves:
+        options["extra_sans"] = _extra_sans(certificate, environment)
+    return options
 
 
 def _key_type(certificate: x509.Certificate) -> KeyType:

@@ -13,6 +13,7 @@ Secret values (see README "Secrets"):
   ca-cert            PEM trust bundle (one or more CAs)
   ca-key             JSON {schema, certificate, private_key}: the issuing CA
   <id>-identity      JSON {schema, certificate, private_key}: one service's identity
+  ca-crl             PEM revocation lists (X509 CRL), signed by the CA each names; read by servers
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import boto3
@@ -33,6 +35,7 @@ from runtime.certificates import pem
 from runtime.certificates.certset import CertificateSet
 from runtime.certificates.identity import TLSIdentity
 from runtime.certificates.issuance import CertificateAuthority
+from runtime.certificates.revocation import Revocations
 from runtime.certificates.verification import check_trust_bundle
 from runtime.errors import (
     CertificateError,
@@ -176,6 +179,23 @@ class SecretStore:
         except CertificateError as exc:
             raise SecretContentError(secret_id, str(exc)) from exc
         return bundle
+
+    def fetch_revocations(
+        self, bundle: Sequence[x509.Certificate], *, deadline: float | None = None
+    ) -> list[x509.CertificateRevocationList]:
+        """The revocation lists in `ca-crl`, each checked to be signed by the CA of `bundle` it names
+        (`runtime.certificates.revocation`); none while the secret has no value (nothing revoked yet)."""
+        secret_id = self.name(names.CA_REVOCATIONS_SECRET)
+        try:
+            value = self._get(secret_id, deadline)
+        except SecretNotFoundError:
+            return []
+        try:
+            crls = pem.load_crls(value, "SecretString")
+            Revocations.verified(crls, bundle, "SecretString")
+        except CertificateError as exc:
+            raise SecretContentError(secret_id, str(exc)) from exc
+        return crls
 
     def _fetch_pair(self, secret_id: str, deadline: float | None = None) -> TLSIdentity:
         value = self._get(secret_id, deadline)

@@ -41,7 +41,6 @@ from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
 from runtime.auth.route_policy import policy_from_environ
-from runtime.certificates import pem
 from runtime.certificates.inspection import days_left, hours_left
 from runtime.clients.adaptive_client import ClientTLS, create_adaptive_client
 from runtime.errors import WorkerError
@@ -49,6 +48,7 @@ from runtime.observability.metrics import Metrics, interval_from_environ
 from runtime.secrets.loader import LoaderSettings, LoadResult, read_published, refresh_seconds
 from runtime.secrets.mlflow_config import configure_internal_mtls
 from runtime.security_level import SecurityLevel
+from runtime.services.asgi_service import proxy_trust
 from runtime.services.certificate_refresh import certificate_refresh
 from runtime.services.mlflow_proxy import mlflow_proxy_app
 from runtime.serving.connection_limits import api_limits
@@ -150,7 +150,7 @@ class ApiService:
             required_scope=proxied_mlflow_scope,
             mlflow_errors=is_proxied_mlflow,
             # Behind an ALB in mTLS verify mode, services may call the API with their certificates too.
-            proxy_trust_bundle=self._bundle() if edge["proxy_kind"] != names.PROXY_KIND_NONE else (),
+            proxy_trust=proxy_trust(self.loaded.settings.directory, edge["proxy_kind"]),
             **edge,
         )
 
@@ -170,10 +170,6 @@ class ApiService:
         assert self.worker is not None  # noqa: S101 - only workers read what a supervisor published
         settings = LoaderSettings.from_environ(environ, role=names.API.role)
         return read_published(settings, SecurityLevel(self.worker.level), self.worker.source)
-
-    def _bundle(self) -> list:
-        path = self.loaded.files.get(names.CA_BUNDLE_FILE)
-        return pem.load_certificates(path.read_bytes(), str(path)) if path else []
 
     def refresh(self) -> None:
         """Load the rotated identity (the loader verifies it, then swaps the files) and use it

@@ -33,8 +33,8 @@ from runtime.auth.middleware import APIKeyAuthMiddleware, options_from_environ
 from runtime.auth.peer_identity import IdentityPolicy
 from runtime.auth.rate_limit import limiter_from_environ
 from runtime.auth.route_policy import policy_from_environ
-from runtime.certificates import pem
 from runtime.certificates.inspection import days_left, hours_left
+from runtime.certificates.published_trust import PublishedTrust
 from runtime.certificates.tls_context import ReloadableServerContext, ServerFiles
 from runtime.observability.metrics import DEFAULT_INTERVAL_SECONDS, Metrics, interval_from_environ
 from runtime.secrets.loader import (
@@ -72,12 +72,12 @@ def check_mode(mode: str, loader: LoaderSettings) -> None:
         )
 
 
-def proxy_trust_bundle(directory: Path, proxy_kind: str) -> list:
-    """The bundle forwarded certificates are verified against, when a proxy forwards them."""
-    bundle = directory / names.CA_BUNDLE_FILE
-    if proxy_kind == names.PROXY_KIND_NONE or not bundle.exists():
-        return []
-    return pem.load_certificates(bundle.read_bytes(), str(bundle))
+def proxy_trust(directory: Path, proxy_kind: str) -> PublishedTrust | None:
+    """What forwarded certificates are verified against, when a proxy forwards them: the loader's latest
+    bundle and revocation lists in `directory`, followed on every refresh (`PublishedTrust`)."""
+    if proxy_kind == names.PROXY_KIND_NONE or not (directory / names.CA_BUNDLE_FILE).exists():
+        return None
+    return PublishedTrust(directory)
 
 
 def service_listener_name(tls: ReloadableServerContext | None, mode: str) -> str:
@@ -232,7 +232,7 @@ class AsgiService:
             metrics=self.metrics,
             enable_mtls=self.tls is not None,
             count_plain=settings.mode == names.MTLS_MODE_PERMISSIVE,
-            proxy_trust_bundle=proxy_trust_bundle(settings.loader.directory, edge["proxy_kind"]),
+            proxy_trust=proxy_trust(settings.loader.directory, edge["proxy_kind"]),
             **edge,
         )
         self.serving = Serving(

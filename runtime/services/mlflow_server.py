@@ -63,7 +63,7 @@ from runtime.services import mlflow_setup
 from runtime.services.asgi_service import (
     check_mode,
     health_report,
-    proxy_trust_bundle,
+    proxy_trust,
     service_listener,
     service_listener_name,
     service_mode,
@@ -244,7 +244,7 @@ class MlflowServer:
             count_plain=permissive,
             required_scope=mlflow_scope,
             mlflow_errors=lambda _scope: True,  # every route here is MLflow's: its client reads the shape
-            proxy_trust_bundle=self._proxy_trust_bundle(edge["proxy_kind"]),
+            proxy_trust=proxy_trust(self.settings.loader.directory, edge["proxy_kind"]),
             **edge,
         )
 
@@ -260,10 +260,6 @@ class MlflowServer:
         if self.redis is not None:
             jobs.append(Background("Redis pool", at_exit=self.redis.aclose))
         return jobs
-
-    def _proxy_trust_bundle(self, proxy_kind: str) -> list:
-        """The bundle forwarded certificates are verified against, when a proxy forwards them."""
-        return proxy_trust_bundle(self.settings.loader.directory, proxy_kind)
 
     def _certificate_hosts(self) -> list[str]:
         """The names our certificate is valid for: a client that verified it dialed one of them."""

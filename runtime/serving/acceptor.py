@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 from runtime import names
 from runtime.serving import handshake_failures
+from runtime.serving.asgi_tls import TLSExtensionH11Protocol
 from runtime.serving.bounded_h11 import BoundedH11Protocol, Slot
 from runtime.serving.connection_limits import ConnectionLimits
 
@@ -196,6 +197,8 @@ class Acceptor:
             made.append(instance := factory())
             instance.slot = slot
             instance.opened_at = started
+            if isinstance(instance, TLSExtensionH11Protocol):  # refused once up (revoked, resumed): a failure
+                instance.on_tls_refused = lambda reason, detail: self._failed(reason, peer, detail)
             return instance
 
         # From here the transport owns the socket: it closes it on every failure.
@@ -240,8 +243,10 @@ class Acceptor:
         return connection.recv(1, socket.MSG_PEEK)
 
     def _handshake_failed(self, exc: BaseException, peer: str) -> None:
-        reason = handshake_failures.classify(exc)
-        self.failures.failed(reason, peer, handshake_failures.describe(exc))
+        self._failed(handshake_failures.classify(exc), peer, handshake_failures.describe(exc))
+
+    def _failed(self, reason: str, peer: str, detail: str) -> None:
+        self.failures.failed(reason, peer, detail)
         if self.on_handshake_failure is not None:
             self.on_handshake_failure(reason)
 

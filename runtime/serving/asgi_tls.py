@@ -17,11 +17,18 @@ on the certificate alone, so it is worked out once per certificate (`_described`
 keyed by the DER OpenSSL verified), not once per connection: a client making a new connection per
 request costs a lookup, not a parse. Each connection still gets its own dict and list.
 
-A resumed TLS session (`ssl_object.session_reused`) was not verified by this handshake: OpenSSL
-brings back the certificate of the full handshake it descends from. It is served only if that
-certificate would pass a full handshake now (`runtime.certificates.tls_context.ResumedSessions`,
-the current context's); otherwise the connection is dropped before a request is read, and it
-counts as a handshake that did not complete.
+Once a connection is up, `refusal` decides whether it may be served at all; if not, it is dropped
+before a request is read, and it counts as a handshake that failed, with its reason (`on_tls_refused`,
+which the acceptor sets: the failure log and metrics of every other refused handshake):
+
+- a revoked client certificate (`revoked`): OpenSSL has no list of ours to check (see
+  `runtime.certificates.revocation`), so it is checked here, against the latest context's revocations,
+  and again before every request of the connection (a keep-alive connection made before the revocation
+  gets 403 and is closed);
+- a resumed TLS session (`ssl_object.session_reused`) was not verified by this handshake: OpenSSL
+  brings back the certificate of the full handshake it descends from. It is served only if that
+  certificate would pass a full handshake now (`runtime.certificates.tls_context.ResumedSessions`,
+  the current context's), else refused with the reason a full handshake would give.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from typing import Any
 
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 
+from runtime import names
 from runtime.certificates.pem import certificate_pem, load_der_certificate
+from runtime.certificates.revocation import describe_certificate
 from runtime.errors import PemError
 from runtime.serving.bounded_h11 import BoundedH11Protocol, Slot
 
@@ -77,21 +86,65 @@ def tls_extension(ssl_object: ssl.SSLObject, der: bytes | None = None) -> dict[s
     }
 
 
-def resumption_admitted(ssl_object: ssl.SSLObject, der: bytes | None) -> bool:
-    """Whether a resumed session's client certificate would pass a full handshake now.
+def refusal(ssl_object: ssl.SSLObject, der: bytes | None) -> tuple[str, str] | None:
+    """None if the connection may be served, else (reason, detail for the failure log).
 
-    Only a context of ours knows how to tell (`ServerContext.resumed_sessions`); with any other, a
-    resumed session is refused: nothing re-checks it.
+    Only a context of ours knows the revocations and how to re-check a resumed session
+    (`ServerContext.revocations`, `.resumed_sessions`); with any other, a resumed session is refused:
+    nothing re-checks it.
     """
-    check = getattr(ssl_object.context, "resumed_sessions", None)
-    return check is not None and check.admits(der)
+    if der and revoked_now(ssl_object, der):
+        return names.HANDSHAKE_REVOKED, f"{_who(der)} is revoked"
+    if ssl_object.session_reused:
+        check = getattr(ssl_object.context, "resumed_sessions", None)
+        reason = check.refusal(der) if check is not None else names.HANDSHAKE_BAD_CERTIFICATE
+        if reason is not None:
+            return (
+                reason,
+                f"{_who(der) if der else 'no certificate'}: its resumed TLS session would fail a full handshake now",
+            )
+    return None
 
 
-def with_tls_extension(app, extension: dict[str, Any]):
-    """`app`, with `extension` set on every HTTP and WebSocket scope of this connection."""
+def revoked_now(ssl_object: ssl.SSLObject, der: bytes | None) -> bool:
+    """Whether the connection's client certificate is revoked by the latest context's lists: a revocation
+    published after a keep-alive connection was made refuses its next request."""
+    context = ssl_object.context
+    latest = getattr(context, "latest", None)
+    revocations = getattr(latest() if latest is not None else context, "revocations", None)
+    return bool(der) and revocations is not None and revocations.refuses_der(der)
+
+
+def _who(der: bytes) -> str:
+    try:
+        return describe_certificate(load_der_certificate(der, "the client certificate"))
+    except PemError as exc:
+        return str(exc)
+
+
+REVOKED_BODY = b"the client certificate of this connection has been revoked\n"
+
+
+async def _refuse_revoked(scope, send) -> None:
+    """403 and close (a WebSocket: closed with 1008, policy violation): the connection cannot be used."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    headers = [(b"content-type", b"text/plain"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.body", "body": REVOKED_BODY})
+
+
+def with_tls_extension(app, extension: dict[str, Any], revoked: Callable[[], bool] | None = None):
+    """`app`, with `extension` set on every HTTP and WebSocket scope of this connection; `revoked` (asked
+    before each request) refuses the requests of a connection whose certificate was revoked since."""
 
     async def app_with_tls(scope, receive, send):
         if scope["type"] in ("http", "websocket"):
+            if revoked is not None and revoked():
+                log.warning("refused a request on a connection whose client certificate is revoked")
+                await _refuse_revoked(scope, send)
+                return
             # The server makes a new scope for each request: set the key on it, copy only `extensions`.
             scope["extensions"] = {**(scope.get("extensions") or {}), TLS_EXTENSION: extension}
         await app(scope, receive, send)
@@ -105,6 +158,8 @@ class TLSExtensionH11Protocol(BoundedH11Protocol):
 
     on_tls_connection: Callable[[], None] | None = None
     """Called once per completed handshake (the metrics count them); see `with_hook`."""
+    on_tls_refused: Callable[[str, str], None] | None = None
+    """Called with (reason, detail) when `refusal` drops a connection; the acceptor sets it per connection."""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -112,11 +167,15 @@ class TLSExtensionH11Protocol(BoundedH11Protocol):
         if ssl_object is None:
             return
         der = ssl_object.getpeercert(binary_form=True)
-        if ssl_object.session_reused and not resumption_admitted(ssl_object, der):
-            log.debug("dropping %s: its resumed TLS session would fail a full handshake now", self.client)
+        if (refused := refusal(ssl_object, der)) is not None:
+            log.debug("dropping %s: %s (%s)", self.client, *refused)
             transport.abort()  # before any request is read; connection_lost releases the slot
+            if self.on_tls_refused is not None:
+                self.on_tls_refused(*refused)
             return
-        self.app = with_tls_extension(self.app, tls_extension(ssl_object, der))
+        self.app = with_tls_extension(
+            self.app, tls_extension(ssl_object, der), functools.partial(revoked_now, ssl_object, der)
+        )
         if self.on_tls_connection is not None:
             self.on_tls_connection()
 

@@ -205,7 +205,13 @@ def test_only_the_hashing_secret_is_added(secrets_template):
         s["Properties"]["Name"] for s in resources(secrets_template, "AWS::SecretsManager::Secret").values()
     }
     certificates = {
-        names.secret_name(ENV, s) for s in (names.CA_BUNDLE_SECRET, names.CA_KEY_SECRET, names.CA_NEXT_SECRET)
+        names.secret_name(ENV, s)
+        for s in (
+            names.CA_BUNDLE_SECRET,
+            names.CA_KEY_SECRET,
+            names.CA_NEXT_SECRET,
+            names.CA_REVOCATIONS_SECRET,
+        )
     }
     certificates |= {names.identity_secret_name(ENV, identity) for identity in names.IDENTITIES}
     assert found == certificates | {HASH_SECRET}

@@ -64,6 +64,7 @@ def granted(statements: list[dict]) -> dict[str, set[str]]:
 
 
 def secret_ids(stage) -> dict[str, str]:
+    """The secrets the lifecycle manages, by suffix or identity name: every one but `ca-crl`."""
     certificates = stage.secrets.certificates
     ids = {
         "ca-key": logical_id(certificates.ca_key),
@@ -119,7 +120,7 @@ def test_every_identity_secret_has_a_rotation_schedule_with_its_own_function(sta
     schedules = by_type(template, "AWS::SecretsManager::RotationSchedule")
     ids = secret_ids(stage)
     by_secret = {s["Properties"]["SecretId"]["Ref"]: s for s in schedules.values()}
-    assert set(by_secret) == set(ids.values())  # every secret, the CA's too: no SMG4 acknowledgment
+    assert set(by_secret) == set(ids.values())  # every managed secret, the CA's too: no SMG4 acknowledgment
     custom_id = logical_id(lifecycle_construct.certificates_resource)
     permissions = by_type(template, "AWS::Lambda::Permission")
     for identity in names.IDENTITIES:
@@ -241,6 +242,31 @@ def test_each_function_holds_exactly_its_secrets(stages, secrets_templates, env)
         ids["ca-cert"]: read,
         **{ids[identity.name]: read for identity in names.IDENTITIES},
     }
+
+
+@ENVIRONMENTS
+def test_the_revocation_lists_are_outside_the_lifecycle(stages, secrets_templates, env):
+    """`ca-crl` is written by an operator's `certs revoke` only: no rotation schedule or invoke permission
+    names it, no lifecycle role holds anything on it, the issuance custom resource does not wait for it;
+    every other certificate secret still rotates."""
+    stage, template = stages[env], secrets_templates[env]
+    certificates = stage.secrets.certificates
+    crl = logical_id(certificates.ca_revocations)
+    assert template.to_json()["Resources"][crl]["Properties"]["Name"] == names.secret_name(
+        env, names.CA_REVOCATIONS_SECRET
+    )
+    schedules = by_type(template, "AWS::SecretsManager::RotationSchedule").values()
+    rotated = {s["Properties"]["SecretId"]["Ref"] for s in schedules}
+    assert crl not in rotated
+    assert rotated == {
+        logical_id(s) for s in certificates.all_secrets if s is not certificates.ca_revocations
+    }
+    permissions = by_type(template, "AWS::Lambda::Permission").values()
+    assert crl not in json.dumps([p["Properties"] for p in permissions])
+    policies = by_type(template, "AWS::IAM::Policy").values()
+    assert crl not in json.dumps([p["Properties"]["PolicyDocument"] for p in policies])
+    (resource,) = by_type(template, "Custom::HokusaiMtlsCertificates").values()
+    assert crl not in resource["DependsOn"]
 
 
 @ENVIRONMENTS

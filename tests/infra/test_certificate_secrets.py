@@ -1,6 +1,10 @@
-"""CertificateSecrets.grant_identity alone in a bare Stack: exactly two secrets, decrypt via Secrets Manager."""
+"""CertificateSecrets alone in a bare Stack: `grant_identity` reads exactly the identity and the bundle (and
+the revocation lists for an identity that serves), decrypt via Secrets Manager; the revocation-list secret
+itself (an empty shell, its SMG4 acknowledged)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -11,7 +15,9 @@ pytestmark = pytest.mark.infra
 
 @pytest.fixture(scope="module")
 def granted(tmp_path_factory, cdk_context):
-    """Two identical stacks, one with `grant_identity(API, role)`: what differs is the grant."""
+    """Four identical stacks, three with a grant (`grant_identity(API, role)`, a client,
+    `grant_identity(SERVER, role)`, a server, and the API behind an ALB that forwards client
+    certificates): what differs is the grant."""
     import aws_cdk as cdk
     from aws_cdk import aws_iam as iam
     from aws_cdk.assertions import Template
@@ -20,13 +26,22 @@ def granted(tmp_path_factory, cdk_context):
 
     app = cdk.App(context=cdk_context, outdir=str(tmp_path_factory.mktemp("secrets.out")))
     built = {}
-    for name in ("Baseline", "Grants"):
+    for name, identity, proxy_kind in (
+        ("Baseline", None, names.PROXY_KIND_NONE),
+        ("Grants", names.API, names.PROXY_KIND_NONE),
+        ("ServerGrants", names.SERVER, names.PROXY_KIND_NONE),
+        ("ForwardedGrants", names.API, names.PROXY_KIND_ALB),
+    ):
         stack = cdk.Stack(app, name)
         certificates = CertificateSecrets(
             stack, "Certificates", environment="staging", removal_policy=cdk.RemovalPolicy.DESTROY
         )
-        role = iam.Role(stack, "ApiRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"))
-        grant = certificates.grant_identity(names.API, role) if name == "Grants" else None
+        role = iam.Role(stack, "TaskRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"))
+        grant = (
+            certificates.grant_identity(identity, role, proxy_kind=proxy_kind)
+            if identity is not None
+            else None
+        )
         built[name] = {"stack": stack, "certificates": certificates, "grant": grant}
     for parts in built.values():  # synthesize once every stack exists
         parts["template"] = Template.from_stack(parts["stack"]).to_json()
@@ -41,20 +56,17 @@ def secret_ids_by_name(template: dict) -> dict[str, str]:
     }
 
 
-def test_grant_identity_reads_the_identity_and_the_bundle_and_decrypts_via_secrets_manager(granted):
-    built = granted["Grants"]
-    template = built["template"]
-    (policy,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::IAM::Policy"]
+CA_CRL = names.secret_name("staging", names.CA_REVOCATIONS_SECRET)
+
+
+def granted_statements(built: dict) -> tuple[dict, dict]:
+    """The grant's two statements: read on the secrets, decrypt on the key."""
+    (policy,) = [r for r in built["template"]["Resources"].values() if r["Type"] == "AWS::IAM::Policy"]
     read, decrypt = policy["Properties"]["PolicyDocument"]["Statement"]
-    ids = secret_ids_by_name(template)
-    assert sorted(read["Action"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
-    assert read["Effect"] == "Allow" and "Condition" not in read
-    assert sorted(r["Ref"] for r in read["Resource"]) == sorted(
-        [
-            ids[names.secret_name("staging", names.CA_BUNDLE_SECRET)],
-            ids[names.identity_secret_name("staging", names.API)],
-        ]
-    )
+    return read, decrypt
+
+
+def assert_decrypts_via_secrets_manager_only(built: dict, decrypt: dict) -> None:
     key_id = built["stack"].get_logical_id(built["certificates"].key.node.default_child)
     assert decrypt == {
         "Action": "kms:Decrypt",
@@ -68,7 +80,108 @@ def test_grant_identity_reads_the_identity_and_the_bundle_and_decrypts_via_secre
         "Effect": "Allow",
         "Resource": {"Fn::GetAtt": [key_id, "Arn"]},
     }
+
+
+def test_grant_identity_reads_the_identity_and_the_bundle_and_decrypts_via_secrets_manager(granted):
+    """A client identity (api): its own secret and the bundle only, not the revocation lists."""
+    built = granted["Grants"]
+    read, decrypt = granted_statements(built)
+    ids = secret_ids_by_name(built["template"])
+    assert sorted(read["Action"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
+    assert read["Effect"] == "Allow" and "Condition" not in read
+    assert sorted(r["Ref"] for r in read["Resource"]) == sorted(
+        [
+            ids[names.secret_name("staging", names.CA_BUNDLE_SECRET)],
+            ids[names.identity_secret_name("staging", names.API)],
+        ]
+    )
+    assert {"Ref": ids[CA_CRL]} not in read["Resource"]
+    assert_decrypts_via_secrets_manager_only(built, decrypt)
     assert built["grant"].success
+
+
+def test_grant_identity_of_a_server_also_reads_the_revocation_lists(granted):
+    """An identity that serves checks client certificates against `ca-crl`: read on it, nothing more."""
+    assert names.SERVER.serves and not names.API.serves
+    built = granted["ServerGrants"]
+    read, decrypt = granted_statements(built)
+    ids = secret_ids_by_name(built["template"])
+    assert sorted(read["Action"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
+    assert read["Effect"] == "Allow" and "Condition" not in read
+    assert sorted(r["Ref"] for r in read["Resource"]) == sorted(
+        [
+            ids[names.secret_name("staging", names.CA_BUNDLE_SECRET)],
+            ids[names.identity_secret_name("staging", names.SERVER)],
+            ids[CA_CRL],
+        ]
+    )
+    assert_decrypts_via_secrets_manager_only(built, decrypt)
+    assert built["grant"].success
+
+
+def test_a_client_that_accepts_forwarded_certificates_reads_the_revocation_lists(granted):
+    """The API behind an ALB in mTLS verify mode believes the leaf the ALB forwards: it must refuse a
+    revoked one, so it reads `ca-crl` like a server (and the loader fetches it: `reads_revocations`)."""
+    assert names.API.reads_revocations(names.PROXY_KIND_ALB) and not names.API.reads_revocations()
+    built = granted["ForwardedGrants"]
+    read, _ = granted_statements(built)
+    ids = secret_ids_by_name(built["template"])
+    assert {"Ref": ids[CA_CRL]} in read["Resource"]
+    assert {"Ref": ids[names.identity_secret_name("staging", names.SERVER)]} not in read["Resource"]
+
+
+def test_the_revocation_lists_are_an_empty_secret_under_the_certificates_key(granted):
+    built = granted["Baseline"]
+    resources = built["template"]["Resources"]
+    logical_id = secret_ids_by_name(built["template"])[CA_CRL]
+    assert CA_CRL == "hokusai/staging/mlflow/ca-crl"
+    assert logical_id == built["stack"].get_logical_id(
+        built["certificates"].ca_revocations.node.default_child
+    )
+    properties = resources[logical_id]["Properties"]
+    key_id = built["stack"].get_logical_id(built["certificates"].key.node.default_child)
+    assert properties["KmsKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}
+    for absent in ("SecretString", "GenerateSecretString", "SecretStringTemplate"):
+        assert absent not in json.dumps(properties), absent
+    assert "revoke" in properties["Description"] and "CRL" in properties["Description"]
+    assert built["certificates"].ca_revocations in built["certificates"].all_secrets
+    # Nothing in the construct rotates it, and no resource policy opens it.
+    types = {resource["Type"] for resource in resources.values()}
+    assert "AWS::SecretsManager::RotationSchedule" not in types
+    assert "AWS::SecretsManager::ResourcePolicy" not in types
+
+
+def test_smg4_is_acknowledged_on_the_revocation_lists_only(granted):
+    """Without `CertificateLifecycle` (no rotation schedules), SMG4 fires on every certificate secret but
+    `ca-crl`: the acknowledgment covers that one secret, not the construct."""
+    from aws_cdk import Validations
+    from cdk_nag import AwsSolutionsChecks
+
+    built = granted["Baseline"]
+    certificates = built["certificates"]
+    report = AwsSolutionsChecks(built["stack"].node.scope).validate_scope(built["stack"])
+    smg4 = {
+        resource.construct_path
+        for violation in report.violations
+        if violation.rule_name == "AwsSolutions-SMG4"
+        for resource in violation.violating_resources
+    }
+    others = [secret for secret in certificates.all_secrets if secret is not certificates.ca_revocations]
+    assert smg4 == {secret.node.default_child.node.path for secret in others}
+    assert {v.rule_name for v in report.violations} == {"AwsSolutions-SMG4"}
+
+    def acknowledged(construct) -> list:
+        return [
+            entry.data
+            for entry in construct.node.metadata
+            if entry.type == Validations.ACKNOWLEDGED_RULES_METADATA_KEY
+        ]
+
+    (reasons,) = acknowledged(certificates.ca_revocations)
+    assert set(reasons) == {"Annotation::AwsSolutions-SMG4"}
+    assert "certs revoke" in reasons["Annotation::AwsSolutions-SMG4"]
+    for construct in (certificates, certificates.key, *others):
+        assert acknowledged(construct) == [], construct.node.path
 
 
 def test_grant_identity_changes_nothing_on_the_resource_side(granted):

@@ -99,6 +99,8 @@ REACHES = {
     ("image-classifier", 8443): {"document-converter"},
 }
 CLOUD_MAP_NAMES = {"mlflow", "document-converter", "email-classifier", "streaming", "image-classifier"}
+SERVING_ROLES = {"mlflow-server", "document-converter", "email-classifier", "streaming", "image-classifier"}
+"""The roles that serve mTLS: they, and only they, read the revocation lists (`ca-crl`)."""
 
 
 def _context(cdk_context: dict) -> dict:
@@ -187,6 +189,7 @@ def test_the_lifecycle_lambdas_issue_exactly_the_declared_identities(platform):
 
 
 def test_each_task_role_reads_only_its_own_identity_and_the_bundle(platform):
+    """...and the revocation lists, for a server (the api serves proxied, not mTLS: a client here)."""
     stacks, by_name = platform
     services = stacks["services"]
     tasks = tasks_by_role(services)
@@ -197,6 +200,7 @@ def test_each_task_role_reads_only_its_own_identity_and_the_bundle(platform):
         assert readable == {
             f"hokusai/{ENV}/mlflow/{IDENTITY_OF_ROLE[role]}-identity",
             f"hokusai/{ENV}/mlflow/ca-cert",
+            *([f"hokusai/{ENV}/mlflow/ca-crl"] if role in SERVING_ROLES else []),
         }, role
         actions = {a for s in statements for a in as_list(s["Action"])}
         assert actions <= {

@@ -71,6 +71,10 @@ def test_every_handler_runs_with_what_the_template_gives_it(secrets_templates, l
     secretsmanager = boto3.client("secretsmanager", region_name=REGION)
     for name in secret_names.values():  # the stack's empty shells
         secretsmanager.create_secret(Name=name)
+    # The revocation lists are an operator's (`certs revoke`): no handler fills, rotates or reads them.
+    revocations = names.secret_name(ENV, names.CA_REVOCATIONS_SECRET)
+    assert revocations in secret_names.values()
+    managed = {k: v for k, v in secret_names.items() if v != revocations}
 
     # Issuance: the custom resource's properties, as CloudFormation sends them.
     (custom,) = [r for r in resources.values() if r["Type"] == "Custom::HokusaiMtlsCertificates"]
@@ -81,8 +85,9 @@ def test_every_handler_runs_with_what_the_template_gives_it(secrets_templates, l
     lambda_environment(issuance)
     response = handler_of(issuance)({"RequestType": "Create", "ResourceProperties": properties}, None)
     assert response["Data"]["CaAction"] == "issued"
-    for name in secret_names.values():  # every secret now has a value, ca-key-next its marker
+    for name in managed.values():  # every secret now has a value, ca-key-next its marker
         assert secretsmanager.get_secret_value(SecretId=name)["SecretString"]
+    assert_still_empty(secretsmanager, revocations)
     ca = rollover.RolloverStore(ENV, client=secretsmanager).fetch_ca().certificate
     assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days >= names.CA_LIFETIME_DAYS
 
@@ -91,10 +96,10 @@ def test_every_handler_runs_with_what_the_template_gives_it(secrets_templates, l
     schedules = [
         r["Properties"] for r in resources.values() if r["Type"] == "AWS::SecretsManager::RotationSchedule"
     ]
-    assert len(schedules) == len(secret_names)
+    assert len(schedules) == len(managed)
     rotated_identities = set()
     for schedule in schedules:
-        secret_id = secret_names[schedule["SecretId"]["Ref"]]
+        secret_id = managed[schedule["SecretId"]["Ref"]]
         function = functions[schedule["RotationLambdaARN"]["Fn::GetAtt"][0]]
         lambda_environment(function)
         handler = handler_of(function)
@@ -133,3 +138,11 @@ def test_every_handler_runs_with_what_the_template_gives_it(secrets_templates, l
     assert published >= {(names.METRIC_CERT_HOURS_TO_EXPIRY, i) for i in expected_identities}
     assert report["failures"] == [], report
     assert set(report["days_to_expiry"]) == expected_identities
+    assert_still_empty(secretsmanager, revocations)
+
+
+def assert_still_empty(secretsmanager, name: str) -> None:
+    """The secret exists and has no version: what CloudFormation created, untouched."""
+    assert not secretsmanager.list_secret_version_ids(SecretId=name)["Versions"], name
+    with pytest.raises(secretsmanager.exceptions.ResourceNotFoundException):
+        secretsmanager.get_secret_value(SecretId=name)

@@ -93,13 +93,20 @@ def readable_secrets(env: str, identity: names.Identity, services: dict, by_stac
 # --- IAM ---------------------------------------------------------------------------------------
 
 
+def certificate_secrets_of(env: str, identity: names.Identity) -> set[str]:
+    """What `identity`'s task loads: its identity secret, the CA bundle and, if it serves, the
+    revocation lists it checks client certificates against."""
+    expected = {names.identity_secret_name(env, identity), names.secret_name(env, names.CA_BUNDLE_SECRET)}
+    if identity.serves:
+        expected.add(names.secret_name(env, names.CA_REVOCATIONS_SECRET))
+    return expected
+
+
 @ENVIRONMENTS
 @IDENTITIES
 def test_task_role_reads_exactly_its_identity_and_the_ca_bundle(services, by_stack_name, env, identity):
-    assert readable_secrets(env, identity, services, by_stack_name) == {
-        names.identity_secret_name(env, identity),
-        names.secret_name(env, names.CA_BUNDLE_SECRET),
-    }
+    """...and, for the MLflow server only, the revocation lists (`ca-crl`)."""
+    assert readable_secrets(env, identity, services, by_stack_name) == certificate_secrets_of(env, identity)
     statements = role_statements(services[env], task_role_of(services[env], identity))
     secret_actions = {a for s in statements for a in as_list(s["Action"]) if a.startswith("secretsmanager:")}
     assert secret_actions == READ_ACTIONS
@@ -111,6 +118,62 @@ def test_api_role_cannot_read_the_server_identity_or_the_ca_key(services, by_sta
     assert names.identity_secret_name(env, names.SERVER) not in readable
     assert names.identity_secret_name(env, names.WORKER) not in readable
     assert names.secret_name(env, names.CA_KEY_SECRET) not in readable
+
+
+@ENVIRONMENTS
+def test_only_the_mlflow_server_reads_the_revocation_lists(services, by_stack_name, env):
+    """Servers refuse revoked client certificates; clients (api, worker) check no revocation, so they get
+    no read on `ca-crl` (least privilege)."""
+    crl = names.secret_name(env, names.CA_REVOCATIONS_SECRET)
+    assert crl == f"hokusai/{env}/mlflow/ca-crl"
+    assert names.SERVER.serves
+    assert crl in readable_secrets(env, names.SERVER, services, by_stack_name)
+    for client in (names.API, names.WORKER):
+        assert not client.serves
+        assert crl not in readable_secrets(env, client, services, by_stack_name), client.name
+    statements = role_statements(services[env], task_role_of(services[env], names.SERVER))
+    (read,) = [
+        s
+        for s in statements_with(statements, "secretsmanager:GetSecretValue")
+        if crl in secret_names([s], by_stack_name[env])
+    ]
+    assert set(as_list(read["Action"])) == READ_ACTIONS and read["Effect"] == "Allow"
+
+
+@ENVIRONMENTS
+def test_no_role_in_any_stack_writes_the_revocation_lists(services, by_stack_name, env):
+    """Only an operator's `hokusai-mtls certs revoke` writes `ca-crl`: no task, lifecycle or other role
+    holds anything on it but the servers' reads."""
+    crl = names.secret_name(env, names.CA_REVOCATIONS_SECRET)
+    templates = by_stack_name[env]
+
+    def named_secrets(template: dict, statement: dict) -> set[str]:
+        """Secret names a statement points at, in its own stack (`Ref`) or through an output."""
+        found = set()
+        for resource in as_list(statement["Resource"]):
+            resolved = resolve_output(resource, templates)
+            owner, value = (templates[resolved[0]], resolved[1]) if resolved else (template, resource)
+            target = owner["Resources"].get(ref_id(value), {}) if isinstance(value, dict) else {}
+            if target.get("Type") == "AWS::SecretsManager::Secret":
+                found.add(target["Properties"]["Name"])
+            elif not isinstance(value, dict) or "Ref" not in value:
+                found.add(json.dumps(value))
+        return found
+
+    holders, seen = set(), set()
+    for template in templates.values():
+        for role_id in resources(template, "AWS::IAM::Role"):
+            for statement in role_statements(template, role_id):
+                actions = [a for a in as_list(statement["Action"]) if a.startswith("secretsmanager:")]
+                targets = named_secrets(template, statement) if actions else set()
+                assert not any("*" in t for t in targets), (role_id, targets)  # a wildcard would cover it
+                seen |= targets
+                if crl in targets:
+                    assert set(actions) <= READ_ACTIONS, (role_id, actions)
+                    holders.add(role_id)
+    assert holders == {task_role_of(services[env], names.SERVER)}
+    # The Secrets stack's own references were followed too (the lifecycle roles hold the CA key).
+    assert names.secret_name(env, names.CA_KEY_SECRET) in seen
 
 
 @ENVIRONMENTS
@@ -304,7 +367,12 @@ def test_the_secrets_named_in_the_environment_are_the_ones_the_role_reads(
     _, task = tasks_by_role(services[env])[identity.role]
     variables = environment_of(task)
     readable = readable_secrets(env, identity, services, by_stack_name)
-    assert {variables[names.ENV_IDENTITY_SECRET], variables[names.ENV_CA_BUNDLE_SECRET]} == readable
+    named = {variables[names.ENV_IDENTITY_SECRET], variables[names.ENV_CA_BUNDLE_SECRET]}
+    # The revocation lists' name is derived from HOKUSAI_MTLS_ENVIRONMENT by the runtime
+    # (`names.secret_name(env, names.CA_REVOCATIONS_SECRET)`): no variable names it.
+    derived = {names.secret_name(variables[names.ENV_ENVIRONMENT], names.CA_REVOCATIONS_SECRET)}
+    assert named | (derived if identity.serves else set()) == readable
+    assert not derived & set(variables.values())
 
 
 @ENVIRONMENTS

@@ -18,6 +18,7 @@ def expected_secret_names(env: str) -> set[str]:
         names.secret_name(env, names.CA_BUNDLE_SECRET),
         names.secret_name(env, names.CA_KEY_SECRET),
         names.secret_name(env, names.CA_NEXT_SECRET),
+        names.secret_name(env, names.CA_REVOCATIONS_SECRET),
         *(names.identity_secret_name(env, identity) for identity in names.IDENTITIES),
     }
 
@@ -72,9 +73,12 @@ def test_construct_exposes_each_secret_under_its_identity(stages, env):
 
     assert name_of(certificates.ca_bundle) == names.secret_name(env, names.CA_BUNDLE_SECRET)
     assert name_of(certificates.ca_key) == names.secret_name(env, names.CA_KEY_SECRET)
+    assert name_of(certificates.ca_key_next) == names.secret_name(env, names.CA_NEXT_SECRET)
+    assert name_of(certificates.ca_revocations) == names.secret_name(env, names.CA_REVOCATIONS_SECRET)
     assert set(certificates.identities) == {identity.name for identity in names.IDENTITIES}
     for identity in names.IDENTITIES:
         assert name_of(certificates.identity(identity)) == names.identity_secret_name(env, identity)
+    assert {name_of(secret) for secret in certificates.all_secrets} == expected_secret_names(env)
     assert len(certificates.all_secrets) == len(expected_secret_names(env))
 
 
@@ -89,7 +93,8 @@ def test_secrets_are_encrypted_with_the_rotating_customer_key(secrets_templates,
 
 @ENVIRONMENTS
 def test_secrets_are_empty_shells(secrets_templates, env):
-    """No value in the template and none generated: `hokusai-mtls certs upload` puts the values."""
+    """No value in the template and none generated: issuance or `hokusai-mtls certs upload` puts the
+    values (`certs revoke` the revocation lists', which stay empty until the first revocation)."""
     for logical_id, secret in secrets(secrets_templates[env]).items():
         properties = secret["Properties"]
         assert "SecretString" not in properties, logical_id

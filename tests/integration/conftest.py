@@ -6,11 +6,13 @@ The commands and the task environment come from `local_stack.environment`, share
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -83,18 +85,32 @@ def secretsmanager_at(endpoint: str):
     )
 
 
+@contextlib.contextmanager
+def secrets_manager_holding(certificates: CertificateSet):
+    """moto's Secrets Manager over HTTP holding `certificates` as `certs upload` stores them, and the
+    stacks' empty `ca-crl` shell: {"endpoint", "client", "set"}; stopped on exit.
+
+    moto's state is per process, not per server: it is reset first, so nothing another module stored
+    (another CA's revocation lists, say) is found here."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        httpx.post(f"{endpoint}/moto-api/reset", timeout=10).raise_for_status()
+        client = secretsmanager_at(endpoint)
+        SecretStore(certificates.environment, client=client).upload(certificates)
+        client.create_secret(Name=names.secret_name(certificates.environment, names.CA_REVOCATIONS_SECRET))
+        yield {"endpoint": endpoint, "client": client, "set": certificates}
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory):
     """moto's Secrets Manager over HTTP, holding a verified staging set (module-wide)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    certificates = CertificateSet.issue(ENV, server_sans=("localhost", "127.0.0.1"))
-    client = secretsmanager_at(endpoint)
-    SecretStore(ENV, client=client).upload(certificates)
-    yield {"endpoint": endpoint, "client": client, "set": certificates}
-    server.stop()
+    with secrets_manager_holding(CertificateSet.issue(ENV, server_sans=("localhost", "127.0.0.1"))) as aws:
+        yield aws
 
 
 @pytest.fixture(scope="module")

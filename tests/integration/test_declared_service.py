@@ -47,7 +47,7 @@ def platform(tmp_path_factory):
     )
     SecretStore("qa", client=secretsmanager_at(endpoint), catalog=CATALOG).upload(certificates)
     root = tmp_path_factory.mktemp("streaming")
-    port = free_port()
+    port, health = free_port(), free_port()  # not port + 1 (the default): another socket may hold it
     env = service_environment(
         "qa",
         endpoint,
@@ -56,6 +56,7 @@ def platform(tmp_path_factory):
             names.ENV_INTERNAL_CIDRS: "127.0.0.0/8",
             names.ENV_ROLE: "streaming",
             names.ENV_PORT: str(port),
+            names.ENV_HEALTH_PORT: str(health),
             names.ENV_CERT_DIR: str(root / "certs"),
             "PYTHONPATH": str(ROOT),
         },
@@ -71,7 +72,7 @@ def platform(tmp_path_factory):
             "127.0.0.1",
         ]
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    report = wait_healthy(process, port + 1, log)
+    report = wait_healthy(process, health, log)
     contexts = {}
     for name in ("api", "worker"):
         context = ssl.create_default_context(cadata=pem.bundle_pem(certificates.trust_bundle).decode())

@@ -50,16 +50,19 @@ def store(client, environment: str = ENVIRONMENT) -> SecretStore:
     return SecretStore(environment, client=client)
 
 
-def rotation_function(region: str) -> str:
-    """A Lambda function moto knows of (its code never runs: `rotate` runs ours in-process)."""
-    role = boto3.client("iam", region_name=region).create_role(
+def rotation_function(region: str, endpoint_url: str | None = None) -> str:
+    """A Lambda function moto knows of (its code never runs: `rotate` runs ours in-process).
+
+    `endpoint_url`: moto's server (`ThreadedMotoServer`) instead of the in-process mock; the
+    server runs in this process, so `rotate`'s patch of `LambdaBackend.invoke` applies there too."""
+    role = boto3.client("iam", region_name=region, endpoint_url=endpoint_url).create_role(
         RoleName="rotation",
         AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": []}),
     )["Role"]["Arn"]
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("index.py", "def handler(event, context):\n    pass\n")
-    return boto3.client("lambda", region_name=region).create_function(
+    return boto3.client("lambda", region_name=region, endpoint_url=endpoint_url).create_function(
         FunctionName="rotation",
         Runtime="python3.13",
         Role=role,

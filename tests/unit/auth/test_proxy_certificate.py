@@ -19,6 +19,9 @@ from runtime import names
 from runtime.auth.client_address import AddressPolicy
 from runtime.auth.proxy_certificate import check_proxy_kind, parse_xfcc
 from runtime.certificates import pem
+from runtime.certificates.files import publish_files
+from runtime.certificates.published_trust import PublishedTrust, StaticTrust
+from runtime.certificates.revocation import Revocations, with_revoked
 from tests.support.asgi import INTERNAL, PROXIES, RecordingApp, call, http_scope
 from tests.support.certs import new_ca
 
@@ -35,10 +38,10 @@ def worker(ca):
     return ca.issue_client("development", "worker").certificate
 
 
-def served_as(middleware, ca, kind, headers, *, peer=TRUSTED_PROXY):
+def served_as(middleware, ca, kind, headers, *, peer=TRUSTED_PROXY, trust=None):
     """(status, what the app saw) for a request from `peer` carrying `headers`."""
     app = RecordingApp()
-    built = middleware(app=app, proxy_kind=kind, proxy_trust_bundle=[ca.certificate])
+    built = middleware(app=app, proxy_kind=kind, proxy_trust=trust or StaticTrust((ca.certificate,)))
     status, _, _ = call(built, http_scope(peer=peer, headers=headers))
     return status, app.scopes[0] if app.scopes else None
 
@@ -176,3 +179,43 @@ def test_xfcc_parsing_never_fails_any_other_way(value):
     except ValueError:
         return
     assert elements and all(isinstance(e, dict) and e for e in elements)
+
+
+# --- the trust follows the loader: revocations, a retired CA ------------------------------------
+def test_a_revoked_forwarded_certificate_names_no_one(middleware, ca, worker, validator):
+    crl = with_revoked(ca, [worker.serial_number])
+    trust = StaticTrust((ca.certificate,), Revocations.verified([crl], [ca.certificate], "ca-crl"))
+    headers = [("X-Amzn-Mtls-Clientcert-Leaf", encoded(worker))]
+    status, seen = served_as(middleware, ca, names.PROXY_KIND_ALB, headers, trust=trust)
+    assert status == 401 and seen is None  # no certificate: the API-key path, and it has no key
+    other = ca.issue_client("development", "api").certificate
+    headers = [("X-Amzn-Mtls-Clientcert-Leaf", encoded(other))]
+    status, seen = served_as(middleware, ca, names.PROXY_KIND_ALB, headers, trust=trust)
+    assert status == 200 and seen["state"]["service_id"] == "api"
+
+
+def publish(directory, bundle, crls=()):
+    publish_files(
+        directory, {"ca.crt": (pem.bundle_pem(bundle), 0o644), "crl.pem": (pem.crls_pem(list(crls)), 0o644)}
+    )
+
+
+def test_the_published_trust_follows_each_new_version_and_keeps_the_last_good_one(tmp_path, ca, worker):
+    publish(tmp_path, [ca.certificate])
+    trust = PublishedTrust(tmp_path)
+    assert trust.current()[0] == (ca.certificate,) and not trust.current()[1].refuses(worker)
+    publish(tmp_path, [ca.certificate], [with_revoked(ca, [worker.serial_number])])
+    assert trust.current()[1].refuses(worker)  # the next request sees the refresh
+    successor = new_ca("development")
+    publish(tmp_path, [successor.certificate])  # a rollover's finish: the old CA is retired
+    assert trust.current()[0] == (successor.certificate,)
+    impostor = new_ca("development")
+    publish(tmp_path, [successor.certificate], [with_revoked(impostor, [1])])  # a list nobody can trust
+    assert trust.current()[0] == (successor.certificate,)  # the previous trust stays
+
+
+def test_a_directory_without_a_bundle_is_refused_at_start(tmp_path):
+    from runtime.errors import CertificateError
+
+    with pytest.raises(CertificateError, match="no trust bundle"):
+        PublishedTrust(tmp_path)

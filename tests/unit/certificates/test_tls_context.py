@@ -253,3 +253,75 @@ def test_what_it_remembers_is_bounded(monkeypatch, development_set):
     for service in ("api", "worker", "server"):
         check.admits(der(development_set.identities[service].certificate))
     assert len(check._windows) <= 2
+
+
+# --- revocations -------------------------------------------------------------------------------
+def test_resumed_refusals_name_the_reason_a_full_handshake_would_give(monkeypatch, development_set):
+    api = development_set.identities["api"].certificate
+    check = ResumedSessions(development_set.trust_bundle)
+    assert check.refusal(der(api)) is None
+    at(monkeypatch, api.not_valid_after_utc + dt.timedelta(seconds=1))
+    assert check.refusal(der(api)) == "expired"
+    at(monkeypatch, api.not_valid_before_utc - dt.timedelta(seconds=1))
+    assert check.refusal(der(api)) == "not_yet_valid"
+    stranger = CertificateSet.issue("development").identities["api"].certificate
+    assert check.refusal(der(stranger)) == "unknown_ca"
+    assert check.refusal(None) == "no_certificate"
+
+
+def publish_revocations(files: ServerFiles, certificates: CertificateSet, crls) -> None:
+    """The set again, with `crl.pem` (the loader's file), in one swap."""
+    server = certificates.identities["server"]
+    publish_files(
+        files.certificate.parent,
+        {
+            "tls.crt": (server.certificate_pem(), 0o644),
+            "tls.key": (server.private_key_pem(), 0o600),
+            "ca.crt": (pem.bundle_pem(certificates.trust_bundle), 0o644),
+            "crl.pem": (pem.crls_pem(crls), 0o644),
+        },
+    )
+
+
+def test_a_reload_brings_the_revocations_and_a_revoked_peer_is_refused_after_its_handshake(
+    tmp_path, development_set
+):
+    from runtime.certificates.revocation import with_revoked
+    from runtime.serving.asgi_tls import refusal, revoked_now
+
+    files = publish(tmp_path / "server", development_set)
+    tls = ReloadableServerContext(files)
+    api = client_context(tmp_path / "client", development_set, "api")
+    worker = client_context(tmp_path / "client", development_set, "worker")
+    before, _ = handshake(tls.front, api)  # a keep-alive connection made before the revocation
+    before_der = before.getpeercert(binary_form=True)
+    assert refusal(before, before_der) is None
+
+    api_serial = development_set.identities["api"].certificate.serial_number
+    publish_revocations(files, development_set, [with_revoked(development_set.ca, [api_serial])])
+    assert tls.reload()
+    assert len(tls.current.revocations) == 1
+    server, _ = handshake(tls.front, api)  # OpenSSL lets it through; our check refuses it
+    reason, detail = refusal(server, server.getpeercert(binary_form=True))
+    assert (
+        reason == "revoked"
+        and f"serial {api_serial:x}" in detail
+        and "spiffe://hokusai/development/api" in detail
+    )
+    assert revoked_now(before, before_der)  # the old connection's next request is refused too
+    other, _ = handshake(tls.front, worker)
+    assert refusal(other, other.getpeercert(binary_form=True)) is None
+
+
+def test_a_forged_list_is_refused_by_the_reload_and_the_old_context_stays(tmp_path, development_set):
+    from runtime.certificates.issuance import CertificateAuthority
+    from runtime.certificates.revocation import with_revoked
+
+    files = publish(tmp_path / "server", development_set)
+    tls = ReloadableServerContext(files)
+    current = tls.current
+    impostor = CertificateAuthority.create("development")  # our CA's name, another key
+    api_serial = development_set.identities["api"].certificate.serial_number
+    publish_revocations(files, development_set, [with_revoked(impostor, [api_serial])])
+    assert tls.reload() is False
+    assert tls.current is current and len(current.revocations) == 0

@@ -17,7 +17,7 @@ from runtime.serving import asgi_tls
 from runtime.serving.asgi_tls import (
     TLS_EXTENSION,
     TLSExtensionH11Protocol,
-    resumption_admitted,
+    refusal,
     tls_extension,
     with_tls_extension,
 )
@@ -30,9 +30,9 @@ class Check:
         self.admit = admit
         self.asked: list[bytes | None] = []
 
-    def admits(self, der: bytes | None) -> bool:
+    def refusal(self, der: bytes | None) -> str | None:
         self.asked.append(der)
-        return self.admit
+        return None if self.admit else "expired"
 
 
 class Context:
@@ -129,10 +129,17 @@ def test_the_extension_is_added_to_http_scopes_only_and_keeps_other_extensions()
 
 
 @pytest.mark.parametrize(
-    ("context", "admitted"), [(Context(resumed_sessions=Check(True)), True), (Context(), False)]
+    ("context", "refused"),
+    [
+        (Context(resumed_sessions=Check(True)), None),
+        (Context(resumed_sessions=Check(False)), "expired"),
+        (Context(), "bad_certificate"),
+    ],
 )
-def test_only_a_context_of_ours_can_admit_a_resumed_session(context, admitted):
-    assert resumption_admitted(SSLObject(b"der", reused=True, context=context), b"der") is admitted
+def test_only_a_context_of_ours_can_admit_a_resumed_session(context, refused):
+    """A context that cannot re-check a resumed session refuses it; ours refuses with the check's reason."""
+    found = refusal(SSLObject(b"der", reused=True, context=context), b"der")
+    assert (found[0] if found else None) == refused
 
 
 # --- the protocol ------------------------------------------------------------------------------
@@ -173,6 +180,7 @@ def connect(loop, ssl_object: SSLObject) -> tuple[TLSExtensionH11Protocol, Trans
         raise AssertionError
 
     completed: list[int] = []
+    refused: list[tuple[str, str]] = []
     config = uvicorn.Config(
         app,
         http=TLSExtensionH11Protocol.with_hook(lambda: completed.append(1)),
@@ -181,8 +189,10 @@ def connect(loop, ssl_object: SSLObject) -> tuple[TLSExtensionH11Protocol, Trans
     )
     config.load()
     protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+    protocol.on_tls_refused = lambda reason, detail: refused.append((reason, detail))
     transport = Transport(ssl_object)
     protocol.connection_made(transport)
+    protocol.refused = refused
     return protocol, transport, completed
 
 
@@ -200,6 +210,7 @@ def test_a_resumed_session_is_served_only_if_admitted(development_set, reused, a
         protocol, transport, completed = connect(loop, ssl_object)
         assert transport.aborted is not served
         assert completed == ([1] if served else [])  # a refused one counts as a handshake not completed
+        assert [reason for reason, _ in protocol.refused] == ([] if served else ["expired"])  # ...and why
         assert check.asked == ([der] if reused else [])  # a full handshake was verified by OpenSSL
         assert ssl_object.calls == 1  # the peer certificate is read once per connection
         assert (protocol.app is not protocol.config.loaded_app) is served  # wrapped with the extension
