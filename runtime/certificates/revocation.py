@@ -25,6 +25,7 @@ import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -35,6 +36,8 @@ from runtime.certificates.issuance import CertificateAuthority
 from runtime.errors import RevocationListError
 
 log = logging.getLogger("hokusai_mtls")
+
+E = TypeVar("E", bound=x509.ExtensionType)
 
 CHECKED_CERTIFICATES_KEPT = 1024
 """Client certificates (DER) whose issuer and serial `Revocations.refuses_der` keeps parsed."""
@@ -57,10 +60,10 @@ class Revocations:
         """
         entries: set[tuple[bytes, int]] = set()
         for index, crl in enumerate(crls, start=1):
-            signers = [ca for ca in bundle if ca.subject == crl.issuer]
+            signers = [ca for ca in bundle if _names_as_issuer(crl, ca)]
             if not signers:
                 log.info(
-                    "%s: revocation list #%d of %s skipped: no CA of that name is in the trust bundle",
+                    "%s: revocation list #%d of %s skipped: that CA is not in the trust bundle (retired)",
                     source,
                     index,
                     crl.issuer.rfc4514_string(),
@@ -107,6 +110,22 @@ def _issuer_and_serial(der: bytes) -> tuple[bytes, int] | None:
         return None
 
 
+def _names_as_issuer(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    """`crl` says `ca` issued it: its issuer name and, when both carry one, its authority key id (two CAs
+    of a rollover may share a name: the retired one's list must not be taken for the new one's)."""
+    if crl.issuer != ca.subject:
+        return False
+    aki, ski = _extension(crl, x509.AuthorityKeyIdentifier), _extension(ca, x509.SubjectKeyIdentifier)
+    return aki is None or aki.key_identifier is None or ski is None or aki.key_identifier == ski.digest
+
+
+def _extension(item: x509.Certificate | x509.CertificateRevocationList, kind: type[E]) -> E | None:
+    try:
+        return item.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
     try:
         return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]  # our CAs: EC or RSA
@@ -116,7 +135,7 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
 
 def signed_by(crl: x509.CertificateRevocationList, ca: CertificateAuthority) -> bool:
     """Whether `ca` issued `crl` (its name and its signature)."""
-    return crl.issuer == ca.certificate.subject and _signed_by(crl, ca.certificate)
+    return _names_as_issuer(crl, ca.certificate) and _signed_by(crl, ca.certificate)
 
 
 def with_revoked(
@@ -164,12 +183,18 @@ def replace_list(
     return [*others, with_revoked(ca, serials, latest, now)]
 
 
+def of_bundle(
+    crls: Sequence[x509.CertificateRevocationList], bundle: Sequence[x509.Certificate]
+) -> tuple[list[x509.CertificateRevocationList], list[x509.CertificateRevocationList]]:
+    """(the lists of CAs in `bundle`, those of CAs no longer in it): `certs revoke` drops the second."""
+    kept = [crl for crl in crls if any(_names_as_issuer(crl, ca) for ca in bundle)]
+    return kept, [crl for crl in crls if crl not in kept]
+
+
 def _crl_number(crl: x509.CertificateRevocationList) -> int:
     """The list's CRLNumber (RFC 5280 5.2.3), 0 if it has none."""
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        return 0
+    number = _extension(crl, x509.CRLNumber)
+    return number.crl_number if number else 0
 
 
 def _label(ca: CertificateAuthority) -> str:
@@ -187,6 +212,7 @@ __all__ = [
     "NOTHING_REVOKED",
     "Revocations",
     "describe_certificate",
+    "of_bundle",
     "replace_list",
     "signed_by",
     "with_revoked",

@@ -36,7 +36,7 @@ from runtime.certificates import pem
 from runtime.certificates.certset import verify_for
 from runtime.certificates.identity import TLSIdentity
 from runtime.certificates.issuance import CLOCK_SKEW_ALLOWANCE, CertificateAuthority
-from runtime.certificates.revocation import Revocations, describe_certificate, replace_list
+from runtime.certificates.revocation import Revocations, describe_certificate, of_bundle, replace_list
 from runtime.errors import MtlsError, SecretNotFoundError, SecretStoreError
 from runtime.secrets.rollover import RolloverStore, reissue_options
 from runtime.secrets.secret_store import translate
@@ -150,9 +150,10 @@ def revoke(
     already = Revocations.verified(crls, bundle, store.name(names.CA_REVOCATIONS_SECRET))
     issuer = ca.certificate.subject.public_bytes()
     new = sorted({s for s in serials if (issuer, s) not in already.entries})
-    if new:
-        crls = replace_list(crls, ca, new, now)
-        store.write_revocations(crls)
+    crls, retired = of_bundle(crls, bundle)
+    lines += [f"dropped the list of {crl.issuer.rfc4514_string()}, a CA no longer trusted" for crl in retired]
+    if new or retired:
+        store.write_revocations(replace_list(crls, ca, new, now) if new else crls)
     lines += [f"revoked serial {serial:x}" for serial in new]
     lines += [f"already revoked: serial {s:x}" for s in sorted(set(serials) - set(new))]
     lines.append(

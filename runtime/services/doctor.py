@@ -185,7 +185,9 @@ def _probe_server(
                         f"{label}: accepted",
                         FAIL,
                         f"the server refused our certificate: {_why(exc)}",
-                        f"its logs name the reason (mTLS handshake from ... refused: ...); is {tls.certificate.subject.rfc4514_string()} "
+                        f"its logs name the reason (mTLS handshake from ... refused: ...); `revoked`: this "
+                        f"serial ({tls.certificate.serial_number:x}) was revoked and the task loads its fresh "
+                        f"leaf at the next refresh; else is {tls.certificate.subject.rfc4514_string()} "
                         f"of the identity {server.name} expects?",
                     ),
                 ]

@@ -146,3 +146,26 @@ def crafted_client(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
         )
     return TLSIdentity(builder.sign(ca.identity.private_key, hashes.SHA256()), key, "crafted")
+
+
+def forged_list(ca: CertificateAuthority, serials) -> x509.CertificateRevocationList:
+    """A revocation list that claims to be `ca`'s (its name, its key id) but is signed by another key."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+
+    impostor = CertificateAuthority.create("development")
+    now = dt.datetime.now(dt.UTC)
+    ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=1))
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+    )
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    return builder.sign(impostor.identity.private_key, hashes.SHA256())

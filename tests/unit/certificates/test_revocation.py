@@ -18,6 +18,7 @@ from runtime.certificates import pem
 from runtime.certificates.issuance import CertificateAuthority
 from runtime.certificates.revocation import Revocations, replace_list, signed_by, with_revoked
 from runtime.errors import PemError, RevocationListError, WrongPemTypeError
+from tests.support.certs import forged_list
 
 ENV = "staging"
 
@@ -71,9 +72,7 @@ def test_the_next_list_keeps_every_entry_and_counts_up(ca, leaves):
 
 
 def test_a_list_signed_by_another_key_under_our_name_is_refused(ca):
-    impostor = CertificateAuthority.create(ENV)  # the same subject name, another key
-    assert impostor.certificate.subject == ca.certificate.subject
-    forged = with_revoked(impostor, [12345])
+    forged = forged_list(ca, [12345])  # our CA's name and key id, another key's signature
     with pytest.raises(RevocationListError, match="no CA of that name in the trust bundle signed it"):
         Revocations.verified([forged], [ca.certificate], "ca-crl")
 
@@ -136,3 +135,13 @@ def test_entries_survive_the_dates_of_the_list(ca, leaves):
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     crl = with_revoked(ca, [leaves[0].certificate.serial_number], now=long_ago)
     assert Revocations.verified([crl], [ca.certificate], "ca-crl").refuses(leaves[0].certificate)
+
+
+def test_the_retired_cas_list_is_skipped_even_when_its_successor_shares_its_name(ca):
+    """A rollover's new CA may carry the old one's name: the old list (its key id) is not the new CA's,
+    so it is skipped, not refused (refusing would stop every server's refresh after `finish`)."""
+    successor = CertificateAuthority.create(ENV)  # the same subject name, another key
+    assert successor.certificate.subject == ca.certificate.subject
+    old_list = with_revoked(ca, [42])
+    assert len(Revocations.verified([old_list], [successor.certificate], "ca-crl")) == 0
+    assert not signed_by(old_list, successor)

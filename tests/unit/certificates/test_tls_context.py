@@ -314,14 +314,12 @@ def test_a_reload_brings_the_revocations_and_a_revoked_peer_is_refused_after_its
 
 
 def test_a_forged_list_is_refused_by_the_reload_and_the_old_context_stays(tmp_path, development_set):
-    from runtime.certificates.issuance import CertificateAuthority
-    from runtime.certificates.revocation import with_revoked
+    from tests.support.certs import forged_list
 
     files = publish(tmp_path / "server", development_set)
     tls = ReloadableServerContext(files)
     current = tls.current
-    impostor = CertificateAuthority.create("development")  # our CA's name, another key
     api_serial = development_set.identities["api"].certificate.serial_number
-    publish_revocations(files, development_set, [with_revoked(impostor, [api_serial])])
+    publish_revocations(files, development_set, [forged_list(development_set.ca, [api_serial])])
     assert tls.reload() is False
     assert tls.current is current and len(current.revocations) == 0

@@ -17,6 +17,7 @@ from runtime.certificates.revocation import Revocations, with_revoked
 from runtime.errors import RefreshError, SecretContentError
 from runtime.secrets.loader import LoaderSettings, load_certificates
 from runtime.secrets.revoke import RevocationError, RevocationStore, parse_serial, revoke
+from tests.support.certs import forged_list
 
 ENV = "staging"
 CRL_SECRET = names.secret_name(ENV, names.CA_REVOCATIONS_SECRET)
@@ -75,9 +76,8 @@ def test_without_the_stacks_secret_nothing_is_changed(secretsmanager, staging_se
 
 
 def test_a_list_nobody_can_trust_is_not_built_upon(store, staging_set):
-    impostor = CertificateAuthority.create(ENV)  # our CA's name, another key
     store._client.put_secret_value(
-        SecretId=CRL_SECRET, SecretString=pem.crls_pem([with_revoked(impostor, [9])]).decode()
+        SecretId=CRL_SECRET, SecretString=pem.crls_pem([forged_list(staging_set.ca, [9])]).decode()
     )
     with pytest.raises(SecretContentError, match="no CA of that name in the trust bundle signed it"):
         revoke(store, identity=names.API)
@@ -94,9 +94,8 @@ def test_the_server_loader_publishes_the_verified_list_and_refuses_a_forged_one(
     published = (tmp_path / "server" / names.REVOCATIONS_FILE).read_bytes()
     assert Revocations.from_pem(published, staging_set.trust_bundle, "crl.pem").refuses(api)
 
-    impostor = CertificateAuthority.create(ENV)
     store._client.put_secret_value(
-        SecretId=CRL_SECRET, SecretString=pem.crls_pem([with_revoked(impostor, [9])]).decode()
+        SecretId=CRL_SECRET, SecretString=pem.crls_pem([forged_list(staging_set.ca, [9])]).decode()
     )
     with pytest.raises(RefreshError, match="ca-crl"):
         load_certificates(settings, store=store, refresh=True)
@@ -141,3 +140,17 @@ def test_a_client_behind_a_forwarding_proxy_reads_the_list(store, staging_set, t
     load_certificates(settings, store=store)
     published = (tmp_path / "api" / names.REVOCATIONS_FILE).read_bytes()
     assert Revocations.from_pem(published, staging_set.trust_bundle, "crl.pem").refuses(worker)
+
+
+def test_the_list_of_a_retired_ca_is_dropped_on_the_next_revocation(store, staging_set):
+    retired = CertificateAuthority.create(ENV, common_name="Hokusai MLflow CA staging 2026-01-01")
+    store._client.put_secret_value(
+        SecretId=CRL_SECRET, SecretString=pem.crls_pem([with_revoked(retired, [9])]).decode()
+    )
+    result = revoke(store, serials=[staging_set.identities["api"].certificate.serial_number])
+    assert any(
+        line.startswith("dropped the list of CN=Hokusai MLflow CA staging 2026-01-01")
+        for line in result.lines
+    )
+    remaining = pem.load_crls(store._get(CRL_SECRET), CRL_SECRET)
+    assert [crl.issuer for crl in remaining] == [staging_set.ca.certificate.subject]
