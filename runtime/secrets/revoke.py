@@ -80,7 +80,12 @@ class RevocationStore(RolloverStore):
                     break
             found = []
             for version in versions:
-                value = self._client.get_secret_value(SecretId=secret_id, VersionId=version)
+                try:
+                    value = self._client.get_secret_value(SecretId=secret_id, VersionId=version)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+                        continue  # removed since it was listed (Secrets Manager prunes old versions)
+                    raise
                 try:
                     tls = TLSIdentity.from_secret_string(
                         value.get("SecretString", ""), f"{secret_id} {version}"

@@ -154,3 +154,28 @@ def test_the_list_of_a_retired_ca_is_dropped_on_the_next_revocation(store, stagi
     )
     remaining = pem.load_crls(store._get(CRL_SECRET), CRL_SECRET)
     assert [crl.issuer for crl in remaining] == [staging_set.ca.certificate.subject]
+
+
+def test_a_version_pruned_between_listing_and_reading_is_skipped(store, staging_set):
+    """Secrets Manager prunes old versions at any time: one gone since the listing revokes nothing."""
+    from botocore.exceptions import ClientError
+
+    rotated = staging_set.ca.issue(ENV, names.API)
+    store.put_identity(names.API, rotated)  # two versions now: the original and `rotated`
+    real = store._client
+
+    class Pruning:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_secret_value(self, **kwargs):
+            if kwargs.get("VersionId") and kwargs["SecretId"].endswith("api-identity"):
+                value = real.get_secret_value(**kwargs)
+                if "AWSCURRENT" not in value.get("VersionStages", []):
+                    raise ClientError({"Error": {"Code": "ResourceNotFoundException"}}, "GetSecretValue")
+                return value
+            return real.get_secret_value(**kwargs)
+
+    store._client = Pruning()
+    result = revoke(store, identity=names.API)
+    assert result.serials == (rotated.certificate.serial_number,)  # the pruned original is not listed
