@@ -103,6 +103,17 @@ def _load(environ: MutableMapping[str, str], store=None, *, refresh: bool = Fals
     return configure_internal_mtls(role=names.API.role, environ=environ, store=store, reload=True)
 
 
+def record_time_left(metrics: Metrics, loaded: LoadResult) -> None:
+    """The time left of the client certificate the API calls MLflow with, published as servers publish
+    theirs (`CertificateHoursToExpiry`, Identity=api): the api's leaf alarms then also see a task whose
+    refresh stopped, not only the secret (whose rotation may be fine)."""
+    if loaded.identity is not None:
+        certificate = loaded.identity.certificate
+        metrics.certificate_time_left(
+            loaded.settings.identity.name, days_left(certificate), hours_left(certificate)
+        )
+
+
 class ApiService:
     """The API's app behind the middleware: in one process, or in one worker process (`worker`, which
     reads the identity its supervisor published and never fetches)."""
@@ -123,6 +134,8 @@ class ApiService:
         )
         self.metrics = Metrics(environment=environment, service=names.API_SERVICE)
         self.metrics_seconds = interval_from_environ(writable)
+        if worker is None:  # a worker's supervisor writes the task's metrics
+            record_time_left(self.metrics, self.loaded)
         routes = [
             Route("/health", self.health),
             Mount(MLFLOW_MOUNT, mlflow_proxy_app(self.upstream, self.client)),
@@ -176,6 +189,7 @@ class ApiService:
         for the next connections to MLflow; the previous set stays if anything is wrong."""
         self.loaded = _load(self.environ, refresh=True)
         self.client_tls.reload()
+        record_time_left(self.metrics, self.loaded)
 
     def _reload_published(self) -> None:
         """A worker: its supervisor published a new identity; use it for the next connections to MLflow."""
@@ -247,6 +261,7 @@ class ApiSupervisor:
         self.environ = environ
         self.loaded = _load(environ)  # exports MLflow's client variables, which the workers inherit
         self.metrics = Metrics(environment=self.loaded.settings.environment, service=names.API_SERVICE)
+        record_time_left(self.metrics, self.loaded)
         self.supervisor = Supervisor(
             command=worker_command("serve-api", "--host", host, "--port", str(port)),
             environ={**os.environ, **environ},
@@ -270,6 +285,7 @@ class ApiSupervisor:
     def refresh(self) -> None:
         """Load the rotated identity; the workers reload it only once the loader has published it."""
         self.loaded = _load(self.environ, refresh=True)
+        record_time_left(self.metrics, self.loaded)
         self.supervisor.reload()
 
     def run(self) -> None:

@@ -7,6 +7,7 @@ real MLflow server of `docker/Dockerfile.mlflow` behind strict mTLS.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import subprocess
@@ -37,6 +38,7 @@ def api(aws, mlflow_server, auth_service, tmp_path_factory):
             "MLFLOW_TRACKING_URI": f"https://127.0.0.1:{mlflow_server['port']}",
             names.ENV_REFRESH_SECONDS: "1",
             names.ENV_HEADER_TIMEOUT_SECONDS: "2",
+            names.ENV_METRICS_SECONDS: "1",
         },
     )
     log = root / "api.log"
@@ -132,3 +134,22 @@ def test_zz_a_rotated_api_identity_is_used_without_a_restart(api, aws):
     assert serial == expected
     answer = httpx.get(f"{api['url']}{SEARCH}", headers={"X-API-Key": ACTIVE_KEY}, timeout=30)
     assert answer.status_code == 200  # MLflow (strict mTLS) accepts the new certificate
+
+
+def test_it_publishes_the_time_left_of_the_client_certificate_it_holds(api):
+    """The api's leaf alarms read CertificateHoursToExpiry{Identity=api}: from its tasks too, so a task
+    whose refresh stopped pages even while the secret itself is rotated in time."""
+    deadline = time.monotonic() + 30
+    while True:
+        documents = [
+            json.loads(line)
+            for line in api["log"].read_text().splitlines()
+            if line.startswith("{") and names.METRIC_CERT_HOURS_TO_EXPIRY in line
+        ]
+        if documents or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert documents, api["log"].read_text()[-2000:]
+    latest = documents[-1]
+    assert latest[names.DIM_IDENTITY] == names.API.name and latest[names.DIM_ENVIRONMENT] == "staging"
+    assert 0 < latest[names.METRIC_CERT_HOURS_TO_EXPIRY] <= 24
