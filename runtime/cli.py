@@ -34,7 +34,13 @@ from runtime.certificates.issuance import DEFAULT_CA_LIFETIME_DAYS, SHORT_LEAF_L
 from runtime.certificates.verification import verify_identity
 from runtime.errors import MtlsError, UnexpectedError
 from runtime.observability import log_redaction
-from runtime.secrets.loader import LoaderSettings, load_certificates, refresh_delays, refresh_seconds
+from runtime.secrets.loader import (
+    LoaderSettings,
+    check_refresh_interval,
+    load_certificates,
+    refresh_delays,
+    refresh_seconds,
+)
 from runtime.secrets.mlflow_config import apply_exports
 from runtime.secrets.refreshing_command import run_refreshing
 from runtime.service_catalog import catalog_from_environ, catalog_from_file
@@ -230,7 +236,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     interval = refresh_seconds(os.environ)  # a bad value: exit 1 naming the variable, before any work
     settings = _loader_settings(args)
     environ = dict(os.environ)
-    apply_exports(load_certificates(settings), environ)
+    loaded = load_certificates(settings)
+    check_refresh_interval(interval, loaded.identity.certificate if loaded.identity else None)
+    apply_exports(loaded, environ)
     return run_refreshing(
         command,
         environ=environ,

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from cryptography import x509
+
 from runtime import env_numbers, names
 from runtime.certificates import pem
 from runtime.certificates.certset import verify_for
@@ -174,6 +176,26 @@ def refresh_or_keep(refresh: Callable[[], object]) -> None:
 def refresh_delays(seconds: float) -> Callable[[], float]:
     """Each call: the next jittered wait of a refresh every `seconds` (`periodic(..., delay=)`)."""
     return functools.partial(refresh_delay, seconds)
+
+
+def check_refresh_interval(seconds: float, certificate: x509.Certificate | None) -> bool:
+    """Warn (at start) if a refresh every `seconds` is longer than a quarter of the leaf's life: rotation
+    renews before half-life, so a task refreshing more slowly may keep a leaf until it has nearly run out
+    (or past it). True if the interval is short enough."""
+    if certificate is None:
+        return True
+    life = (certificate.not_valid_after_utc - certificate.not_valid_before_utc).total_seconds()
+    if seconds <= life / 4:
+        return True
+    log.warning(
+        "%s=%g is longer than a quarter of this leaf's life (%.1f hours): a rotated leaf may reach this "
+        "task only shortly before the old one expires; refresh at most every %g s",
+        names.ENV_REFRESH_SECONDS,
+        seconds,
+        life / 3600,
+        life // 4,
+    )
+    return False
 
 
 def refresh_seconds(environ: Mapping[str, str]) -> float:

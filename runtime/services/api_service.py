@@ -103,6 +103,10 @@ def _load(environ: MutableMapping[str, str], store=None, *, refresh: bool = Fals
     return configure_internal_mtls(role=names.API.role, environ=environ, store=store, reload=True)
 
 
+def _leaf(loaded: LoadResult):
+    return loaded.identity.certificate if loaded.identity is not None else None
+
+
 def record_time_left(metrics: Metrics, loaded: LoadResult) -> None:
     """The time left of the client certificate the API calls MLflow with, published as servers publish
     theirs (`CertificateHoursToExpiry`, Identity=api): the api's leaf alarms then also see a task whose
@@ -241,7 +245,7 @@ class ApiService:
             limits=limits,
             background=[
                 periodic("metrics", self.metrics_seconds, self.metrics.flush, at_exit=True),
-                certificate_refresh(refresh_seconds(self.environ), self.refresh),
+                certificate_refresh(refresh_seconds(self.environ), self.refresh, _leaf(self.loaded)),
                 *self._clients_to_close(),
             ],
         )
@@ -276,7 +280,7 @@ class ApiSupervisor:
             [],
             background=[
                 periodic("metrics", interval_from_environ(environ), self.metrics.flush, at_exit=True),
-                certificate_refresh(refresh_seconds(environ), self.refresh),
+                certificate_refresh(refresh_seconds(environ), self.refresh, _leaf(self.loaded)),
                 self.supervisor.background(),
             ],
         )

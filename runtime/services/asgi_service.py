@@ -249,7 +249,7 @@ class AsgiService:
     def _background(self) -> list[Background]:
         s = self.settings
         jobs = [
-            certificate_refresh(s.refresh_seconds, self.refresh),
+            certificate_refresh(s.refresh_seconds, self.refresh, self.tls.certificate if self.tls else None),
             periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
             *self.keys.background(),
         ]

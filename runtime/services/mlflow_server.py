@@ -253,7 +253,9 @@ class MlflowServer:
         jobs = []
         if self.worker is None:  # a worker's supervisor refreshes, and writes the task's metrics
             jobs = [
-                certificate_refresh(s.refresh_seconds, self.refresh),
+                certificate_refresh(
+                    s.refresh_seconds, self.refresh, self.tls.certificate if self.tls else None
+                ),
                 periodic("metrics", s.metrics_seconds, self.metrics.flush, at_exit=True),
             ]
         jobs.extend(self.keys.background())

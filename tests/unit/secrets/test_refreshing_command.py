@@ -96,3 +96,19 @@ def test_refresh_waits_are_jittered_below_the_interval_never_above():
     assert refresh_delay(300, draw=lambda: 0.0) == 300
     assert refresh_delay(300, draw=lambda: 1.0) == 300 * (1 - REFRESH_JITTER)
     assert {round(refresh_delay(300), 6) for _ in range(50)} != {300.0}
+
+
+def test_a_refresh_interval_too_long_for_the_leaf_is_named_at_start(caplog, staging_set):
+    """24-hour leaves renew before half-life: a task refreshing less than every 6 hours may meet its
+    rotated leaf only shortly before the old one runs out; the start says so, naming the variable."""
+    from runtime.secrets.loader import check_refresh_interval
+
+    leaf = staging_set.identities["api"].certificate  # 24 hours (and the 5-minute skew allowance)
+    with caplog.at_level("WARNING", logger="hokusai_mtls"):
+        assert check_refresh_interval(300, leaf)
+        assert check_refresh_interval(6 * 3600, leaf)
+        assert not caplog.records
+        assert not check_refresh_interval(12 * 3600, leaf)
+    (record,) = caplog.records
+    assert "HOKUSAI_MTLS_REFRESH_SECONDS=43200 is longer than a quarter of this leaf's life" in record.message
+    assert check_refresh_interval(10**6, None)  # no leaf (INSECURE): nothing to compare
