@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from runtime import names
 from runtime.certificates import pem
-from runtime.certificates.revocation import NOTHING_REVOKED, Revocations, describe_certificate
+from runtime.certificates.inspection import describe_certificate
+from runtime.certificates.revocation import NOTHING_REVOKED, Revocations
 from runtime.certificates.verification import verify_certificate
 from runtime.names import Kind
 

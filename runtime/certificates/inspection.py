@@ -23,8 +23,8 @@ _USAGE_NAMES = {
 }
 
 
-def extension(certificate: x509.Certificate, kind: type[E]) -> E | None:
-    """The value of one extension, or None when the certificate lacks it."""
+def extension(certificate: x509.Certificate | x509.CertificateRevocationList, kind: type[E]) -> E | None:
+    """The value of one extension, or None when the certificate (or revocation list) lacks it."""
     try:
         return certificate.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
@@ -115,3 +115,10 @@ def format_text(facts: dict[str, Any]) -> str:
             value = ", ".join(value)
         lines.append(f"{field.replace('_', ' '):>20}: {value}")
     return "\n".join(lines)
+
+
+def describe_certificate(certificate: x509.Certificate) -> str:
+    """Serial, subject and SPIFFE ID in one line: what an operator greps a refusal's log for."""
+    spiffe = next((uri for uri in uris(certificate) if uri.startswith("spiffe://")), None)
+    text = f"serial {certificate.serial_number:x}, subject {certificate.subject.rfc4514_string()}"
+    return text + (f", {spiffe}" if spiffe else "")

@@ -25,19 +25,16 @@ import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from runtime.certificates import pem
-from runtime.certificates.inspection import uris
+from runtime.certificates.inspection import extension
 from runtime.certificates.issuance import CertificateAuthority
 from runtime.errors import RevocationListError
 
 log = logging.getLogger("hokusai_mtls")
-
-E = TypeVar("E", bound=x509.ExtensionType)
 
 CHECKED_CERTIFICATES_KEPT = 1024
 """Client certificates (DER) whose issuer and serial `Revocations.refuses_der` keeps parsed."""
@@ -115,15 +112,8 @@ def _names_as_issuer(crl: x509.CertificateRevocationList, ca: x509.Certificate) 
     of a rollover may share a name: the retired one's list must not be taken for the new one's)."""
     if crl.issuer != ca.subject:
         return False
-    aki, ski = _extension(crl, x509.AuthorityKeyIdentifier), _extension(ca, x509.SubjectKeyIdentifier)
+    aki, ski = extension(crl, x509.AuthorityKeyIdentifier), extension(ca, x509.SubjectKeyIdentifier)
     return aki is None or aki.key_identifier is None or ski is None or aki.key_identifier == ski.digest
-
-
-def _extension(item: x509.Certificate | x509.CertificateRevocationList, kind: type[E]) -> E | None:
-    try:
-        return item.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
 
 
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
@@ -193,7 +183,7 @@ def of_bundle(
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int:
     """The list's CRLNumber (RFC 5280 5.2.3), 0 if it has none."""
-    number = _extension(crl, x509.CRLNumber)
+    number = extension(crl, x509.CRLNumber)
     return number.crl_number if number else 0
 
 
@@ -201,17 +191,9 @@ def _label(ca: CertificateAuthority) -> str:
     return ca.certificate.subject.rfc4514_string()
 
 
-def describe_certificate(certificate: x509.Certificate) -> str:
-    """Serial, subject and SPIFFE ID: what an operator greps the revocation log for."""
-    spiffe = next((uri for uri in uris(certificate) if uri.startswith("spiffe://")), None)
-    text = f"serial {certificate.serial_number:x}, subject {certificate.subject.rfc4514_string()}"
-    return text + (f", {spiffe}" if spiffe else "")
-
-
 __all__ = [
     "NOTHING_REVOKED",
     "Revocations",
-    "describe_certificate",
     "of_bundle",
     "replace_list",
     "signed_by",

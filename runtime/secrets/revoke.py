@@ -35,8 +35,9 @@ from runtime import names
 from runtime.certificates import pem
 from runtime.certificates.certset import verify_for
 from runtime.certificates.identity import TLSIdentity
+from runtime.certificates.inspection import describe_certificate
 from runtime.certificates.issuance import CLOCK_SKEW_ALLOWANCE, CertificateAuthority
-from runtime.certificates.revocation import Revocations, describe_certificate, of_bundle, replace_list
+from runtime.certificates.revocation import Revocations, of_bundle, replace_list
 from runtime.errors import MtlsError, SecretNotFoundError, SecretStoreError
 from runtime.secrets.rollover import RolloverStore, reissue_options
 from runtime.secrets.secret_store import translate

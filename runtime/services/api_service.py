@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Mapping, MutableMapping
 
+from cryptography import x509
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -103,7 +104,8 @@ def _load(environ: MutableMapping[str, str], store=None, *, refresh: bool = Fals
     return configure_internal_mtls(role=names.API.role, environ=environ, store=store, reload=True)
 
 
-def _leaf(loaded: LoadResult):
+def _leaf(loaded: LoadResult) -> x509.Certificate | None:
+    """The leaf a load gave (None at security level INSECURE or TLS)."""
     return loaded.identity.certificate if loaded.identity is not None else None
 
 

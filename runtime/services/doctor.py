@@ -61,25 +61,32 @@ def diagnose(
     identity, environment = settings.identity, settings.environment
     bundle_secret = settings.ca_bundle_secret or names.secret_name(environment, names.CA_BUNDLE_SECRET)
     identity_secret = settings.identity_secret or names.identity_secret_name(environment, identity)
+    # What the loader reads, the doctor reads: the revocation lists too, for a task that checks them.
+    lists_secret = (
+        names.secret_name(environment, names.CA_REVOCATIONS_SECRET) if settings.reads_revocations else None
+    )
+    read = " and ".join(s for s in (bundle_secret, identity_secret, lists_secret) if s)
     steps: list[Step] = []
     try:
         store = store or _store(settings)
         deadline = time.monotonic() + settings.secrets_budget_seconds
         bundle = store.fetch_trust_bundle(bundle_secret, deadline=deadline)
         tls = store.fetch_identity(identity, identity_secret, deadline=deadline)
+        if lists_secret:
+            store.fetch_revocations(bundle, deadline=deadline)  # read and verified, as the loader does
     except Exception as exc:  # any failure is a step's answer, never a traceback
         steps.append(
             Step(
                 "secrets",
                 FAIL,
                 _why(exc),
-                f"the task role needs secretsmanager:GetSecretValue on {bundle_secret} and "
-                f"{identity_secret} and kms:Decrypt via Secrets Manager (the Services stack grants "
+                f"the task role needs secretsmanager:GetSecretValue on {read} "
+                "and kms:Decrypt via Secrets Manager (the Services stack grants "
                 "both); a missing secret means the Secrets stack's issuance has not run for this identity",
             )
         )
         return steps
-    steps.append(Step("secrets", OK, f"read {bundle_secret} and {identity_secret}"))
+    steps.append(Step("secrets", OK, f"read {read}"))
     try:
         verify_for(identity, tls, bundle, environment)
     except MtlsError as exc:

@@ -42,8 +42,8 @@ from typing import Any
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 
 from runtime import names
+from runtime.certificates.inspection import describe_certificate
 from runtime.certificates.pem import certificate_pem, load_der_certificate
-from runtime.certificates.revocation import describe_certificate
 from runtime.errors import PemError
 from runtime.serving.bounded_h11 import BoundedH11Protocol, Slot
 
@@ -204,7 +204,11 @@ class TLSExtensionWSProtocol(WSProtocol):
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            self.app = with_tls_extension(self.app, tls_extension(ssl_object))
+            der = ssl_object.getpeercert(binary_form=True)
+            # Its own app, not the h11 protocol's wrapped one: the revocation check comes along.
+            self.app = with_tls_extension(
+                self.app, tls_extension(ssl_object, der), functools.partial(revoked_now, ssl_object, der)
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:

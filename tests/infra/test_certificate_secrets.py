@@ -82,41 +82,34 @@ def assert_decrypts_via_secrets_manager_only(built: dict, decrypt: dict) -> None
     }
 
 
-def test_grant_identity_reads_the_identity_and_the_bundle_and_decrypts_via_secrets_manager(granted):
-    """A client identity (api): its own secret and the bundle only, not the revocation lists."""
-    built = granted["Grants"]
+def assert_grant_reads_exactly(built: dict, suffixes: list[str]) -> dict:
+    """The grant reads (and describes) exactly these secrets, unconditionally, and decrypts only via
+    Secrets Manager; returns the secrets' logical ids by name."""
     read, decrypt = granted_statements(built)
     ids = secret_ids_by_name(built["template"])
     assert sorted(read["Action"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
     assert read["Effect"] == "Allow" and "Condition" not in read
     assert sorted(r["Ref"] for r in read["Resource"]) == sorted(
-        [
-            ids[names.secret_name("staging", names.CA_BUNDLE_SECRET)],
-            ids[names.identity_secret_name("staging", names.API)],
-        ]
+        ids[names.secret_name("staging", s)] for s in suffixes
     )
-    assert {"Ref": ids[CA_CRL]} not in read["Resource"]
     assert_decrypts_via_secrets_manager_only(built, decrypt)
     assert built["grant"].success
+    return ids
+
+
+def test_grant_identity_reads_the_identity_and_the_bundle_and_decrypts_via_secrets_manager(granted):
+    """A client identity (api): its own secret and the bundle only, not the revocation lists."""
+    ids = assert_grant_reads_exactly(granted["Grants"], [names.CA_BUNDLE_SECRET, names.API.secret_suffix])
+    assert {"Ref": ids[CA_CRL]} not in granted_statements(granted["Grants"])[0]["Resource"]
 
 
 def test_grant_identity_of_a_server_also_reads_the_revocation_lists(granted):
     """An identity that serves checks client certificates against `ca-crl`: read on it, nothing more."""
     assert names.SERVER.serves and not names.API.serves
-    built = granted["ServerGrants"]
-    read, decrypt = granted_statements(built)
-    ids = secret_ids_by_name(built["template"])
-    assert sorted(read["Action"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
-    assert read["Effect"] == "Allow" and "Condition" not in read
-    assert sorted(r["Ref"] for r in read["Resource"]) == sorted(
-        [
-            ids[names.secret_name("staging", names.CA_BUNDLE_SECRET)],
-            ids[names.identity_secret_name("staging", names.SERVER)],
-            ids[CA_CRL],
-        ]
+    assert_grant_reads_exactly(
+        granted["ServerGrants"],
+        [names.CA_BUNDLE_SECRET, names.SERVER.secret_suffix, names.CA_REVOCATIONS_SECRET],
     )
-    assert_decrypts_via_secrets_manager_only(built, decrypt)
-    assert built["grant"].success
 
 
 def test_a_client_that_accepts_forwarded_certificates_reads_the_revocation_lists(granted):

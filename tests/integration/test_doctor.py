@@ -94,3 +94,24 @@ def test_a_server_of_another_environment_fails_at_tls_naming_the_certificate_pro
 def test_connect_may_name_only_a_server_the_role_calls(aws):
     result = doctor(aws, "--role", "api", "--connect", "billing=127.0.0.1:1")
     assert result.returncode == 2 and "role api does not call it" in result.stderr
+
+
+def test_a_server_role_reads_the_revocation_lists_as_its_loader_does(aws):
+    """serve-mlflow's loader reads `ca-crl`; so does its doctor, and a list nobody can trust fails there."""
+    from runtime import names
+    from runtime.certificates import pem
+    from tests.support.certs import forged_list
+
+    lists = names.secret_name(ENV, names.CA_REVOCATIONS_SECRET)
+    result = doctor(aws, "--role", "mlflow-server", "--json")
+    found = steps(result)
+    assert found["secrets"]["status"] == "ok" and lists in found["secrets"]["detail"], result.stdout
+    assert lists not in steps(doctor(aws, "--role", "worker", "--json"))["secrets"]["detail"]  # a client
+    forged = pem.crls_pem([forged_list(aws["set"].ca, [1])]).decode()
+    aws["client"].put_secret_value(SecretId=lists, SecretString=forged)
+    try:
+        found = steps(doctor(aws, "--role", "mlflow-server", "--json"))
+    finally:
+        aws["client"].put_secret_value(SecretId=lists, SecretString="\n")  # nothing revoked, as before
+    assert found["secrets"]["status"] == "fail" and "revocation list #1" in found["secrets"]["detail"]
+    assert lists in found["secrets"]["fix"]

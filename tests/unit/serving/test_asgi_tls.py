@@ -217,3 +217,66 @@ def test_a_resumed_session_is_served_only_if_admitted(development_set, reused, a
         protocol.connection_lost(None)
     finally:
         loop.close()
+
+
+# --- revocation after the connection was made ----------------------------------------------------
+class RevokingContext(Context):
+    """Our context's `revocations`, refusing what it is told to."""
+
+    def __init__(self, refused: bytes) -> None:
+        super().__init__()
+        self.refused = refused
+        self.revocations = self
+
+    def refuses_der(self, der: bytes) -> bool:
+        return der == self.refused
+
+
+def run_app(app, scope) -> list[dict]:
+    sent: list[dict] = []
+
+    async def receive():  # pragma: no cover - a refused scope reads nothing
+        raise AssertionError
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_websocket_upgraded_after_a_revocation_is_closed_before_the_app_sees_it(development_set):
+    """The WebSocket protocol wraps its own app (not the h11 protocol's): it must check revocation too."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from runtime.serving.asgi_tls import TLSExtensionWSProtocol
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+
+    der = der_of(development_set.identities["api"])
+    config = uvicorn.Config(app, ws=TLSExtensionWSProtocol, interface="asgi3", log_config=None)
+    config.load()
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = TLSExtensionWSProtocol(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+        protocol.connection_made(Transport(SSLObject(der, context=RevokingContext(der))))
+        sent = run_app(protocol.app, {"type": "websocket", "path": "/ws", "headers": []})
+    finally:
+        loop.close()
+    assert sent == [{"type": "websocket.close", "code": 1008}] and seen == []
+
+
+def test_a_request_on_a_connection_revoked_since_gets_403_and_closes():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+
+    sent = run_app(with_tls_extension(app, {}, lambda: True), {"type": "http", "path": "/", "headers": []})
+    assert sent[0]["status"] == 403 and (b"connection", b"close") in sent[0]["headers"] and seen == []
+    run_app(with_tls_extension(app, {}, lambda: False), {"type": "http", "path": "/", "headers": []})
+    assert len(seen) == 1 and seen[0]["extensions"]["tls"] == {}
