@@ -85,12 +85,21 @@ two minutes): the load really ran."""
 
 PROBE = r'''
 """The worker's command: MLflow's REST API over mTLS with requests (what MLflow's client uses) and
-the two variables `hokusai-mtls run` exports; one line per request; SIGTERM ends it."""
+the two variables `hokusai-mtls run` exports; one line per request into its own file (argv[2]: not the
+stream `run` logs to, where lines of two processes could interleave), one O_APPEND write each; SIGTERM
+ends it."""
 import os, signal, sys, time
 
 import requests
 
 url = sys.argv[1]
+record = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+def say(*words):
+    os.write(record, (" ".join(words) + "\n").encode())
+
+
 cert = os.environ["MLFLOW_TRACKING_CLIENT_CERT_PATH"]
 verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
 stopping = []
@@ -112,11 +121,11 @@ while not stopping:
                     search(session)
             else:
                 search(pooled)
-            print("PROBE-OK", kind, flush=True)
+            say("PROBE-OK", kind)
         except Exception as exc:
-            print("PROBE-FAILED", time.strftime("%H:%M:%S"), "worker", kind, repr(exc), flush=True)
+            say("PROBE-FAILED", time.strftime("%H:%M:%S"), "worker", kind, repr(exc))
     time.sleep(0.02)
-print("PROBE-DONE", flush=True)
+say("PROBE-DONE")
 '''
 
 
@@ -278,12 +287,14 @@ def test_two_minute_leaves_rotated_under_load_fail_no_request(tmp_path, monkeypa
         probe = tmp_path / "probe.py"
         probe.write_text(PROBE)
         logs["worker"] = tmp_path / "worker.log"
+        probe_record = tmp_path / "probe.record"
         with logs["worker"].open("w") as output:
             worker = subprocess.Popen(
                 [
                     str(BIN / "hokusai-mtls"),
                     *("run", "--role", "worker", "--env", ENV, "--cert-dir", str(worker_certs), "--"),
                     *(sys.executable, str(probe), f"https://127.0.0.1:{mlflow_port}{MLFLOW_SEARCH}"),
+                    str(probe_record),
                 ],
                 env=server_environment(aws, **refresh),
                 stdout=output,
@@ -315,7 +326,8 @@ def test_two_minute_leaves_rotated_under_load_fail_no_request(tmp_path, monkeypa
         load.repeat("api burst", burst, BURST_PAUSE_SECONDS)
 
         def probe_lines(prefix: str) -> list[str]:
-            return [line for line in logs["worker"].read_text().splitlines() if line.startswith(prefix)]
+            text = probe_record.read_text() if probe_record.exists() else ""
+            return [line for line in text.splitlines() if line.startswith(prefix)]
 
         deadline = time.monotonic() + 60
         while (
